@@ -1,0 +1,37 @@
+//! Command-line interface (clap derive).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// The default configuration file, relative to the working directory.
+pub const DEFAULT_CONFIG: &str = "config/pyipcd.toml";
+
+/// pyipcd: host Python handlers and tasks behind TCP and shared-memory IPC.
+#[derive(Debug, Parser)]
+#[command(name = "pyipcd", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do (default: run).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Options for the default `run` command.
+    #[command(flatten)]
+    pub run: ConfigArg,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon until SIGINT/SIGTERM.
+    Run(ConfigArg),
+    /// Load and validate a config, import every Python target it names, print OK or every problem.
+    Check(ConfigArg),
+}
+
+/// The `-c/--config` option shared by every command.
+#[derive(Debug, Args, Clone)]
+pub struct ConfigArg {
+    /// Configuration file.
+    #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+}

@@ -1,0 +1,385 @@
+//! The daemon's configuration: one TOML file plus `PYIPCD__…` environment
+//! overrides, deserialised into typed structs that reject unknown keys, then
+//! validated as a whole so every problem is reported at once with its dotted key.
+//!
+//! Relative paths (`python.paths`) are resolved against the folder of the
+//! config file, never against the working directory, so a config behaves the
+//! same whoever starts the daemon and from wherever.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::py::target::Target;
+
+/// Environment variable prefix; `PYIPCD__PYTHON__WORKERS=4` sets `python.workers`.
+pub const ENV_PREFIX: &str = "PYIPCD";
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Logging settings.
+    pub log: LogConfig,
+    /// Daemon-wide settings (shutdown).
+    pub daemon: DaemonConfig,
+    /// The embedded interpreter, its GIL pool and its tasks.
+    pub python: PythonConfig,
+    /// Where the file was loaded from (set by [`load`], not read from TOML).
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            log: LogConfig::default(),
+            daemon: DaemonConfig::default(),
+            python: PythonConfig::default(),
+            source: PathBuf::from("<defaults>"),
+        }
+    }
+}
+
+/// `[log]`: level and output format.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter directive (`info`, `pyipcd=debug,python=info`); `RUST_LOG` overrides it.
+    pub level: String,
+    /// Output format.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// `[daemon]`: process-wide behaviour.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// How long SIGTERM/SIGINT waits for in-flight calls and tasks before forcing them.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Tokio worker threads (the GIL pool has its own threads).
+    pub io_threads: usize,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            shutdown_grace: Duration::from_secs(5),
+            io_threads: 2,
+        }
+    }
+}
+
+/// `[python]`: interpreter, GIL pool and tasks.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PythonConfig {
+    /// Folders prepended to `sys.path`, relative to the config file.
+    pub paths: Vec<PathBuf>,
+    /// GIL pool threads.
+    pub workers: usize,
+    /// Calls that may wait in the pool's queue before callers must wait.
+    pub queue: usize,
+    /// A call running longer is reported as stuck (with its Python stack) and its caller gets an error.
+    #[serde(with = "humantime_serde")]
+    pub call_timeout: Duration,
+    /// Long-running Python tasks, each on its own interpreter thread.
+    pub task: Vec<TaskConfig>,
+}
+
+impl Default for PythonConfig {
+    fn default() -> Self {
+        Self {
+            paths: Vec::new(),
+            workers: 2,
+            queue: 1024,
+            call_timeout: Duration::from_secs(10),
+            task: Vec::new(),
+        }
+    }
+}
+
+/// `[[python.task]]`: a module, function or method run on a thread of its own.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TaskConfig {
+    /// Unique name; log lines from the task carry it.
+    pub name: String,
+    /// `module`, `module:function` or `module:Class.method`.
+    pub run: String,
+    /// What to do when the task ends.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// First restart delay; doubles after each quick failure.
+    #[serde(default = "default_backoff_min", with = "humantime_serde")]
+    pub backoff_min: Duration,
+    /// Upper bound of the restart delay.
+    #[serde(default = "default_backoff_max", with = "humantime_serde")]
+    pub backoff_max: Duration,
+}
+
+fn default_backoff_min() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_backoff_max() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// When a finished task is started again.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Never.
+    #[default]
+    No,
+    /// Only after it raised an exception.
+    OnFailure,
+    /// Whenever it ends, until the daemon stops.
+    Always,
+}
+
+/// Everything that can be wrong with a configuration. Each message names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read or parsed, or a value has the wrong type.
+    #[error("{path}: {message}")]
+    Load {
+        /// The config file.
+        path: PathBuf,
+        /// The parser's message (it names the dotted key).
+        message: String,
+    },
+    /// The file parsed but some values are not acceptable.
+    #[error("{path}: {}", .problems.join("; "))]
+    Invalid {
+        /// The config file.
+        path: PathBuf,
+        /// One line per problem, each starting with its dotted key.
+        problems: Vec<String>,
+    },
+}
+
+impl ConfigError {
+    /// Every problem as its own line (for `pyipcd check`).
+    pub fn problems(&self) -> Vec<String> {
+        match self {
+            ConfigError::Load { message, .. } => vec![message.clone()],
+            ConfigError::Invalid { problems, .. } => problems.clone(),
+        }
+    }
+}
+
+/// Loads `path`, applies overrides from the process environment and validates.
+///
+/// # Errors
+/// [`ConfigError`] naming the file and the faulty key.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    load_with_env(path, None)
+}
+
+/// Like [`load`], but takes environment overrides from `env` instead of the
+/// process environment when given (tests use this; they never mutate the environment).
+///
+/// # Errors
+/// [`ConfigError`] naming the file and the faulty key.
+pub fn load_with_env(
+    path: &Path,
+    env: Option<BTreeMap<String, String>>,
+) -> Result<Config, ConfigError> {
+    let load_err = |message: String| ConfigError::Load {
+        path: path.to_path_buf(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| load_err(format!("cannot read: {e}")))?;
+    let mut environment = config::Environment::with_prefix(ENV_PREFIX)
+        .prefix_separator("__")
+        .separator("__")
+        .try_parsing(true);
+    if let Some(map) = env {
+        environment = environment.source(Some(map.into_iter().collect()));
+    }
+    let raw = config::Config::builder()
+        .add_source(config::File::from_str(&text, config::FileFormat::Toml))
+        .add_source(environment)
+        .build()
+        .map_err(|e| load_err(e.to_string()))?;
+    let mut cfg: Config = raw.try_deserialize().map_err(|e| load_err(e.to_string()))?;
+    cfg.source = path.to_path_buf();
+    let base = path.parent().unwrap_or(Path::new("."));
+    cfg.python.paths = cfg.python.paths.iter().map(|p| resolve(base, p)).collect();
+    let problems = cfg.validate();
+    if problems.is_empty() {
+        Ok(cfg)
+    } else {
+        Err(ConfigError::Invalid {
+            path: path.to_path_buf(),
+            problems,
+        })
+    }
+}
+
+fn resolve(base: &Path, p: &Path) -> PathBuf {
+    let joined = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    };
+    // Canonical when it exists (clean log lines); otherwise as written so the
+    // "does not exist" problem shows what the user asked for.
+    joined.canonicalize().unwrap_or(joined)
+}
+
+impl Config {
+    /// Every problem with the values, each prefixed by its dotted key.
+    pub fn validate(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let py = &self.python;
+        if tracing_subscriber::EnvFilter::builder()
+            .parse(&self.log.level)
+            .is_err()
+        {
+            problems.push(format!(
+                "log.level: `{}` is not a valid filter",
+                self.log.level
+            ));
+        }
+        if self.daemon.io_threads == 0 {
+            problems.push("daemon.io_threads must be at least 1".into());
+        }
+        if py.workers == 0 {
+            problems.push("python.workers must be at least 1".into());
+        }
+        if py.queue == 0 {
+            problems.push("python.queue must be at least 1".into());
+        }
+        if py.call_timeout.is_zero() {
+            problems.push("python.call_timeout must be greater than 0".into());
+        }
+        for (i, p) in py.paths.iter().enumerate() {
+            if !p.is_dir() {
+                problems.push(format!(
+                    "python.paths[{i}]: {} is not a directory",
+                    p.display()
+                ));
+            }
+        }
+        let mut names = HashSet::new();
+        for (i, t) in py.task.iter().enumerate() {
+            let key = format!("python.task[{i}]");
+            if t.name.trim().is_empty() {
+                problems.push(format!("{key}.name must not be empty"));
+            } else if !names.insert(t.name.as_str()) {
+                problems.push(format!("{key}.name `{}` is used twice", t.name));
+            }
+            if let Err(e) = Target::parse(&t.run) {
+                problems.push(format!("{key}.run: {e}"));
+            }
+            if t.backoff_min.is_zero() || t.backoff_max < t.backoff_min {
+                problems.push(format!("{key}: need 0 < backoff_min <= backoff_max"));
+            }
+        }
+        problems
+    }
+}
+
+impl fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::File::create(&p)
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        p
+    }
+
+    #[test]
+    fn defaults_and_relative_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("py")).unwrap();
+        let p = write(dir.path(), "a.toml", "[python]\npaths = [\"py\"]\n");
+        let cfg = load_with_env(&p, Some(BTreeMap::new())).unwrap();
+        assert_eq!(cfg.python.workers, 2);
+        assert_eq!(cfg.python.call_timeout, Duration::from_secs(10));
+        assert_eq!(
+            cfg.python.paths,
+            vec![dir.path().join("py").canonicalize().unwrap()]
+        );
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "a.toml", "[python]\nworkers = 3\n");
+        let env = BTreeMap::from([("PYIPCD__PYTHON__WORKERS".to_string(), "4".to_string())]);
+        assert_eq!(load_with_env(&p, Some(env)).unwrap().python.workers, 4);
+    }
+
+    #[test]
+    fn unknown_key_and_wrong_type_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "a.toml", "[python]\nworkrs = 3\n");
+        let e = load_with_env(&p, Some(BTreeMap::new()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("workrs") && e.contains("a.toml"), "{e}");
+        let p = write(dir.path(), "b.toml", "[python]\ncall_timeout = \"soon\"\n");
+        let e = load_with_env(&p, Some(BTreeMap::new()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("python.call_timeout"), "{e}");
+    }
+
+    #[test]
+    fn validation_collects_every_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = "[python]\nworkers = 0\n[[python.task]]\nname = \"a\"\nrun = \"x:\"\n\
+                    [[python.task]]\nname = \"a\"\nrun = \"m\"\n";
+        let p = write(dir.path(), "a.toml", text);
+        let ConfigError::Invalid { problems, .. } =
+            load_with_env(&p, Some(BTreeMap::new())).unwrap_err()
+        else {
+            panic!("expected validation errors")
+        };
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(problems[0].starts_with("python.workers"));
+        assert!(problems[1].starts_with("python.task[0].run"));
+        assert!(problems[2].starts_with("python.task[1].name"));
+    }
+}

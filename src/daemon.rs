@@ -1,0 +1,172 @@
+//! The daemon's life: start the interpreter, the GIL pool and the tasks from a
+//! [`Config`], report readiness, wait for a stop request, then shut down in
+//! order within `daemon.shutdown_grace`.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sd_notify::NotifyState;
+
+use crate::config::Config;
+use crate::py::pool::{GilPool, PoolConfig};
+use crate::py::task::{RunningTask, StopFlag};
+use crate::{Error, py};
+
+/// How long tasks get, after `SystemExit` was raised in them, to end.
+const FORCED_STOP_WAIT: Duration = Duration::from_secs(1);
+
+/// A started daemon.
+pub struct Daemon {
+    config: Config,
+    pool: Arc<GilPool>,
+    tasks: Vec<RunningTask>,
+    stop: Arc<StopFlag>,
+}
+
+/// How a shutdown went.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// What was still running at the deadline and had to be abandoned.
+    pub abandoned: Vec<String>,
+}
+
+impl Outcome {
+    /// 0 when everything stopped cleanly, 1 when something was abandoned.
+    pub fn exit_code(&self) -> i32 {
+        if self.abandoned.is_empty() {
+            crate::EXIT_OK
+        } else {
+            crate::EXIT_FAILURE
+        }
+    }
+}
+
+impl Daemon {
+    /// Initialises Python (with `python_log_level` as the root logging level),
+    /// starts the pool and the tasks. Call from a plain thread, not a tokio
+    /// worker: it takes the GIL.
+    ///
+    /// # Errors
+    /// [`Error::Startup`] if the interpreter, pool or a task thread cannot start.
+    pub fn start(config: Config, python_log_level: u32) -> Result<Self, Error> {
+        py::init(&config.python.paths, python_log_level)?;
+        let pool = GilPool::start(&PoolConfig {
+            workers: config.python.workers,
+            queue: config.python.queue,
+            call_timeout: config.python.call_timeout,
+        })?;
+        let stop = Arc::new(StopFlag::default());
+        let tasks = config
+            .python
+            .task
+            .iter()
+            .map(|t| RunningTask::spawn(t, stop.clone()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            config,
+            pool,
+            tasks,
+            stop,
+        })
+    }
+
+    /// The GIL pool.
+    pub fn pool(&self) -> &Arc<GilPool> {
+        &self.pool
+    }
+
+    /// Reports readiness, waits for `shutdown`, then stops everything.
+    pub async fn run_until(mut self, shutdown: impl Future<Output = ()>) -> Outcome {
+        let status = format!(
+            "running: {} task(s), {} GIL pool thread(s)",
+            self.tasks.len(),
+            self.config.python.workers
+        );
+        tracing::info!(config = %self.config.source.display(), "pyipcd {} ready; {status}", env!("CARGO_PKG_VERSION"));
+        notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+        shutdown.await;
+        self.shutdown().await
+    }
+
+    async fn shutdown(&mut self) -> Outcome {
+        let grace = self.config.daemon.shutdown_grace;
+        notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+        tracing::info!("stopping: waiting up to {grace:?} for tasks and in-flight calls");
+        py::module::set_stopping();
+        self.stop.set();
+        let deadline = Instant::now() + grace;
+        let wait_tasks = async {
+            let _ = tokio::time::timeout_at(
+                deadline.into(),
+                futures_join(self.tasks.iter_mut().map(RunningTask::wait)),
+            )
+            .await;
+        };
+        let (_, stuck_workers) = tokio::join!(wait_tasks, self.pool.close(deadline));
+        let mut outcome = Outcome::default();
+        let late: Vec<&RunningTask> = self.tasks.iter().filter(|t| !t.is_done()).collect();
+        if !late.is_empty() {
+            for t in &late {
+                tracing::warn!(task = %t.name, "task still running after {grace:?}; raising SystemExit in it");
+                t.raise_system_exit();
+            }
+            let forced = Instant::now() + FORCED_STOP_WAIT;
+            while Instant::now() < forced && self.tasks.iter().any(|t| !t.is_done()) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            for t in self.tasks.iter().filter(|t| !t.is_done()) {
+                outcome.abandoned.push(format!("task {}", t.name));
+            }
+        }
+        if stuck_workers > 0 {
+            outcome.abandoned.push(format!(
+                "{stuck_workers} GIL pool thread(s) stuck in a Python call"
+            ));
+        }
+        if outcome.abandoned.is_empty() {
+            tracing::info!("stopped cleanly");
+        } else {
+            tracing::error!(
+                "stopped, abandoning: {} (blocked in code that never returned to Python)",
+                outcome.abandoned.join(", ")
+            );
+        }
+        outcome
+    }
+}
+
+/// Awaits every future (they are few; no extra dependency needed).
+async fn futures_join<F: Future<Output = ()>>(futs: impl Iterator<Item = F>) {
+    for f in futs {
+        f.await;
+    }
+}
+
+fn notify(states: &[NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!("sd_notify failed: {e}");
+    }
+}
+
+/// Runs the daemon for `config` on a runtime of its own until SIGINT/SIGTERM,
+/// and returns the process exit code. Signals are registered before the
+/// interpreter starts.
+///
+/// # Errors
+/// [`Error`] if start-up fails.
+pub fn run(config: Config, python_log_level: u32) -> Result<i32, Error> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.daemon.io_threads)
+        .thread_name("pyipcd-io")
+        .enable_all()
+        .build()?;
+    let mut signals = runtime.block_on(async { crate::shutdown::Signals::register() })?;
+    let daemon = Daemon::start(config, python_log_level)?;
+    let outcome = runtime.block_on(daemon.run_until(async move {
+        let (name, _) = signals.stop_requested().await;
+        tracing::info!("{name} received");
+        signals.exit_on_second();
+    }));
+    Ok(outcome.exit_code())
+}

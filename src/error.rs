@@ -1,0 +1,28 @@
+//! The crate-level error, composed from each module's errors.
+
+use crate::config::ConfigError;
+
+/// Anything that stops the daemon from starting or running.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is unusable (exit code 78).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Something failed while starting up (interpreter, threads, runtime).
+    #[error("startup failed: {0}")]
+    Startup(String),
+    /// An I/O error from the operating system.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+impl Error {
+    /// The process exit code for this error: 78 (EX_CONFIG) for configuration
+    /// problems, 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Config(_) => crate::EXIT_CONFIG,
+            _ => crate::EXIT_FAILURE,
+        }
+    }
+}

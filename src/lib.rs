@@ -1,0 +1,35 @@
+//! pyipcd: a tokio daemon that embeds CPython and connects Python handlers and
+//! tasks to IPC (TCP and shared memory), configured by one TOML file.
+//!
+//! # Layout
+//! - [`config`]: the TOML file (+ `PYIPCD__…` env overrides) as typed, validated structs.
+//! - [`cli`]: command-line arguments.
+//! - [`telemetry`]: tracing set-up; Python output joins the same log.
+//! - [`shutdown`]: signal handling (tokio only).
+//! - [`daemon`]: start-up, readiness, ordered shutdown.
+//! - [`py`]: the embedded interpreter: GIL pool, handlers, asyncio loop, tasks,
+//!   the `pyipcd` Python module.
+//!
+//! No tokio worker ever takes the GIL: Python runs on the pool's threads, on
+//! task threads, and on the asyncio loop thread.
+
+#![deny(rust_2018_idioms)]
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod cli;
+pub mod config;
+pub mod daemon;
+mod error;
+pub mod py;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use error::Error;
+
+/// Exit status: success.
+pub const EXIT_OK: i32 = 0;
+/// Exit status: runtime failure (or something abandoned at shutdown).
+pub const EXIT_FAILURE: i32 = 1;
+/// Exit status: configuration error (sysexits `EX_CONFIG`).
+pub const EXIT_CONFIG: i32 = 78;

@@ -1,0 +1,70 @@
+//! The `pyipcd` binary: parses the command line, dispatches, maps errors to exit codes.
+
+use clap::Parser;
+use pyipcd::cli::{Cli, Command, ConfigArg};
+use pyipcd::{EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, config, daemon, py, telemetry};
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        None => run(&cli.run),
+        Some(Command::Run(args)) => run(&args),
+        Some(Command::Check(args)) => check(&args),
+    };
+    // Exit without finalising Python: threads stuck in C code must not hang us.
+    std::process::exit(code);
+}
+
+fn run(args: &ConfigArg) -> i32 {
+    let cfg = match config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("pyipcd: configuration error: {e}");
+            return EXIT_CONFIG;
+        }
+    };
+    let python_level = telemetry::init(&cfg.log);
+    match daemon::run(cfg, python_level) {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{e}");
+            e.exit_code()
+        }
+    }
+}
+
+fn check(args: &ConfigArg) -> i32 {
+    let path = args.config.display();
+    let cfg = match config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{path}: configuration error");
+            for p in e.problems() {
+                eprintln!("  {p}");
+            }
+            return EXIT_CONFIG;
+        }
+    };
+    let _ = telemetry::init(&cfg.log);
+    if let Err(e) = py::init(&cfg.python.paths, 30) {
+        eprintln!("{path}: {e}");
+        return EXIT_FAILURE;
+    }
+    let targets = cfg
+        .python
+        .task
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (format!("python.task[{i}].run"), t.run.as_str()));
+    let problems = py::check_targets(targets);
+    if problems.is_empty() {
+        println!("OK {path}");
+        EXIT_OK
+    } else {
+        eprintln!("{path}: {} problem(s)", problems.len());
+        for p in &problems {
+            eprintln!("  {p}");
+        }
+        EXIT_CONFIG
+    }
+}

@@ -1,0 +1,230 @@
+//! Handlers: Python callables resolved once at start-up and invoked on a GIL
+//! pool thread with `bytes`, returning `bytes | None`. Converts between Rust
+//! [`Bytes`] and Python objects (one copy each way) and turns a Python exception
+//! into a [`HandlerError`] carrying the formatted traceback.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use pyo3::prelude::*;
+use pyo3::types::{PyByteArray, PyBytes, PyMemoryView, PyString};
+use pyo3_async_runtimes::TaskLocals;
+
+use super::target::Target;
+
+/// A resolved Python handler, shared by every caller of one role.
+pub struct Handler {
+    role: Arc<str>,
+    target: String,
+    callable: Py<PyAny>,
+    is_async: bool,
+}
+
+/// What a handler returned or raised; `Ok(None)` means "no reply".
+pub type HandlerResult = Result<Option<Bytes>, HandlerError>;
+
+/// A Python exception (or an unusable return value) from a handler.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{role}: handler {target} failed: {summary}")]
+pub struct HandlerError {
+    /// The role whose handler failed.
+    pub role: Arc<str>,
+    /// The handler target (`module:function`).
+    pub target: String,
+    /// The last line of the traceback, e.g. `ValueError: bad input`.
+    pub summary: String,
+    /// The full formatted traceback.
+    pub traceback: String,
+}
+
+/// A running `async def` handler: the pyo3-async-runtimes future plus the
+/// handle that cancels its asyncio task.
+pub(crate) struct PendingCall {
+    pub(crate) future: Pin<Box<dyn Future<Output = PyResult<Py<PyAny>>> + Send>>,
+    pub(crate) cancel: Py<PyAny>,
+}
+
+/// The immediate outcome of invoking a handler on a pool thread.
+pub(crate) enum Invoked {
+    /// A plain function returned (or raised).
+    Done(HandlerResult),
+    /// A coroutine was scheduled on the asyncio loop thread.
+    Pending(PendingCall),
+}
+
+impl Handler {
+    /// Resolves `target` (importing its module, instantiating `Class()` for
+    /// `Class.method`) for the role named `role`.
+    ///
+    /// # Errors
+    /// The Python exception raised while importing or looking up the target,
+    /// or a `TypeError` for a bare module (it has nothing to call).
+    pub fn resolve(py: Python<'_>, role: &str, target: &Target) -> PyResult<Self> {
+        let callable = target.resolve(py)?.ok_or_else(|| {
+            pyo3::exceptions::PyTypeError::new_err(format!(
+                "handler `{target}` names a module; use module:function"
+            ))
+        })?;
+        Self::from_callable(py, role, &target.to_string(), callable)
+    }
+
+    /// Wraps an already resolved callable; `label` is shown in logs.
+    ///
+    /// # Errors
+    /// Only if `inspect` cannot be imported.
+    pub fn from_callable(
+        py: Python<'_>,
+        role: &str,
+        label: &str,
+        callable: Bound<'_, PyAny>,
+    ) -> PyResult<Self> {
+        let is_async = py
+            .import("inspect")?
+            .call_method1("iscoroutinefunction", (&callable,))?
+            .is_truthy()?;
+        Ok(Self {
+            role: Arc::from(role),
+            target: label.to_string(),
+            callable: callable.unbind(),
+            is_async,
+        })
+    }
+
+    /// The role this handler serves.
+    pub fn role(&self) -> &Arc<str> {
+        &self.role
+    }
+
+    /// The target it was resolved from.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// Whether it is an `async def`.
+    pub fn is_async(&self) -> bool {
+        self.is_async
+    }
+
+    /// Calls the handler with `payload` as `bytes`. A coroutine is handed to
+    /// the asyncio loop described by `locals`.
+    pub(crate) fn invoke(
+        &self,
+        py: Python<'_>,
+        payload: &[u8],
+        locals: Option<&TaskLocals>,
+    ) -> Invoked {
+        let arg = PyBytes::new(py, payload);
+        let result = match self.callable.bind(py).call1((arg,)) {
+            Ok(r) => r,
+            Err(e) => return Invoked::Done(Err(self.error(py, &e))),
+        };
+        if !self.is_async {
+            return Invoked::Done(self.reply(py, &result));
+        }
+        match locals.map(|l| schedule(py, l, &self.role, result)) {
+            Some(Ok(pending)) => Invoked::Pending(pending),
+            Some(Err(e)) => Invoked::Done(Err(self.error(py, &e))),
+            None => Invoked::Done(Err(self.failure(
+                "RuntimeError: no asyncio loop is running for async handlers".into(),
+            ))),
+        }
+    }
+
+    /// Converts a return value into a reply, or an error for unusable types.
+    pub(crate) fn reply(&self, py: Python<'_>, obj: &Bound<'_, PyAny>) -> HandlerResult {
+        to_bytes(obj).map_err(|e| self.error(py, &e))
+    }
+
+    /// Formats `err` (with traceback) as this handler's error and logs it once.
+    pub(crate) fn error(&self, py: Python<'_>, err: &PyErr) -> HandlerError {
+        let traceback = format_exception(py, err);
+        let summary = traceback
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("exception")
+            .to_string();
+        tracing::error!(role = %self.role, handler = %self.target, "handler raised:\n{}", traceback.trim_end());
+        HandlerError {
+            role: self.role.clone(),
+            target: self.target.clone(),
+            summary,
+            traceback,
+        }
+    }
+
+    fn failure(&self, summary: String) -> HandlerError {
+        tracing::error!(role = %self.role, handler = %self.target, "{summary}");
+        HandlerError {
+            role: self.role.clone(),
+            target: self.target.clone(),
+            traceback: summary.clone(),
+            summary,
+        }
+    }
+}
+
+impl fmt::Debug for Handler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Handler")
+            .field("role", &self.role)
+            .field("target", &self.target)
+            .field("is_async", &self.is_async)
+            .finish()
+    }
+}
+
+/// `bytes`, `bytearray`, `memoryview` and `str` (UTF-8) become a reply; `None` is no reply.
+fn to_bytes(obj: &Bound<'_, PyAny>) -> PyResult<Option<Bytes>> {
+    if obj.is_none() {
+        Ok(None)
+    } else if let Ok(b) = obj.cast::<PyBytes>() {
+        Ok(Some(Bytes::copy_from_slice(b.as_bytes())))
+    } else if let Ok(b) = obj.cast::<PyByteArray>() {
+        Ok(Some(Bytes::from(b.to_vec())))
+    } else if let Ok(s) = obj.cast::<PyString>() {
+        Ok(Some(Bytes::copy_from_slice(s.to_str()?.as_bytes())))
+    } else if obj.cast::<PyMemoryView>().is_ok() {
+        let b = obj.call_method0("tobytes")?;
+        Ok(Some(Bytes::copy_from_slice(
+            b.cast::<PyBytes>()?.as_bytes(),
+        )))
+    } else {
+        Err(pyo3::exceptions::PyTypeError::new_err(format!(
+            "handler must return bytes, bytearray, memoryview, str or None, not {}",
+            obj.get_type().name()?
+        )))
+    }
+}
+
+/// The traceback of `err` as Python prints it.
+pub(crate) fn format_exception(py: Python<'_>, err: &PyErr) -> String {
+    let formatted = py.import("traceback").and_then(|tb| {
+        let lines = tb.call_method1("format_exception", (err.value(py),))?;
+        PyString::new(py, "")
+            .call_method1("join", (lines,))?
+            .extract::<String>()
+    });
+    formatted.unwrap_or_else(|_| err.to_string())
+}
+
+/// Wraps the coroutine so it runs tagged with its role and can be cancelled,
+/// then schedules it on the loop through pyo3-async-runtimes.
+fn schedule(
+    py: Python<'_>,
+    locals: &TaskLocals,
+    role: &str,
+    coro: Bound<'_, PyAny>,
+) -> PyResult<PendingCall> {
+    let runtime = super::module::runtime(py)?;
+    let cancel = runtime.getattr("_CancelHandle")?.call0()?;
+    let wrapped = runtime.call_method1("_run_as", (role, coro, &cancel))?;
+    let future = pyo3_async_runtimes::into_future_with_locals(locals, wrapped)?;
+    Ok(PendingCall {
+        future: Box::pin(future),
+        cancel: cancel.unbind(),
+    })
+}

@@ -1,0 +1,99 @@
+//! Everything that touches the embedded CPython interpreter.
+//!
+//! (`src/py/` is the Rust side; the top-level `python/` folder holds the
+//! project's Python modules. The different names keep the two apart.)
+//!
+//! - [`init`]: start the interpreter once, prepend `python.paths` to `sys.path`,
+//!   install the `pyipcd` module and redirect Python output into the log.
+//! - [`pool`]: the GIL pool that runs handler calls for tokio tasks.
+//! - [`handler`]: handlers, bytes conversion, exceptions as values.
+//! - [`asyncio`]: the event loop thread for `async def` handlers.
+//! - [`task`]: long-running tasks on their own threads.
+//! - [`module`]: the embedded `pyipcd` module.
+
+pub mod asyncio;
+pub mod handler;
+pub mod module;
+mod monitor;
+pub mod output;
+pub mod pool;
+pub mod target;
+pub mod task;
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use pyo3::prelude::*;
+use pyo3::types::PyList;
+
+use target::Target;
+
+static INSTALLED: Mutex<bool> = Mutex::new(false);
+
+/// Starts the interpreter (once per process), prepends `paths` to `sys.path`
+/// (as `str`: Python ignores `pathlib` entries) and installs the `pyipcd`
+/// module and log redirection. Calling it again only adds missing paths.
+///
+/// `python_log_level` is the root `logging` level (e.g. 20 for INFO).
+///
+/// # Errors
+/// A Python error while setting up (the interpreter itself aborts on failure).
+pub fn init(paths: &[PathBuf], python_log_level: u32) -> Result<(), crate::Error> {
+    Python::initialize();
+    Python::attach(|py| -> PyResult<()> {
+        let sys_path = py.import("sys")?.getattr("path")?;
+        let sys_path = sys_path.cast::<PyList>()?;
+        for p in paths.iter().rev() {
+            let p = p.to_string_lossy();
+            if !sys_path.contains(p.as_ref())? {
+                sys_path.insert(0, p.as_ref())?;
+            }
+        }
+        let mut installed = INSTALLED.lock().unwrap_or_else(|e| e.into_inner());
+        if !*installed {
+            module::install(py, python_log_level)?;
+            *installed = true;
+        }
+        Ok(())
+    })
+    .map_err(|e| crate::Error::Startup(format!("cannot set up the interpreter: {e}")))
+}
+
+/// Checks that every target can be imported and names something that exists,
+/// without running tasks or instantiating classes. Returns one problem per bad target.
+pub fn check_targets<'a>(targets: impl IntoIterator<Item = (String, &'a str)>) -> Vec<String> {
+    Python::attach(|py| {
+        targets
+            .into_iter()
+            .filter_map(|(key, spec)| {
+                let target = match Target::parse(spec) {
+                    Ok(t) => t,
+                    Err(e) => return Some(format!("{key}: {e}")),
+                };
+                check_one(py, &target)
+                    .err()
+                    .map(|e| format!("{key}: `{target}`: {}", e.to_string().trim_end()))
+            })
+            .collect()
+    })
+}
+
+fn check_one(py: Python<'_>, target: &Target) -> PyResult<()> {
+    use target::TargetAttr;
+    let (owner, attr) = match &target.attr {
+        TargetAttr::None => return target.resolve(py).map(|_| ()),
+        TargetAttr::Function(f) => (py.import(target.module.as_str())?.into_any(), f),
+        TargetAttr::Method { class, method } => (
+            py.import(target.module.as_str())?.getattr(class.as_str())?,
+            method,
+        ),
+    };
+    let found = owner.getattr(attr.as_str())?;
+    if found.is_callable() {
+        Ok(())
+    } else {
+        Err(pyo3::exceptions::PyTypeError::new_err(format!(
+            "`{attr}` is not callable"
+        )))
+    }
+}

@@ -1,0 +1,157 @@
+//! The embedded `pyipcd` module. User code never needs it, but may use it:
+//! `pyipcd.log(...)`, `pyipcd.stopping()` (so loops can end cleanly) and
+//! `pyipcd.send(role, data)` (sends through a named role). It also carries the
+//! Python-side runtime (`runtime.py`): output redirection and helpers.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, PoisonError};
+
+use bytes::Bytes;
+use pyo3::exceptions::{PyKeyError, PyRuntimeError};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyTuple};
+use tokio::sync::mpsc;
+
+use super::output;
+
+static STOPPING: AtomicBool = AtomicBool::new(false);
+static ROUTES: Mutex<BTreeMap<String, mpsc::Sender<Bytes>>> = Mutex::new(BTreeMap::new());
+
+const RUNTIME_SOURCE: &str = include_str!("runtime.py");
+
+/// Marks the daemon as stopping: `pyipcd.stopping()` returns `True` from now on.
+pub fn set_stopping() {
+    STOPPING.store(true, Ordering::SeqCst);
+}
+
+/// Whether shutdown has begun.
+pub fn is_stopping() -> bool {
+    STOPPING.load(Ordering::SeqCst)
+}
+
+/// Lets `pyipcd.send(name, data)` reach a role; replaces any earlier route of that name.
+pub fn register_route(name: &str, sender: mpsc::Sender<Bytes>) {
+    ROUTES
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(name.to_string(), sender);
+}
+
+/// Removes the route of a role that stopped.
+pub fn unregister_route(name: &str) {
+    ROUTES
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .remove(name);
+}
+
+/// The `pyipcd` module (it is in `sys.modules` once [`install`] ran).
+pub(crate) fn runtime(py: Python<'_>) -> PyResult<Bound<'_, PyModule>> {
+    py.import("pyipcd")
+}
+
+/// Creates the module, runs the runtime code in it, registers it in
+/// `sys.modules` and redirects Python output into the log.
+///
+/// # Errors
+/// Any Python error while doing so (a bug, not a user error).
+pub(crate) fn install(py: Python<'_>, python_log_level: u32) -> PyResult<()> {
+    let m = PyModule::new(py, "pyipcd")?;
+    m.add_function(wrap_pyfunction!(log, &m)?)?;
+    m.add_function(wrap_pyfunction!(stopping, &m)?)?;
+    m.add_function(wrap_pyfunction!(send, &m)?)?;
+    m.add_function(wrap_pyfunction!(_emit, &m)?)?;
+    m.add_function(wrap_pyfunction!(_log_record, &m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    let code = CString::new(RUNTIME_SOURCE).expect("runtime.py has no NUL byte");
+    let globals = m.dict();
+    py.run(&code, Some(&globals), None)?;
+    py.import("sys")?
+        .getattr("modules")?
+        .cast::<PyDict>()?
+        .set_item("pyipcd", &m)?;
+    m.call_method1("_install", (python_log_level,))?;
+    Ok(())
+}
+
+/// `pyipcd.log(*args, level="info")`: one log line tagged with the caller's role.
+#[pyfunction]
+#[pyo3(signature = (*args, level = "info"))]
+fn log(args: &Bound<'_, PyTuple>, level: &str) -> PyResult<()> {
+    let mut line = String::new();
+    for (i, a) in args.iter().enumerate() {
+        if i > 0 {
+            line.push(' ');
+        }
+        line.push_str(&a.str()?.to_cow()?);
+    }
+    let levelno = match level.to_ascii_lowercase().as_str() {
+        "trace" => 5,
+        "debug" => 10,
+        "info" => 20,
+        "warn" | "warning" => 30,
+        "error" | "critical" => 40,
+        other => {
+            return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                "unknown level {other:?}; use debug, info, warning or error"
+            )));
+        }
+    };
+    let ctx = context_role(args.py());
+    output::emit(levelno, "pyipcd.log", ctx.as_deref(), &line);
+    Ok(())
+}
+
+/// `pyipcd.stopping()`: `True` once the daemon is shutting down.
+#[pyfunction]
+fn stopping() -> bool {
+    is_stopping()
+}
+
+/// `pyipcd.send(role, data)`: queues `data` on the named role. Waits (without
+/// holding the GIL) while that role's queue is full.
+#[pyfunction]
+fn send(py: Python<'_>, role: &str, data: &[u8]) -> PyResult<()> {
+    let sender = {
+        let routes = ROUTES.lock().unwrap_or_else(PoisonError::into_inner);
+        match routes.get(role) {
+            Some(s) => s.clone(),
+            None => {
+                let known: Vec<&str> = routes.keys().map(String::as_str).collect();
+                return Err(PyKeyError::new_err(format!(
+                    "no role named {role:?} accepts pyipcd.send (roles that do: {known:?})"
+                )));
+            }
+        }
+    };
+    let data = Bytes::copy_from_slice(data);
+    let sent = match sender.try_send(data) {
+        Ok(()) => Ok(()),
+        Err(mpsc::error::TrySendError::Full(data)) => {
+            py.detach(|| sender.blocking_send(data)).map_err(|_| ())
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
+    };
+    sent.map_err(|()| PyRuntimeError::new_err(format!("role {role:?} has stopped")))
+}
+
+#[pyfunction]
+#[pyo3(signature = (levelno, origin, role, line))]
+fn _emit(levelno: u32, origin: &str, role: Option<&str>, line: &str) {
+    output::emit(levelno, origin, role, line);
+}
+
+#[pyfunction]
+#[pyo3(signature = (levelno, logger, role, msg))]
+fn _log_record(levelno: u32, logger: &str, role: Option<&str>, msg: &str) {
+    output::emit(levelno, logger, role, msg);
+}
+
+fn context_role(py: Python<'_>) -> Option<String> {
+    runtime(py)
+        .and_then(|m| m.getattr("_ROLE")?.call_method0("get")?.extract())
+        .ok()
+        .flatten()
+}

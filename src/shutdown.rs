@@ -1,0 +1,49 @@
+//! Signals, handled in tokio only: SIGINT/SIGTERM begin a graceful stop, a
+//! second one exits at once; SIGHUP is logged (reload comes with the service work).
+
+use tokio::signal::unix::{Signal, SignalKind, signal};
+
+/// The process's signal streams, registered at start-up (before the
+/// interpreter, so Python never installs its own SIGINT handler).
+pub struct Signals {
+    int: Signal,
+    term: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    /// Registers the handlers. Must run inside the tokio runtime.
+    ///
+    /// # Errors
+    /// If the OS refuses a signal handler.
+    pub fn register() -> std::io::Result<Self> {
+        Ok(Self {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// Waits for SIGINT or SIGTERM and returns its name and number.
+    pub async fn stop_requested(&mut self) -> (&'static str, i32) {
+        loop {
+            tokio::select! {
+                _ = self.int.recv() => return ("SIGINT", 2),
+                _ = self.term.recv() => return ("SIGTERM", 15),
+                _ = self.hup.recv() => {
+                    tracing::warn!("SIGHUP received: configuration reload is not supported yet; ignoring");
+                }
+            }
+        }
+    }
+
+    /// After the first stop signal: a second one ends the process at once
+    /// with exit status 128 + signal number.
+    pub fn exit_on_second(mut self) {
+        tokio::spawn(async move {
+            let (name, num) = self.stop_requested().await;
+            tracing::error!("{name} received again: exiting immediately");
+            std::process::exit(128 + num);
+        });
+    }
+}
