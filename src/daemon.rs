@@ -51,11 +51,11 @@ impl Daemon {
     /// [`Error::Startup`] if the interpreter, pool or a task thread cannot start.
     pub fn start(config: Config, python_log_level: u32) -> Result<Self, Error> {
         py::init(&config.python.paths, python_log_level)?;
-        let pool = GilPool::start(&PoolConfig {
-            workers: config.python.workers,
-            queue: config.python.queue,
-            call_timeout: config.python.call_timeout,
-        })?;
+        let pool = GilPool::start(&PoolConfig::new(
+            config.python.workers,
+            config.python.queue,
+            config.python.call_timeout,
+        ))?;
         let stop = Arc::new(StopFlag::default());
         let tasks = config
             .python

@@ -5,7 +5,7 @@
 
 use std::sync::Weak;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
 
@@ -29,23 +29,28 @@ fn monitor(pool: Weak<Shared>) {
     else {
         return;
     };
-    let mut reported: Vec<u64> = Vec::new();
+    // Per worker: the call seen running, since when, and whether it was reported.
+    let mut seen: Vec<(u64, Instant, bool)> = Vec::new();
     loop {
         std::thread::sleep(interval);
         let Some(shared) = pool.upgrade() else { return };
-        reported.resize(shared.slots.len(), 0);
-        let now = shared.epoch.elapsed().as_nanos() as u64 + 1;
+        let now = Instant::now();
+        seen.resize(shared.slots.len(), (0, now, false));
         for (i, slot) in shared.slots.iter().enumerate() {
-            let since = slot.busy_since.load(Ordering::Acquire);
-            let seq = slot.call_seq.load(Ordering::Relaxed);
-            if since == 0 || reported[i] == seq {
+            let current = slot.current.load(Ordering::Acquire);
+            let (seq, since, reported) = &mut seen[i];
+            if current != *seq {
+                // A new call (or idle): it started at most one interval ago.
+                *seq = current;
+                *since = now;
+                *reported = false;
                 continue;
             }
-            let running = Duration::from_nanos(now.saturating_sub(since));
-            if running < shared.call_timeout {
+            if current == 0 || *reported || now - *since < shared.call_timeout {
                 continue;
             }
-            reported[i] = seq;
+            *reported = true;
+            let running = now - *since;
             shared.stats.stuck_reports.fetch_add(1, Ordering::Relaxed);
             let role = slot
                 .role
@@ -61,7 +66,7 @@ fn monitor(pool: Weak<Shared>) {
             tracing::warn!(
                 role = %role,
                 thread = format!("py-pool-{i}"),
-                "call running for {:.1}s (call_timeout {:?}); Python stack:\n{}",
+                "call running for at least {:.1}s (call_timeout {:?}); Python stack:\n{}",
                 running.as_secs_f64(),
                 shared.call_timeout,
                 stack.trim_end()

@@ -27,6 +27,11 @@ pub fn set_thread_role(role: Option<&Arc<str>>) {
     });
 }
 
+/// Whether this thread's role is already `role` (pointer comparison).
+pub fn thread_role_is(role: &Arc<str>) -> bool {
+    THREAD_ROLE.with(|r| r.borrow().as_ref().is_some_and(|r| Arc::ptr_eq(r, role)))
+}
+
 /// The role output from this thread is currently tagged with.
 pub fn thread_role() -> Option<Arc<str>> {
     THREAD_ROLE.with(|r| r.borrow().clone())

@@ -12,10 +12,11 @@
 //! - on the caller side, the awaiting task first re-polls its oneshot by
 //!   yielding to the scheduler (other tasks still run), then parks.
 //!
-//! While one worker is busy, the spinner leaves queued work to it (taking the
-//! GIL from a busy thread costs a forced switch) unless that worker makes no
-//! progress for [`RESCUE_AFTER`]: then a handler is blocking and the spinner
-//! takes the GIL when it is released.
+//! While one worker drains the queue the others sleep (taking the GIL from a
+//! busy thread costs a forced switch, not a speed-up). If that worker makes no
+//! progress for [`RESCUE_AFTER`] while jobs wait, a handler is blocking: a
+//! waiting caller wakes an idle worker, which takes the GIL as soon as the
+//! blocked handler releases it (sleep, I/O).
 //!
 //! # Limits
 //! The queue is bounded (`python.queue`): a full queue makes callers wait
@@ -41,10 +42,10 @@ use super::output;
 /// How long the spinner polls for work before it sleeps.
 pub const SPIN_FOR: Duration = Duration::from_micros(50);
 /// How long queued work may sit behind a busy worker that completes nothing
-/// before an idle worker takes it.
-pub const RESCUE_AFTER: Duration = Duration::from_micros(500);
-/// How long a caller re-polls its reply (yielding to other tasks) before parking.
-const CALLER_SPIN_FOR: Duration = Duration::from_micros(50);
+/// before a waiting caller wakes an idle worker to take it.
+pub const RESCUE_AFTER: Duration = Duration::from_millis(1);
+/// Default for [`PoolConfig::caller_spin_polls`].
+pub const CALLER_SPIN_POLLS: u32 = 128;
 
 /// Pool settings (from `[python]`).
 #[derive(Debug, Clone)]
@@ -55,6 +56,21 @@ pub struct PoolConfig {
     pub queue: usize,
     /// Per-call timeout.
     pub call_timeout: Duration,
+    /// How many times a caller re-polls its reply (yielding to other tasks in
+    /// between, a few microseconds in all) before parking; 0 parks at once.
+    pub caller_spin_polls: u32,
+}
+
+impl PoolConfig {
+    /// A config with the default spin.
+    pub fn new(workers: usize, queue: usize, call_timeout: Duration) -> Self {
+        Self {
+            workers,
+            queue,
+            call_timeout,
+            caller_spin_polls: CALLER_SPIN_POLLS,
+        }
+    }
 }
 
 /// Why a call produced no handler result.
@@ -102,10 +118,9 @@ pub(crate) enum Job {
 
 /// What the monitor needs to know about one worker.
 pub(crate) struct WorkerSlot {
-    /// Nanoseconds since the pool's epoch when the current call started; 0 when idle.
-    pub(crate) busy_since: AtomicU64,
-    /// Incremented per call, so a stuck call is reported once.
-    pub(crate) call_seq: AtomicU64,
+    /// The running call's sequence number (unique per worker, never 0); 0 when idle.
+    /// The monitor times calls by watching this; the hot path reads no clock.
+    pub(crate) current: AtomicU64,
     /// `threading.get_ident()` of the worker.
     pub(crate) py_ident: AtomicU64,
     /// Role of the current or last call.
@@ -123,8 +138,8 @@ pub(crate) struct Shared {
     closed: AtomicBool,
     progress: AtomicU64,
     pub(crate) slots: Box<[WorkerSlot]>,
-    pub(crate) epoch: Instant,
     pub(crate) call_timeout: Duration,
+    caller_spin_polls: u32,
     pub(crate) stats: PoolStats,
     locals: Option<TaskLocals>,
 }
@@ -152,8 +167,7 @@ impl GilPool {
         let locals = Python::attach(|py| asyncio.locals(py));
         let slots = (0..config.workers)
             .map(|_| WorkerSlot {
-                busy_since: AtomicU64::new(0),
-                call_seq: AtomicU64::new(0),
+                current: AtomicU64::new(0),
                 py_ident: AtomicU64::new(0),
                 role: Mutex::new(None),
             })
@@ -169,8 +183,8 @@ impl GilPool {
             closed: AtomicBool::new(false),
             progress: AtomicU64::new(0),
             slots,
-            epoch: Instant::now(),
             call_timeout: config.call_timeout,
+            caller_spin_polls: config.caller_spin_polls,
             stats: PoolStats::default(),
             locals: Some(locals),
         });
@@ -202,7 +216,6 @@ impl GilPool {
         handler: &Arc<Handler>,
         payload: Bytes,
     ) -> Result<Option<Bytes>, CallError> {
-        let started = Instant::now();
         let (tx, rx) = oneshot::channel();
         self.submit(Job::Call {
             handler: handler.clone(),
@@ -210,10 +223,10 @@ impl GilPool {
             reply: tx,
         })
         .await?;
-        let invoked = self.wait_reply(rx, started).await?;
+        let invoked = self.wait_reply(rx).await?;
         match invoked {
             Invoked::Done(result) => Ok(result?),
-            Invoked::Pending(pending) => self.finish_async(handler, pending, started).await,
+            Invoked::Pending(pending) => self.finish_async(handler, pending).await,
         }
     }
 
@@ -226,13 +239,12 @@ impl GilPool {
         R: Send + 'static,
         F: FnOnce(Python<'_>) -> R + Send + 'static,
     {
-        let started = Instant::now();
         let (tx, rx) = oneshot::channel();
         self.submit(Job::Run(Box::new(move |py| {
             let _ = tx.send(f(py));
         })))
         .await?;
-        self.wait_reply(rx, started).await
+        self.wait_reply(rx).await
     }
 
     /// Queues `f` without waiting for it (used for cancellation and shutdown).
@@ -257,7 +269,7 @@ impl GilPool {
         self.shared
             .slots
             .iter()
-            .filter(|s| s.busy_since.load(Ordering::Relaxed) != 0)
+            .filter(|s| s.current.load(Ordering::Relaxed) != 0)
             .count()
     }
 
@@ -329,34 +341,42 @@ impl GilPool {
         }
     }
 
-    async fn wait_reply<T>(
-        &self,
-        mut rx: oneshot::Receiver<T>,
-        started: Instant,
-    ) -> Result<T, CallError> {
+    /// Waits for a reply: re-polls first, then parks until `call_timeout`
+    /// (counted from the end of the re-polling, which lasts microseconds).
+    async fn wait_reply<T>(&self, mut rx: oneshot::Receiver<T>) -> Result<T, CallError> {
         // Re-poll without registering a waker first: a reply that lands while
         // we spin costs the worker no futex wake-up, and other tasks on this
         // runtime thread keep running in between.
-        let mut polls = 0u32;
-        loop {
+        for _ in 0..self.shared.caller_spin_polls {
             match rx.try_recv() {
                 Ok(v) => return Ok(v),
                 Err(oneshot::error::TryRecvError::Closed) => return Err(CallError::Closed),
                 Err(oneshot::error::TryRecvError::Empty) => {}
             }
-            polls += 1;
-            if polls % 16 == 0 && started.elapsed() > CALLER_SPIN_FOR {
-                break;
-            }
             tokio::task::yield_now().await;
         }
-        let left = self.shared.call_timeout.saturating_sub(started.elapsed());
-        match tokio::time::timeout(left, rx).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(_)) => Err(CallError::Closed),
-            Err(_) => {
-                self.shared.stats.timeouts.fetch_add(1, Ordering::Relaxed);
-                Err(CallError::Timeout(self.shared.call_timeout))
+        // Park, waking every RESCUE_AFTER: if jobs are queued and no worker
+        // completed anything meanwhile, the busy worker is blocked in a
+        // handler, so wake an idle one to take the queue.
+        let shared = &self.shared;
+        let deadline = tokio::time::Instant::now() + shared.call_timeout;
+        let mut progress = shared.progress.load(Ordering::SeqCst);
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                shared.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                return Err(CallError::Timeout(shared.call_timeout));
+            }
+            match tokio::time::timeout(left.min(RESCUE_AFTER), &mut rx).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(_)) => return Err(CallError::Closed),
+                Err(_) => {
+                    let now = shared.progress.load(Ordering::SeqCst);
+                    if now == progress && !shared.queue.is_empty() {
+                        shared.kick();
+                    }
+                    progress = now;
+                }
             }
         }
     }
@@ -365,15 +385,13 @@ impl GilPool {
         &self,
         handler: &Arc<Handler>,
         pending: PendingCall,
-        started: Instant,
     ) -> Result<Option<Bytes>, CallError> {
         let PendingCall { future, cancel } = pending;
         let mut guard = CancelOnDrop {
             pool: self,
             cancel: Some(cancel),
         };
-        let left = self.shared.call_timeout.saturating_sub(started.elapsed());
-        let outcome = match tokio::time::timeout(left, future).await {
+        let outcome = match tokio::time::timeout(self.shared.call_timeout, future).await {
             Ok(outcome) => outcome,
             Err(_) => {
                 self.shared.stats.timeouts.fetch_add(1, Ordering::Relaxed);
@@ -415,15 +433,15 @@ impl Drop for CancelOnDrop<'_> {
 }
 
 impl Shared {
+    /// After a push: wake a sleeping worker unless one is spinning or one is
+    /// draining the queue (it will see the job when its current call returns;
+    /// if that call blocks, the waiting caller kicks a sleeper, see `wait_reply`).
     fn notify_workers(&self) {
         fence(Ordering::SeqCst);
-        if self.spinner.load(Ordering::SeqCst) {
+        if self.spinner.load(Ordering::SeqCst) || self.active.load(Ordering::SeqCst) > 0 {
             return;
         }
-        let sleepers = self.sleepers.lock().expect("pool lock");
-        if *sleepers > 0 {
-            self.wake.notify_one();
-        }
+        self.kick();
     }
 
     fn release_space(&self) {
@@ -433,18 +451,30 @@ impl Shared {
         }
     }
 
+    /// Wakes one sleeping worker (used by callers whose job sits behind a stalled worker).
+    fn kick(&self) {
+        let sleepers = self.sleepers.lock().expect("pool lock");
+        if *sleepers > 0 {
+            self.wake.notify_one();
+        }
+    }
+
     /// Called detached. Returns when there is work (with `active` already
     /// incremented) or the pool is closed and drained.
     fn wait_for_work(&self) -> Wake {
-        if self
-            .spinner
-            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
-            .is_ok()
+        // Spin only when nobody else is draining the queue: a second thread
+        // taking the GIL from a busy one costs a forced switch, not a speed-up.
+        if self.active.load(Ordering::SeqCst) == 0
+            && self
+                .spinner
+                .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
         {
-            if let Some(w) = self.spin() {
+            let woke = self.spin();
+            self.spinner.store(false, Ordering::SeqCst);
+            if let Some(w) = woke {
                 return w;
             }
-            self.spinner.store(false, Ordering::SeqCst);
         }
         let mut sleepers = self.sleepers.lock().expect("pool lock");
         *sleepers += 1;
@@ -467,18 +497,16 @@ impl Shared {
         let start = Instant::now();
         let mut i = 0u32;
         loop {
+            if self.active.load(Ordering::SeqCst) > 0 {
+                // Another worker is draining (it holds the GIL): leave the
+                // queue to it and sleep, rather than ping-pong the GIL.
+                return None;
+            }
             if !self.queue.is_empty() {
-                if self.active.load(Ordering::SeqCst) == 0 || self.busy_worker_is_stalled() {
-                    self.active.fetch_add(1, Ordering::SeqCst);
-                    self.spinner.store(false, Ordering::SeqCst);
-                    return Some(Wake::Work);
-                }
-                // Someone is draining: check back later without burning a core.
-                std::thread::sleep(Duration::from_micros(100));
-                continue;
+                self.active.fetch_add(1, Ordering::SeqCst);
+                return Some(Wake::Work);
             }
             if self.closed.load(Ordering::SeqCst) {
-                self.spinner.store(false, Ordering::SeqCst);
                 return Some(Wake::Stop);
             }
             i = i.wrapping_add(1);
@@ -487,18 +515,6 @@ impl Shared {
             }
             std::hint::spin_loop();
         }
-    }
-
-    /// True when queued work has waited on a busy worker that completed nothing for [`RESCUE_AFTER`].
-    fn busy_worker_is_stalled(&self) -> bool {
-        let before = self.progress.load(Ordering::SeqCst);
-        std::thread::sleep(RESCUE_AFTER);
-        self.progress.load(Ordering::SeqCst) == before && !self.queue.is_empty()
-    }
-
-    fn now_ns(&self) -> u64 {
-        // +1 so that 0 always means idle.
-        self.epoch.elapsed().as_nanos() as u64 + 1
     }
 }
 
@@ -512,6 +528,7 @@ fn worker_main(shared: &Shared, idx: usize) {
         {
             slot.py_ident.store(ident, Ordering::Relaxed);
         }
+        let mut seq = 0u64;
         loop {
             match py.detach(|| shared.wait_for_work()) {
                 Wake::Stop => break,
@@ -519,7 +536,8 @@ fn worker_main(shared: &Shared, idx: usize) {
             }
             while let Some(job) = shared.queue.pop() {
                 shared.release_space();
-                run_job(py, shared, slot, job);
+                seq += 1;
+                run_job(py, shared, slot, seq, job);
                 shared.progress.fetch_add(1, Ordering::Release);
             }
             shared.active.fetch_sub(1, Ordering::SeqCst);
@@ -527,9 +545,8 @@ fn worker_main(shared: &Shared, idx: usize) {
     });
 }
 
-fn run_job(py: Python<'_>, shared: &Shared, slot: &WorkerSlot, job: Job) {
-    slot.call_seq.fetch_add(1, Ordering::Relaxed);
-    slot.busy_since.store(shared.now_ns(), Ordering::Release);
+fn run_job(py: Python<'_>, shared: &Shared, slot: &WorkerSlot, seq: u64, job: Job) {
+    slot.current.store(seq, Ordering::Release);
     match job {
         Job::Call {
             handler,
@@ -555,9 +572,8 @@ fn run_job(py: Python<'_>, shared: &Shared, slot: &WorkerSlot, job: Job) {
             let _ = reply.send(invoked);
         }
         Job::Run(f) => {
-            output::set_thread_role(None);
             f(py);
         }
     }
-    slot.busy_since.store(0, Ordering::Release);
+    slot.current.store(0, Ordering::Release);
 }
