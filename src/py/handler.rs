@@ -147,7 +147,7 @@ impl Handler {
             .find(|l| !l.trim().is_empty())
             .unwrap_or("exception")
             .to_string();
-        tracing::error!(role = %self.role, handler = %self.target, "handler raised:\n{}", traceback.trim_end());
+        tracing::error!(role = %self.role, handler = %self.target, "handler raised {summary}\n{}", traceback.trim_end());
         HandlerError {
             role: self.role.clone(),
             target: self.target.clone(),
@@ -203,7 +203,10 @@ fn to_bytes(obj: &Bound<'_, PyAny>) -> PyResult<Option<Bytes>> {
 /// The traceback of `err` as Python prints it.
 pub(crate) fn format_exception(py: Python<'_>, err: &PyErr) -> String {
     let formatted = py.import("traceback").and_then(|tb| {
-        let lines = tb.call_method1("format_exception", (err.value(py),))?;
+        let lines = tb.call_method1(
+            "format_exception",
+            (err.get_type(py), err.value(py), err.traceback(py)),
+        )?;
         PyString::new(py, "")
             .call_method1("join", (lines,))?
             .extract::<String>()

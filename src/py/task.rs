@@ -134,7 +134,7 @@ fn supervise(name: &str, target: &Target, cfg: &TaskConfig, stop: &StopFlag, ide
     let mut runs = 0u64;
     loop {
         runs += 1;
-        tracing::info!(task = name, run = runs, "task starting: {target}");
+        tracing::info!(task = %name, run = runs, "task starting: {target}");
         let started = Instant::now();
         let end = Python::attach(|py| {
             if let Ok(id) = py
@@ -151,7 +151,8 @@ fn supervise(name: &str, target: &Target, cfg: &TaskConfig, stop: &StopFlag, ide
                 }
                 Err(e) => {
                     let tb = format_exception(py, &e);
-                    tracing::error!(task = name, "task raised:\n{}", tb.trim_end());
+                    let summary = tb.trim_end().lines().last().unwrap_or("exception");
+                    tracing::error!(task = %name, "task raised {summary}\n{}", tb.trim_end());
                     RunEnd::Failed
                 }
             };
@@ -159,7 +160,7 @@ fn supervise(name: &str, target: &Target, cfg: &TaskConfig, stop: &StopFlag, ide
             end
         });
         let ran = started.elapsed();
-        tracing::info!(task = name, run = runs, outcome = ?end, "task ended after {:.3}s", ran.as_secs_f64());
+        tracing::info!(task = %name, run = runs, outcome = ?end, "task ended after {:.3}s", ran.as_secs_f64());
         if stop.is_set() {
             return;
         }
@@ -176,7 +177,7 @@ fn supervise(name: &str, target: &Target, cfg: &TaskConfig, stop: &StopFlag, ide
             delay = cfg.backoff_min;
         }
         tracing::warn!(
-            task = name,
+            task = %name,
             "restarting in {delay:?} (restart = {:?})",
             cfg.restart
         );

@@ -1,0 +1,129 @@
+//! Start-up and shutdown through the real binary: readiness, SIGTERM/SIGINT
+//! exit codes and timing, forced SystemExit, abandoned tasks, a second signal.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Daemon, Scenario};
+
+const T: Duration = Duration::from_secs(15);
+
+fn scenario(task_body: &str, grace: &str) -> (Scenario, std::path::PathBuf) {
+    let s = Scenario::new();
+    s.write("job.py", task_body);
+    let cfg = s.write(
+        "pyipcd.toml",
+        &format!(
+            "[daemon]\nshutdown_grace = \"{grace}\"\n[python]\npaths = [\".\"]\n\
+             [[python.task]]\nname = \"job\"\nrun = \"job:run\"\n"
+        ),
+    );
+    (s, cfg)
+}
+
+#[test]
+fn sigterm_stops_a_cooperative_task_promptly_with_exit_0() {
+    let (_s, cfg) = scenario(
+        "import pyipcd, time\ndef run():\n    print('started')\n    while not pyipcd.stopping():\n        time.sleep(0.01)\n    print('clean exit')\n",
+        "10s",
+    );
+    let mut d = Daemon::start(&cfg, &[]);
+    d.wait_ready();
+    d.lines.wait_for(&["started", "role=job"], T);
+    let sent = Instant::now();
+    d.signal("TERM");
+    let status = d.wait_exit(T);
+    let took = sent.elapsed();
+    assert_eq!(status.code(), Some(0), "{}", d.lines.text());
+    // Well inside the 10 s grace: the task noticed pyipcd.stopping().
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    d.lines.wait_for(&["SIGTERM received"], T);
+    d.lines.wait_for(&["clean exit", "role=job"], T);
+    d.lines.wait_for(&["stopped cleanly"], T);
+}
+
+#[test]
+fn sigint_is_handled_like_sigterm() {
+    let (_s, cfg) = scenario(
+        "import pyipcd, time\ndef run():\n    while not pyipcd.stopping():\n        time.sleep(0.01)\n",
+        "10s",
+    );
+    let mut d = Daemon::start(&cfg, &[]);
+    d.wait_ready();
+    d.signal("INT");
+    assert_eq!(d.wait_exit(T).code(), Some(0), "{}", d.lines.text());
+    d.lines.wait_for(&["SIGINT received"], T);
+}
+
+#[test]
+fn a_task_ignoring_stop_gets_system_exit_at_the_deadline() {
+    let (_s, cfg) = scenario(
+        "import time\ndef run():\n    try:\n        while True:\n            time.sleep(0.01)\n    except SystemExit:\n        print('got SystemExit')\n        raise\n",
+        "500ms",
+    );
+    let mut d = Daemon::start(&cfg, &[]);
+    d.wait_ready();
+    let sent = Instant::now();
+    d.signal("TERM");
+    let status = d.wait_exit(T);
+    assert!(
+        sent.elapsed() >= Duration::from_millis(500),
+        "exited before the grace period"
+    );
+    assert_eq!(status.code(), Some(0), "{}", d.lines.text());
+    d.lines.wait_for(&["raising SystemExit", "task=job"], T);
+    d.lines.wait_for(&["got SystemExit", "role=job"], T);
+}
+
+#[test]
+fn a_task_stuck_in_c_code_is_abandoned_with_exit_1_and_named() {
+    // A blocking C call never returns to the eval loop, so SystemExit cannot land.
+    let (_s, cfg) = scenario(
+        "import socket\ndef run():\n    s = socket.socket()\n    s.bind(('127.0.0.1', 0))\n    s.listen(1)\n    print('accepting')\n    s.accept()\n",
+        "300ms",
+    );
+    let mut d = Daemon::start(&cfg, &[]);
+    d.wait_ready();
+    d.lines.wait_for(&["accepting"], T);
+    d.signal("TERM");
+    let status = d.wait_exit(T);
+    assert_eq!(status.code(), Some(1), "{}", d.lines.text());
+    d.lines.wait_for(&["abandoning", "task job"], T);
+}
+
+#[test]
+fn a_second_signal_exits_at_once() {
+    let (_s, cfg) = scenario(
+        "import time\ndef run():\n    while True:\n        try:\n            time.sleep(0.01)\n        except SystemExit:\n            pass\n",
+        "60s",
+    );
+    let mut d = Daemon::start(&cfg, &[]);
+    d.wait_ready();
+    d.signal("TERM");
+    d.lines.wait_for(&["SIGTERM received"], T);
+    let sent = Instant::now();
+    d.signal("TERM");
+    let status = d.wait_exit(T);
+    assert!(sent.elapsed() < Duration::from_secs(10));
+    assert_eq!(status.code(), Some(128 + 15), "{}", d.lines.text());
+    d.lines.wait_for(&["received again"], T);
+}
+
+#[test]
+fn json_log_format_emits_one_object_per_line() {
+    let (s, _) = scenario("def run():\n    print('json please')\n", "1s");
+    let cfg = s.write(
+        "json.toml",
+        "[log]\nformat = \"json\"\n[python]\npaths = [\".\"]\n[[python.task]]\nname = \"job\"\nrun = \"job:run\"\n",
+    );
+    let mut d = Daemon::start(&cfg, &[]);
+    d.wait_ready();
+    let line = d.lines.wait_for(&["json please"], T);
+    assert!(
+        line.starts_with('{') && line.contains("\"role\":\"job\""),
+        "{line}"
+    );
+    d.signal("TERM");
+    assert_eq!(d.wait_exit(T).code(), Some(0));
+}
