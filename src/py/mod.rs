@@ -21,14 +21,14 @@ pub mod target;
 pub mod task;
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::OnceLock;
 
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
 use target::Target;
 
-static INSTALLED: Mutex<bool> = Mutex::new(false);
+static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
 
 /// Starts the interpreter (once per process), prepends `paths` to `sys.path`
 /// (as `str`: Python ignores `pathlib` entries) and installs the `pyipcd`
@@ -40,6 +40,14 @@ static INSTALLED: Mutex<bool> = Mutex::new(false);
 /// A Python error while setting up (the interpreter itself aborts on failure).
 pub fn init(paths: &[PathBuf], python_log_level: u32) -> Result<(), crate::Error> {
     Python::initialize();
+    // Installed once, outside any GIL hold: a thread waiting here must not
+    // hold the GIL that the installing thread needs.
+    INSTALLED
+        .get_or_init(|| {
+            Python::attach(|py| module::install(py, python_log_level)).map_err(|e| e.to_string())
+        })
+        .clone()
+        .map_err(|e| crate::Error::Startup(format!("cannot set up the interpreter: {e}")))?;
     Python::attach(|py| -> PyResult<()> {
         let sys_path = py.import("sys")?.getattr("path")?;
         let sys_path = sys_path.cast::<PyList>()?;
@@ -49,14 +57,9 @@ pub fn init(paths: &[PathBuf], python_log_level: u32) -> Result<(), crate::Error
                 sys_path.insert(0, p.as_ref())?;
             }
         }
-        let mut installed = INSTALLED.lock().unwrap_or_else(|e| e.into_inner());
-        if !*installed {
-            module::install(py, python_log_level)?;
-            *installed = true;
-        }
         Ok(())
     })
-    .map_err(|e| crate::Error::Startup(format!("cannot set up the interpreter: {e}")))
+    .map_err(|e| crate::Error::Startup(format!("cannot set up sys.path: {e}")))
 }
 
 /// Checks that every target can be imported and names something that exists,
