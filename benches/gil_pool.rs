@@ -114,7 +114,7 @@ where
                     if measured {
                         hist.record(took.as_nanos() as u64).unwrap();
                         calls += 1;
-                        if calls % 4096 == 0 {
+                        if calls % 4096 == 1 {
                             peak_threads = peak_threads.max(os_threads());
                         }
                     }

@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_queue::ArrayQueue;
+use crossbeam_utils::CachePadded;
 use pyo3::prelude::*;
 use pyo3_async_runtimes::TaskLocals;
 use tokio::sync::{Notify, oneshot};
@@ -127,20 +128,23 @@ pub(crate) struct WorkerSlot {
     pub(crate) role: Mutex<Option<Arc<str>>>,
 }
 
+/// Hot fields written by different threads sit on separate cache lines
+/// (`CachePadded`): sharing one made throughput swing 3x between runs,
+/// depending on where the allocator placed this struct.
 pub(crate) struct Shared {
     queue: ArrayQueue<Job>,
     space: Notify,
-    space_waiters: AtomicUsize,
-    spinner: AtomicBool,
-    active: AtomicUsize,
+    space_waiters: CachePadded<AtomicUsize>,
+    spinner: CachePadded<AtomicBool>,
+    active: CachePadded<AtomicUsize>,
     sleepers: Mutex<usize>,
     wake: Condvar,
     closed: AtomicBool,
-    progress: AtomicU64,
-    pub(crate) slots: Box<[WorkerSlot]>,
+    progress: CachePadded<AtomicU64>,
+    pub(crate) slots: Box<[CachePadded<WorkerSlot>]>,
     pub(crate) call_timeout: Duration,
     caller_spin_polls: u32,
-    pub(crate) stats: PoolStats,
+    pub(crate) stats: CachePadded<PoolStats>,
     locals: Option<TaskLocals>,
 }
 
@@ -166,26 +170,28 @@ impl GilPool {
         let asyncio = AsyncioLoop::start()?;
         let locals = Python::attach(|py| asyncio.locals(py));
         let slots = (0..config.workers)
-            .map(|_| WorkerSlot {
-                current: AtomicU64::new(0),
-                py_ident: AtomicU64::new(0),
-                role: Mutex::new(None),
+            .map(|_| {
+                CachePadded::new(WorkerSlot {
+                    current: AtomicU64::new(0),
+                    py_ident: AtomicU64::new(0),
+                    role: Mutex::new(None),
+                })
             })
             .collect();
         let shared = Arc::new(Shared {
             queue: ArrayQueue::new(config.queue.max(1)),
             space: Notify::new(),
-            space_waiters: AtomicUsize::new(0),
-            spinner: AtomicBool::new(false),
-            active: AtomicUsize::new(0),
+            space_waiters: CachePadded::new(AtomicUsize::new(0)),
+            spinner: CachePadded::new(AtomicBool::new(false)),
+            active: CachePadded::new(AtomicUsize::new(0)),
             sleepers: Mutex::new(0),
             wake: Condvar::new(),
             closed: AtomicBool::new(false),
-            progress: AtomicU64::new(0),
+            progress: CachePadded::new(AtomicU64::new(0)),
             slots,
             call_timeout: config.call_timeout,
             caller_spin_polls: config.caller_spin_polls,
-            stats: PoolStats::default(),
+            stats: CachePadded::new(PoolStats::default()),
             locals: Some(locals),
         });
         let mut threads = Vec::with_capacity(config.workers);
