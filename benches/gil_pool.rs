@@ -145,7 +145,7 @@ where
 fn main() {
     let seconds = arg("--seconds", 2.0);
     let workers = arg("--workers", 2.0) as usize;
-    pyipcd::py::init(&[], 30).unwrap();
+    pyipcd::py::init(&[], &Default::default()).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(arg("--io-threads", 2.0) as usize)
         .enable_all()

@@ -11,6 +11,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use bytesize::ByteSize;
 use serde::Deserialize;
 
 use crate::py::target::Target;
@@ -106,6 +107,9 @@ pub struct PythonConfig {
     /// A call running longer is reported as stuck (with its Python stack) and its caller gets an error.
     #[serde(with = "humantime_serde")]
     pub call_timeout: Duration,
+    /// Longest line of Python output kept whole; a longer partial line is
+    /// logged in pieces of this size (bounds memory per thread).
+    pub max_output_line: ByteSize,
     /// Long-running Python tasks, each on its own interpreter thread.
     pub task: Vec<TaskConfig>,
 }
@@ -117,6 +121,7 @@ impl Default for PythonConfig {
             workers: 2,
             queue: 1024,
             call_timeout: Duration::from_secs(10),
+            max_output_line: ByteSize::kib(64),
             task: Vec::new(),
         }
     }
@@ -276,6 +281,9 @@ impl Config {
         if py.queue == 0 {
             problems.push("python.queue must be at least 1".into());
         }
+        if py.max_output_line.as_u64() < 80 {
+            problems.push("python.max_output_line must be at least 80 B".into());
+        }
         if py.call_timeout.is_zero() {
             problems.push("python.call_timeout must be greater than 0".into());
         }
@@ -333,8 +341,13 @@ mod tests {
     fn defaults_and_relative_paths() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("py")).unwrap();
-        let p = write(dir.path(), "a.toml", "[python]\npaths = [\"py\"]\n");
+        let p = write(
+            dir.path(),
+            "a.toml",
+            "[python]\npaths = [\"py\"]\nmax_output_line = \"1MiB\"\n",
+        );
         let cfg = load_with_env(&p, Some(BTreeMap::new())).unwrap();
+        assert_eq!(cfg.python.max_output_line, ByteSize::mib(1));
         assert_eq!(cfg.python.workers, 2);
         assert_eq!(cfg.python.call_timeout, Duration::from_secs(10));
         assert_eq!(

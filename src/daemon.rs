@@ -50,7 +50,12 @@ impl Daemon {
     /// # Errors
     /// [`Error::Startup`] if the interpreter, pool or a task thread cannot start.
     pub fn start(config: Config, python_log_level: u32) -> Result<Self, Error> {
-        py::init(&config.python.paths, python_log_level)?;
+        let settings = py::PySettings {
+            log_level: python_log_level,
+            max_output_line: usize::try_from(config.python.max_output_line.as_u64())
+                .unwrap_or(usize::MAX),
+        };
+        py::init(&config.python.paths, &settings)?;
         let pool = GilPool::start(&PoolConfig::new(
             config.python.workers,
             config.python.queue,

@@ -46,7 +46,11 @@ fn check(args: &ConfigArg) -> i32 {
         }
     };
     let _ = telemetry::init(&cfg.log);
-    if let Err(e) = py::init(&cfg.python.paths, 30) {
+    let settings = py::PySettings {
+        log_level: 30,
+        ..Default::default()
+    };
+    if let Err(e) = py::init(&cfg.python.paths, &settings) {
         eprintln!("{path}: {e}");
         return EXIT_FAILURE;
     }

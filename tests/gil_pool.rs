@@ -60,7 +60,7 @@ fn setup(module: &str, source: &str, config: PoolConfig) -> Arc<GilPool> {
     log();
     let dir = tempfile::tempdir().unwrap().keep();
     std::fs::write(dir.join(format!("{module}.py")), source).unwrap();
-    pyipcd::py::init(&[dir], 20).unwrap();
+    pyipcd::py::init(&[dir], &Default::default()).unwrap();
     GilPool::start(&config).unwrap()
 }
 

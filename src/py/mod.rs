@@ -28,23 +28,41 @@ use pyo3::types::PyList;
 
 use target::Target;
 
+/// Interpreter-wide settings applied once by [`init`].
+#[derive(Debug, Clone, Copy)]
+pub struct PySettings {
+    /// Root `logging` level (e.g. 20 for INFO).
+    pub log_level: u32,
+    /// Longest line of `print` output logged whole.
+    pub max_output_line: usize,
+}
+
+impl Default for PySettings {
+    fn default() -> Self {
+        Self {
+            log_level: 20,
+            max_output_line: 64 * 1024,
+        }
+    }
+}
+
 static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
 
 /// Starts the interpreter (once per process), prepends `paths` to `sys.path`
 /// (as `str`: Python ignores `pathlib` entries) and installs the `pyipcd`
 /// module and log redirection. Calling it again only adds missing paths.
 ///
-/// `python_log_level` is the root `logging` level (e.g. 20 for INFO).
+/// The settings apply to the first call only.
 ///
 /// # Errors
 /// A Python error while setting up (the interpreter itself aborts on failure).
-pub fn init(paths: &[PathBuf], python_log_level: u32) -> Result<(), crate::Error> {
+pub fn init(paths: &[PathBuf], settings: &PySettings) -> Result<(), crate::Error> {
     Python::initialize();
     // Installed once, outside any GIL hold: a thread waiting here must not
     // hold the GIL that the installing thread needs.
     INSTALLED
         .get_or_init(|| {
-            Python::attach(|py| module::install(py, python_log_level)).map_err(|e| e.to_string())
+            Python::attach(|py| module::install(py, settings)).map_err(|e| e.to_string())
         })
         .clone()
         .map_err(|e| crate::Error::Startup(format!("cannot set up the interpreter: {e}")))?;

@@ -57,7 +57,7 @@ pub(crate) fn runtime(py: Python<'_>) -> PyResult<Bound<'_, PyModule>> {
 ///
 /// # Errors
 /// Any Python error while doing so (a bug, not a user error).
-pub(crate) fn install(py: Python<'_>, python_log_level: u32) -> PyResult<()> {
+pub(crate) fn install(py: Python<'_>, settings: &super::PySettings) -> PyResult<()> {
     let m = PyModule::new(py, "pyipcd")?;
     m.add_function(wrap_pyfunction!(log, &m)?)?;
     m.add_function(wrap_pyfunction!(stopping, &m)?)?;
@@ -72,7 +72,7 @@ pub(crate) fn install(py: Python<'_>, python_log_level: u32) -> PyResult<()> {
         .getattr("modules")?
         .cast::<PyDict>()?
         .set_item("pyipcd", &m)?;
-    m.call_method1("_install", (python_log_level,))?;
+    m.call_method1("_install", (settings.log_level, settings.max_output_line))?;
     Ok(())
 }
 

@@ -17,7 +17,7 @@ import threading
 import traceback
 
 _ROLE = contextvars.ContextVar("pyipcd_role", default=None)
-_MAX_PARTIAL_LINE = 64 * 1024
+_max_line = 64 * 1024
 
 
 class _LogStream(io.TextIOBase):
@@ -50,9 +50,9 @@ class _LogStream(io.TextIOBase):
             *lines, buf = buf.split("\n")
             for line in lines:
                 _emit(self._level, self._name, _ROLE.get(), line)
-        if len(buf) > _MAX_PARTIAL_LINE:
-            _emit(self._level, self._name, _ROLE.get(), buf)
-            buf = ""
+        while len(buf) > _max_line:
+            _emit(self._level, self._name, _ROLE.get(), buf[:_max_line])
+            buf = buf[_max_line:]
         self._local.buf = buf
         return len(s)
 
@@ -75,7 +75,9 @@ class _LogHandler(logging.Handler):
         _log_record(record.levelno, record.name, _ROLE.get(), msg)
 
 
-def _install(level):
+def _install(level, max_line):
+    global _max_line
+    _max_line = max_line
     sys.stdout = _LogStream("stdout", 20)
     sys.stderr = _LogStream("stderr", 30)
     root = logging.getLogger()

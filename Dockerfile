@@ -1,0 +1,29 @@
+# syntax=docker/dockerfile:1
+# Build and runtime share the Python minor and Debian release: the binary
+# links libpython from /usr/local/lib in both stages.
+ARG PYTHON_VERSION=3.11
+ARG DEBIAN=bookworm
+
+FROM python:${PYTHON_VERSION}-slim-${DEBIAN} AS python
+
+FROM rust:1.95-slim-${DEBIAN} AS build
+ARG PYTHON_VERSION
+COPY --from=python /usr/local /usr/local
+RUN ldconfig
+ENV PYO3_PYTHON=/usr/local/bin/python${PYTHON_VERSION}
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked
+
+FROM python:${PYTHON_VERSION}-slim-${DEBIAN}
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends tini=0.19.* \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=build /src/target/release/pyipcd /usr/local/bin/pyipcd
+COPY python/ /usr/lib/pyipcd/python/
+COPY config/ /etc/pyipcd/
+ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+USER 10001:10001
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/pyipcd"]
+CMD ["run", "--config", "/etc/pyipcd/pyipcd.toml"]
