@@ -20,10 +20,11 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends tini=0.19.* \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/pyipcd /usr/local/bin/pyipcd
-COPY python/ /usr/lib/pyipcd/python/
-COPY config/ /etc/pyipcd/
+# Same layout as the repository, so the configs' relative paths (../python) hold.
+COPY python/ /opt/pyipcd/python/
+COPY config/ /opt/pyipcd/config/
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 USER 10001:10001
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/pyipcd"]
-CMD ["run", "--config", "/etc/pyipcd/pyipcd.toml"]
+CMD ["run", "--config", "/opt/pyipcd/config/pyipcd.toml"]
