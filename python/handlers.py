@@ -14,3 +14,29 @@ def upper(data: bytes) -> bytes:
 async def echo_async(data: bytes) -> bytes:
     """An `async def` handler: runs on the daemon's asyncio loop."""
     return data
+
+
+def echo_with_peer(data: bytes, peer: str, conn_id: int) -> bytes:
+    """Shows the optional context parameters: declare `peer` and/or `conn_id`."""
+    return f"{conn_id}@{peer}: ".encode() + data
+
+
+def log_reply(data: bytes) -> None:
+    """A client role's reply handler: print what came back (it lands in the log)."""
+    print("Client read from Server", data.decode(errors="replace"))
+
+
+def counter():
+    """A producer: yields messages for a client role (a plain generator)."""
+    n = 0
+    while True:
+        n += 1
+        yield f"tick {n}".encode()
+
+
+def on_connect(conn_id: int, peer: str) -> None:
+    print(f"connection {conn_id} from {peer}")
+
+
+def on_close(conn_id: int, peer: str) -> None:
+    print(f"connection {conn_id} from {peer} closed")

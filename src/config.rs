@@ -29,6 +29,8 @@ pub struct Config {
     pub daemon: DaemonConfig,
     /// The embedded interpreter, its GIL pool and its tasks.
     pub python: PythonConfig,
+    /// TCP server and client roles.
+    pub tcp: TcpConfig,
     /// Where the file was loaded from (set by [`load`], not read from TOML).
     #[serde(skip)]
     pub source: PathBuf,
@@ -40,6 +42,7 @@ impl Default for Config {
             log: LogConfig::default(),
             daemon: DaemonConfig::default(),
             python: PythonConfig::default(),
+            tcp: TcpConfig::default(),
             source: PathBuf::from("<defaults>"),
         }
     }
@@ -165,6 +168,133 @@ pub enum RestartPolicy {
     OnFailure,
     /// Whenever it ends, until the daemon stops.
     Always,
+}
+
+/// `[tcp]`: `[[tcp.server]]` and `[[tcp.client]]` roles.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TcpConfig {
+    /// Listening roles.
+    pub server: Vec<TcpServerConfig>,
+    /// Connecting roles.
+    pub client: Vec<TcpClientConfig>,
+}
+
+/// How messages are delimited on a TCP stream.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Framing {
+    /// Each read is a message and a reply is written as is (classic socket code).
+    Raw,
+    /// Newline-delimited; the newline is stripped on input and added on output.
+    #[default]
+    Line,
+    /// A 4-byte big-endian length prefix, both ways.
+    Len32,
+}
+
+/// `[[tcp.server]]`: accept connections and answer each message with a Python handler.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TcpServerConfig {
+    /// Unique role name.
+    pub name: String,
+    /// `host:port`, `:port` or `port` (host defaults to 127.0.0.1).
+    pub listen: String,
+    /// Message framing.
+    #[serde(default)]
+    pub framing: Framing,
+    /// `module:function` or `module:Class.method`: `handler(data) -> bytes | None`.
+    pub handler: String,
+    /// Connections beyond this are refused (closed at once, logged).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// A longer message closes its connection.
+    #[serde(default = "default_max_message")]
+    pub max_message: ByteSize,
+    /// A connection silent this long is closed.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Requests per connection being handled at once (pipelining depth).
+    #[serde(default = "default_pipeline")]
+    pub pipeline: usize,
+    /// Called as `on_connect(conn_id, peer)` when a connection opens.
+    #[serde(default)]
+    pub on_connect: Option<String>,
+    /// Called as `on_close(conn_id, peer)` when it closes.
+    #[serde(default)]
+    pub on_close: Option<String>,
+}
+
+/// `[[tcp.client]]`: connect out, send scripted or produced messages, hand replies to Python.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TcpClientConfig {
+    /// Unique role name.
+    pub name: String,
+    /// `host:port` to connect to.
+    pub connect: String,
+    /// Message framing.
+    #[serde(default)]
+    pub framing: Framing,
+    /// Scripted messages (TOML escapes give bytes: `"\u0000"`).
+    #[serde(default)]
+    pub send: Vec<String>,
+    /// Pause between scripted or produced messages.
+    #[serde(default = "default_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// How many times the `send` list is sent; 0 = forever.
+    #[serde(default = "default_repeat")]
+    pub repeat: u64,
+    /// A generator function (`module:function`) whose yielded messages are sent.
+    #[serde(default)]
+    pub producer: Option<String>,
+    /// Handler for each reply; without one, replies are logged.
+    #[serde(default)]
+    pub on_reply: Option<String>,
+    /// Give up one connection attempt after this long.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// First reconnect delay; doubles per failed attempt.
+    #[serde(default = "default_reconnect_min", with = "humantime_serde")]
+    pub backoff_min: Duration,
+    /// Longest reconnect delay.
+    #[serde(default = "default_backoff_max", with = "humantime_serde")]
+    pub backoff_max: Duration,
+    /// A longer reply closes the connection (it is then re-established).
+    #[serde(default = "default_max_message")]
+    pub max_message: ByteSize,
+    /// Messages waiting to be sent (from `pyipcd.send` and the producer) before senders wait.
+    #[serde(default = "default_outbox")]
+    pub outbox: usize,
+}
+
+fn default_max_connections() -> usize {
+    1024
+}
+fn default_max_message() -> ByteSize {
+    ByteSize::mib(1)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_pipeline() -> usize {
+    64
+}
+fn default_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_repeat() -> u64 {
+    1
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_reconnect_min() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_outbox() -> usize {
+    1024
 }
 
 /// Everything that can be wrong with a configuration. Each message names the file.
@@ -310,7 +440,101 @@ impl Config {
                 problems.push(format!("{key}: need 0 < backoff_min <= backoff_max"));
             }
         }
+        self.validate_tcp(&mut problems);
         problems
+    }
+
+    /// Every Python target the config names, with its dotted key.
+    pub fn python_targets(&self) -> Vec<(String, &str)> {
+        let mut out = Vec::new();
+        for (i, t) in self.python.task.iter().enumerate() {
+            out.push((format!("python.task[{i}].run"), t.run.as_str()));
+        }
+        for (i, s) in self.tcp.server.iter().enumerate() {
+            out.push((format!("tcp.server[{i}].handler"), s.handler.as_str()));
+            for (k, v) in [("on_connect", &s.on_connect), ("on_close", &s.on_close)] {
+                if let Some(v) = v {
+                    out.push((format!("tcp.server[{i}].{k}"), v.as_str()));
+                }
+            }
+        }
+        for (i, c) in self.tcp.client.iter().enumerate() {
+            for (k, v) in [("producer", &c.producer), ("on_reply", &c.on_reply)] {
+                if let Some(v) = v {
+                    out.push((format!("tcp.client[{i}].{k}"), v.as_str()));
+                }
+            }
+        }
+        out
+    }
+
+    fn validate_tcp(&self, problems: &mut Vec<String>) {
+        let mut roles: HashSet<&str> = HashSet::new();
+        let target = |problems: &mut Vec<String>, key: String, spec: &str| match Target::parse(spec)
+        {
+            Ok(t) if t.attr == crate::py::target::TargetAttr::None => problems.push(format!(
+                "{key}: `{spec}` names a module; use module:function"
+            )),
+            Ok(_) => {}
+            Err(e) => problems.push(format!("{key}: {e}")),
+        };
+        for (i, s) in self.tcp.server.iter().enumerate() {
+            let key = format!("tcp.server[{i}]");
+            if !roles.insert(s.name.as_str()) || s.name.trim().is_empty() {
+                problems.push(format!("{key}.name `{}` is empty or used twice", s.name));
+            }
+            if let Err(e) = crate::tcp::parse_listen(&s.listen) {
+                problems.push(format!("{key}.listen: {e}"));
+            }
+            target(problems, format!("{key}.handler"), &s.handler);
+            for (k, v) in [("on_connect", &s.on_connect), ("on_close", &s.on_close)] {
+                if let Some(v) = v {
+                    target(problems, format!("{key}.{k}"), v);
+                }
+            }
+            if s.max_connections == 0 || s.pipeline == 0 {
+                problems.push(format!(
+                    "{key}: max_connections and pipeline must be at least 1"
+                ));
+            }
+            if s.max_message.as_u64() == 0 || s.max_message.as_u64() > u64::from(u32::MAX) {
+                problems.push(format!("{key}.max_message must be between 1 B and 4 GiB"));
+            }
+        }
+        for (i, c) in self.tcp.client.iter().enumerate() {
+            let key = format!("tcp.client[{i}]");
+            if !roles.insert(c.name.as_str()) || c.name.trim().is_empty() {
+                problems.push(format!("{key}.name `{}` is empty or used twice", c.name));
+            }
+            if c.connect
+                .rsplit_once(':')
+                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+            {
+                problems.push(format!("{key}.connect: `{}` is not host:port", c.connect));
+            }
+            for (k, v) in [("producer", &c.producer), ("on_reply", &c.on_reply)] {
+                if let Some(v) = v {
+                    target(problems, format!("{key}.{k}"), v);
+                }
+            }
+            if c.backoff_min.is_zero() || c.backoff_max < c.backoff_min {
+                problems.push(format!("{key}: need 0 < backoff_min <= backoff_max"));
+            }
+            if c.outbox == 0 {
+                problems.push(format!("{key}.outbox must be at least 1"));
+            }
+            if c.max_message.as_u64() == 0 || c.max_message.as_u64() > u64::from(u32::MAX) {
+                problems.push(format!("{key}.max_message must be between 1 B and 4 GiB"));
+            }
+        }
+        for t in &self.python.task {
+            if roles.contains(t.name.as_str()) {
+                problems.push(format!(
+                    "python.task `{}`: a role has the same name",
+                    t.name
+                ));
+            }
+        }
     }
 }
 

@@ -8,9 +8,14 @@ use std::time::{Duration, Instant};
 
 use sd_notify::NotifyState;
 
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
 use crate::config::Config;
 use crate::py::pool::{GilPool, PoolConfig};
 use crate::py::task::{RunningTask, StopFlag};
+use crate::tcp::client::TcpClient;
+use crate::tcp::server::TcpServer;
 use crate::{Error, py};
 
 /// How long tasks get, after `SystemExit` was raised in them, to end.
@@ -22,6 +27,10 @@ pub struct Daemon {
     pool: Arc<GilPool>,
     tasks: Vec<RunningTask>,
     stop: Arc<StopFlag>,
+    servers: Vec<TcpServer>,
+    clients: Vec<TcpClient>,
+    roles: TaskTracker,
+    token: CancellationToken,
 }
 
 /// How a shutdown went.
@@ -56,6 +65,7 @@ impl Daemon {
                 .unwrap_or(usize::MAX),
         };
         py::init(&config.python.paths, &settings)?;
+        let (servers, clients) = resolve_roles(&config)?;
         let pool = GilPool::start(&PoolConfig::new(
             config.python.workers,
             config.python.queue,
@@ -73,7 +83,35 @@ impl Daemon {
             pool,
             tasks,
             stop,
+            servers,
+            clients,
+            roles: TaskTracker::new(),
+            token: CancellationToken::new(),
         })
+    }
+
+    /// Binds every server role and spawns all roles. Called by [`Daemon::run_until`]
+    /// before readiness is reported.
+    ///
+    /// # Errors
+    /// [`Error::Startup`] naming the role whose address cannot be bound.
+    pub async fn start_roles(&mut self) -> Result<Vec<(String, std::net::SocketAddr)>, Error> {
+        let mut bound = Vec::new();
+        for server in std::mem::take(&mut self.servers) {
+            let name = server.name().to_string();
+            let listening = server
+                .bind()
+                .await
+                .map_err(|e| Error::Startup(format!("tcp server `{name}` cannot listen: {e}")))?;
+            bound.push((name, listening.local_addr()?));
+            self.roles
+                .spawn(listening.run(self.pool.clone(), self.token.child_token()));
+        }
+        for client in std::mem::take(&mut self.clients) {
+            self.roles
+                .spawn(client.run(self.pool.clone(), self.token.child_token()));
+        }
+        Ok(bound)
     }
 
     /// The GIL pool.
@@ -81,17 +119,27 @@ impl Daemon {
         &self.pool
     }
 
-    /// Reports readiness, waits for `shutdown`, then stops everything.
-    pub async fn run_until(mut self, shutdown: impl Future<Output = ()>) -> Outcome {
+    /// Starts the roles, reports readiness, waits for `shutdown`, then stops everything.
+    ///
+    /// # Errors
+    /// If a role cannot start (nothing is left running then).
+    pub async fn run_until(mut self, shutdown: impl Future<Output = ()>) -> Result<Outcome, Error> {
+        if let Err(e) = self.start_roles().await {
+            self.token.cancel();
+            self.stop.set();
+            let _ = self.shutdown().await;
+            return Err(e);
+        }
         let status = format!(
-            "running: {} task(s), {} GIL pool thread(s)",
+            "running: {} task(s), {} TCP role(s), {} GIL pool thread(s)",
             self.tasks.len(),
+            self.config.tcp.server.len() + self.config.tcp.client.len(),
             self.config.python.workers
         );
         tracing::info!(config = %self.config.source.display(), "pyipcd {} ready; {status}", env!("CARGO_PKG_VERSION"));
         notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
         shutdown.await;
-        self.shutdown().await
+        Ok(self.shutdown().await)
     }
 
     async fn shutdown(&mut self) -> Outcome {
@@ -101,6 +149,15 @@ impl Daemon {
         py::module::set_stopping();
         self.stop.set();
         let deadline = Instant::now() + grace;
+        // Roles first: they stop reading and finish their in-flight calls.
+        self.token.cancel();
+        self.roles.close();
+        if tokio::time::timeout_at(deadline.into(), self.roles.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("roles still finishing in-flight calls at the deadline");
+        }
         let wait_tasks = async {
             let _ = tokio::time::timeout_at(
                 deadline.into(),
@@ -148,6 +205,40 @@ async fn futures_join<F: Future<Output = ()>>(futs: impl Iterator<Item = F>) {
     }
 }
 
+fn resolve_roles(config: &Config) -> Result<(Vec<TcpServer>, Vec<TcpClient>), Error> {
+    pyo3::Python::attach(|py| {
+        let servers = config
+            .tcp
+            .server
+            .iter()
+            .map(|s| {
+                TcpServer::resolve(py, s).map_err(|e| {
+                    Error::Target(format!(
+                        "tcp server `{}`: {}",
+                        s.name,
+                        py::handler::format_exception(py, &e).trim_end()
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let clients = config
+            .tcp
+            .client
+            .iter()
+            .map(|c| {
+                TcpClient::resolve(py, c).map_err(|e| {
+                    Error::Target(format!(
+                        "tcp client `{}`: {}",
+                        c.name,
+                        py::handler::format_exception(py, &e).trim_end()
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((servers, clients))
+    })
+}
+
 fn notify(states: &[NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(states) {
         tracing::warn!("sd_notify failed: {e}");
@@ -172,6 +263,6 @@ pub fn run(config: Config, python_log_level: u32) -> Result<i32, Error> {
         let (name, _) = signals.stop_requested().await;
         tracing::info!("{name} received");
         signals.exit_on_second();
-    }));
+    }))?;
     Ok(outcome.exit_code())
 }

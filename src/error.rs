@@ -8,6 +8,9 @@ pub enum Error {
     /// The configuration is unusable (exit code 78).
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// A configured Python target could not be imported or resolved (exit code 78).
+    #[error("{0}")]
+    Target(String),
     /// Something failed while starting up (interpreter, threads, runtime).
     #[error("startup failed: {0}")]
     Startup(String),
@@ -21,7 +24,7 @@ impl Error {
     /// problems, 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Config(_) => crate::EXIT_CONFIG,
+            Error::Config(_) | Error::Target(_) => crate::EXIT_CONFIG,
             _ => crate::EXIT_FAILURE,
         }
     }

@@ -23,6 +23,7 @@ pub mod daemon;
 mod error;
 pub mod py;
 pub mod shutdown;
+pub mod tcp;
 pub mod telemetry;
 
 pub use error::Error;

@@ -54,13 +54,7 @@ fn check(args: &ConfigArg) -> i32 {
         eprintln!("{path}: {e}");
         return EXIT_FAILURE;
     }
-    let targets = cfg
-        .python
-        .task
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (format!("python.task[{i}].run"), t.run.as_str()));
-    let problems = py::check_targets(targets);
+    let problems = py::check_targets(cfg.python_targets());
     if problems.is_empty() {
         println!("OK {path}");
         EXIT_OK

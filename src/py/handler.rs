@@ -21,6 +21,18 @@ pub struct Handler {
     target: String,
     callable: Py<PyAny>,
     is_async: bool,
+    wants_peer: bool,
+    wants_conn_id: bool,
+}
+
+/// Where a message came from, passed to handlers that declare a `peer` or
+/// `conn_id` parameter.
+#[derive(Debug, Clone)]
+pub struct CallContext {
+    /// Connection number, unique per role for the daemon's life.
+    pub conn_id: u64,
+    /// The peer's address, `host:port`.
+    pub peer: String,
 }
 
 /// What a handler returned or raised; `Ok(None)` means "no reply".
@@ -85,11 +97,16 @@ impl Handler {
             .import("inspect")?
             .call_method1("iscoroutinefunction", (&callable,))?
             .is_truthy()?;
+        let (wants_peer, wants_conn_id): (bool, bool) = super::module::runtime(py)?
+            .call_method1("_wants_context", (&callable,))?
+            .extract()?;
         Ok(Self {
             role: Arc::from(role),
             target: label.to_string(),
             callable: callable.unbind(),
             is_async,
+            wants_peer,
+            wants_conn_id,
         })
     }
 
@@ -114,10 +131,17 @@ impl Handler {
         &self,
         py: Python<'_>,
         payload: &[u8],
+        ctx: Option<&CallContext>,
         locals: Option<&TaskLocals>,
     ) -> Invoked {
         let arg = PyBytes::new(py, payload);
-        let result = match self.callable.bind(py).call1((arg,)) {
+        let called = match ctx {
+            Some(ctx) if self.wants_peer || self.wants_conn_id => {
+                self.call_with_context(py, arg, ctx)
+            }
+            _ => self.callable.bind(py).call1((arg,)),
+        };
+        let result = match called {
             Ok(r) => r,
             Err(e) => return Invoked::Done(Err(self.error(py, &e))),
         };
@@ -131,6 +155,22 @@ impl Handler {
                 "RuntimeError: no asyncio loop is running for async handlers".into(),
             ))),
         }
+    }
+
+    fn call_with_context<'py>(
+        &self,
+        py: Python<'py>,
+        arg: Bound<'py, PyBytes>,
+        ctx: &CallContext,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let kwargs = pyo3::types::PyDict::new(py);
+        if self.wants_peer {
+            kwargs.set_item("peer", &ctx.peer)?;
+        }
+        if self.wants_conn_id {
+            kwargs.set_item("conn_id", ctx.conn_id)?;
+        }
+        self.callable.bind(py).call((arg,), Some(&kwargs))
     }
 
     /// Converts a return value into a reply, or an error for unusable types.
@@ -178,7 +218,7 @@ impl fmt::Debug for Handler {
 }
 
 /// `bytes`, `bytearray`, `memoryview` and `str` (UTF-8) become a reply; `None` is no reply.
-fn to_bytes(obj: &Bound<'_, PyAny>) -> PyResult<Option<Bytes>> {
+pub(crate) fn to_bytes(obj: &Bound<'_, PyAny>) -> PyResult<Option<Bytes>> {
     if obj.is_none() {
         Ok(None)
     } else if let Ok(b) = obj.cast::<PyBytes>() {

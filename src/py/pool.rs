@@ -37,7 +37,7 @@ use pyo3_async_runtimes::TaskLocals;
 use tokio::sync::{Notify, oneshot};
 
 use super::asyncio::AsyncioLoop;
-use super::handler::{Handler, HandlerError, HandlerResult, Invoked, PendingCall};
+use super::handler::{CallContext, Handler, HandlerError, HandlerResult, Invoked, PendingCall};
 use super::output;
 
 /// How long the spinner polls for work before it sleeps.
@@ -111,6 +111,7 @@ pub(crate) enum Job {
     Call {
         handler: Arc<Handler>,
         payload: Bytes,
+        ctx: Option<Arc<CallContext>>,
         reply: oneshot::Sender<Invoked>,
     },
     /// Run any closure under the GIL.
@@ -222,10 +223,24 @@ impl GilPool {
         handler: &Arc<Handler>,
         payload: Bytes,
     ) -> Result<Option<Bytes>, CallError> {
+        self.call_with(handler, payload, None).await
+    }
+
+    /// Like [`GilPool::call`], passing `ctx` to handlers that declare `peer`/`conn_id`.
+    ///
+    /// # Errors
+    /// [`CallError`]: the handler raised, ran past the timeout, or the pool closed.
+    pub async fn call_with(
+        &self,
+        handler: &Arc<Handler>,
+        payload: Bytes,
+        ctx: Option<Arc<CallContext>>,
+    ) -> Result<Option<Bytes>, CallError> {
         let (tx, rx) = oneshot::channel();
         self.submit(Job::Call {
             handler: handler.clone(),
             payload,
+            ctx,
             reply: tx,
         })
         .await?;
@@ -557,6 +572,7 @@ fn run_job(py: Python<'_>, shared: &Shared, slot: &WorkerSlot, seq: u64, job: Jo
         Job::Call {
             handler,
             payload,
+            ctx,
             reply,
         } => {
             output::set_thread_role(Some(handler.role()));
@@ -569,7 +585,7 @@ fn run_job(py: Python<'_>, shared: &Shared, slot: &WorkerSlot, seq: u64, job: Jo
                     *role = Some(handler.role().clone());
                 }
             }
-            let invoked = handler.invoke(py, &payload, shared.locals.as_ref());
+            let invoked = handler.invoke(py, &payload, ctx.as_deref(), shared.locals.as_ref());
             if matches!(invoked, Invoked::Done(Err(_))) {
                 shared.stats.errors.fetch_add(1, Ordering::Relaxed);
             }

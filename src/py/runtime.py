@@ -128,3 +128,14 @@ def _raise_in_thread(ident, exc=SystemExit):
     return ctypes.pythonapi.PyThreadState_SetAsyncExc(
         ctypes.c_ulong(ident), ctypes.py_object(exc)
     )
+
+
+def _wants_context(fn):
+    """(peer, conn_id): which optional keyword parameters a handler declares."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return (False, False)
+    return ("peer" in params, "conn_id" in params)

@@ -1,0 +1,285 @@
+//! `[[tcp.client]]`: connects out (with `connect_timeout`), reconnects with
+//! exponential backoff, and sends, in order: the scripted `send` list
+//! (`repeat` times, `interval` apart), messages yielded by a Python
+//! `producer` generator, and messages from `pyipcd.send(role, data)`. Each
+//! reply goes to the `on_reply` handler (or the log).
+//!
+//! # Delivery
+//! All messages pass through one bounded outbox (`outbox`), so producers wait
+//! rather than grow memory. A message leaves the outbox when the kernel
+//! accepted all of its bytes; if that write fails, the same message is sent
+//! first on the next connection. A message the kernel accepted just before the
+//! connection broke may be lost (TCP gives no receipt): delivery is
+//! at-least-once for failed writes and at-most-once for accepted ones; order
+//! is kept. Messages still in the outbox at shutdown are dropped (logged).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use pyo3::prelude::*;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+
+use super::framing::FrameCodec;
+use crate::config::TcpClientConfig;
+use crate::py::handler::{Handler, format_exception};
+use crate::py::pool::GilPool;
+use crate::py::target::Target;
+
+/// A configured client role, resolved.
+pub struct TcpClient {
+    config: TcpClientConfig,
+    on_reply: Option<Arc<Handler>>,
+    producer: Option<Arc<Py<PyAny>>>,
+}
+
+fn value_err(e: impl ToString) -> PyErr {
+    pyo3::exceptions::PyValueError::new_err(e.to_string())
+}
+
+impl TcpClient {
+    /// Resolves the role's handler and producer (takes the GIL: call at start-up).
+    ///
+    /// # Errors
+    /// The Python error from resolving a target.
+    pub fn resolve(py: Python<'_>, config: &TcpClientConfig) -> PyResult<Self> {
+        let on_reply = match &config.on_reply {
+            Some(spec) => Some(Arc::new(Handler::resolve(
+                py,
+                &config.name,
+                &Target::parse(spec).map_err(value_err)?,
+            )?)),
+            None => None,
+        };
+        let producer = match &config.producer {
+            Some(spec) => {
+                let f = Target::parse(spec).map_err(value_err)?.resolve(py)?;
+                f.map(|f| Arc::new(f.unbind()))
+            }
+            None => None,
+        };
+        Ok(Self {
+            config: config.clone(),
+            on_reply,
+            producer,
+        })
+    }
+
+    /// The role's name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// Runs until `token` is cancelled.
+    pub async fn run(self, pool: Arc<GilPool>, token: CancellationToken) {
+        let cfg = &self.config;
+        let (tx, mut outbox) = mpsc::channel::<Bytes>(cfg.outbox);
+        crate::py::module::register_route(&cfg.name, tx.clone());
+        let feeders = tokio_util::task::TaskTracker::new();
+        feeders.spawn(script(cfg.clone(), tx.clone(), token.clone()));
+        if let Some(producer) = self.producer.clone() {
+            feeders.spawn(produce(
+                cfg.clone(),
+                producer,
+                pool.clone(),
+                tx.clone(),
+                token.clone(),
+            ));
+        }
+        drop(tx);
+        let mut pending: Option<Bytes> = None;
+        let mut delay = cfg.backoff_min;
+        while !token.is_cancelled() {
+            let stream = tokio::select! {
+                _ = token.cancelled() => break,
+                s = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(&cfg.connect)) => s,
+            };
+            let stream = match stream {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::warn!(role = %cfg.name, "connect to {} failed: {e}; retrying in {delay:?}", cfg.connect);
+                    backoff(&mut delay, cfg.backoff_max, &token).await;
+                    continue;
+                }
+                Err(_) => {
+                    tracing::warn!(role = %cfg.name, "connect to {} timed out after {:?}; retrying in {delay:?}", cfg.connect, cfg.connect_timeout);
+                    backoff(&mut delay, cfg.backoff_max, &token).await;
+                    continue;
+                }
+            };
+            delay = cfg.backoff_min;
+            let _ = stream.set_nodelay(true);
+            tracing::info!(role = %cfg.name, "connected to {}", cfg.connect);
+            let why = self
+                .session(stream, &mut outbox, &mut pending, &pool, &token)
+                .await;
+            if !token.is_cancelled() {
+                tracing::warn!(role = %cfg.name, "connection to {} lost ({why}); reconnecting in {delay:?}", cfg.connect);
+                backoff(&mut delay, cfg.backoff_max, &token).await;
+            }
+        }
+        crate::py::module::unregister_route(&cfg.name);
+        outbox.close();
+        let mut dropped = usize::from(pending.is_some());
+        while outbox.try_recv().is_ok() {
+            dropped += 1;
+        }
+        if dropped > 0 {
+            tracing::warn!(role = %cfg.name, "dropping {dropped} unsent message(s) at shutdown");
+        }
+        feeders.close();
+        feeders.wait().await;
+    }
+
+    /// One connection: returns why it ended.
+    async fn session(
+        &self,
+        stream: TcpStream,
+        outbox: &mut mpsc::Receiver<Bytes>,
+        pending: &mut Option<Bytes>,
+        pool: &Arc<GilPool>,
+        token: &CancellationToken,
+    ) -> String {
+        let cfg = &self.config;
+        let max = usize::try_from(cfg.max_message.as_u64()).unwrap_or(usize::MAX);
+        let (r, w) = stream.into_split();
+        let mut reader = FramedRead::new(r, FrameCodec::new(cfg.framing, max));
+        let mut writer = FramedWrite::new(w, FrameCodec::new(cfg.framing, max));
+        if let Some(msg) = pending.take()
+            && let Err(e) = writer.send(msg.clone()).await
+        {
+            *pending = Some(msg);
+            return format!("write failed: {e}");
+        }
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => return "stopping".into(),
+                msg = outbox.recv() => {
+                    let Some(msg) = msg else {
+                        // Every feeder is done and no route is left: keep reading replies.
+                        std::future::pending::<()>().await;
+                        unreachable!();
+                    };
+                    if let Err(e) = writer.send(msg.clone()).await {
+                        *pending = Some(msg);
+                        return format!("write failed: {e}");
+                    }
+                }
+                frame = reader.next() => match frame {
+                    None => return "closed by the server".into(),
+                    Some(Err(e)) => return e.to_string(),
+                    Some(Ok(reply)) => self.reply(reply, pool).await,
+                },
+            }
+        }
+    }
+
+    async fn reply(&self, reply: Bytes, pool: &Arc<GilPool>) {
+        match &self.on_reply {
+            Some(h) => {
+                // Errors are logged by the pool; a reply handler's return value is ignored.
+                let _ = pool.call(h, reply).await;
+            }
+            None => {
+                tracing::info!(role = %self.config.name, "reply: {}", String::from_utf8_lossy(&reply))
+            }
+        }
+    }
+}
+
+async fn backoff(delay: &mut Duration, max: Duration, token: &CancellationToken) {
+    tokio::select! {
+        _ = token.cancelled() => {}
+        _ = tokio::time::sleep(*delay) => {}
+    }
+    *delay = (*delay * 2).min(max);
+}
+
+/// Feeds the scripted `send` list into the outbox.
+async fn script(cfg: TcpClientConfig, tx: mpsc::Sender<Bytes>, token: CancellationToken) {
+    if cfg.send.is_empty() {
+        return;
+    }
+    let mut round = 0u64;
+    while cfg.repeat == 0 || round < cfg.repeat {
+        round += 1;
+        for msg in &cfg.send {
+            tokio::select! {
+                _ = token.cancelled() => return,
+                sent = tx.send(Bytes::copy_from_slice(msg.as_bytes())) => if sent.is_err() { return },
+            }
+            tokio::select! {
+                _ = token.cancelled() => return,
+                _ = tokio::time::sleep(cfg.interval) => {}
+            }
+        }
+    }
+}
+
+/// Feeds messages yielded by the producer generator into the outbox.
+async fn produce(
+    cfg: TcpClientConfig,
+    producer: Arc<Py<PyAny>>,
+    pool: Arc<GilPool>,
+    tx: mpsc::Sender<Bytes>,
+    token: CancellationToken,
+) {
+    let role: Arc<str> = Arc::from(cfg.name.as_str());
+    let r = role.clone();
+    let generator = pool
+        .run(move |py| {
+            crate::py::output::set_thread_role(Some(&r));
+            producer
+                .bind(py)
+                .call0()
+                .map(Bound::unbind)
+                .map_err(|e| format_exception(py, &e))
+        })
+        .await;
+    let generator = match generator {
+        Ok(Ok(g)) => Arc::new(g),
+        Ok(Err(tb)) => return tracing::error!(role = %role, "producer raised\n{}", tb.trim_end()),
+        Err(e) => return tracing::warn!(role = %role, "producer not started: {e}"),
+    };
+    loop {
+        let (g, r) = (generator.clone(), role.clone());
+        let next = pool
+            .run(move |py| -> Result<Option<Bytes>, String> {
+                crate::py::output::set_thread_role(Some(&r));
+                let g = g.bind(py);
+                match g.call_method0("__next__") {
+                    Ok(item) => {
+                        crate::py::handler::to_bytes(&item).map_err(|e| format_exception(py, &e))
+                    }
+                    Err(e) if e.is_instance_of::<pyo3::exceptions::PyStopIteration>(py) => {
+                        Err(String::new())
+                    }
+                    Err(e) => Err(format_exception(py, &e)),
+                }
+            })
+            .await;
+        let msg = match next {
+            Ok(Ok(Some(m))) => m,
+            Ok(Ok(None)) => continue,
+            Ok(Err(tb)) if tb.is_empty() => {
+                return tracing::info!(role = %role, "producer finished");
+            }
+            Ok(Err(tb)) => {
+                return tracing::error!(role = %role, "producer raised\n{}", tb.trim_end());
+            }
+            Err(e) => return tracing::warn!(role = %role, "producer stopped: {e}"),
+        };
+        tokio::select! {
+            _ = token.cancelled() => return,
+            sent = tx.send(msg) => if sent.is_err() { return },
+        }
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = tokio::time::sleep(cfg.interval) => {}
+        }
+    }
+}

@@ -1,0 +1,42 @@
+//! TCP roles: [`server`] (accept, hand each message to a Python handler, reply
+//! in request order) and [`client`] (connect out with reconnect, send scripted,
+//! produced or `pyipcd.send` messages, hand replies to Python). [`framing`]
+//! owns the wire formats.
+
+pub mod client;
+pub mod framing;
+pub mod server;
+
+use std::net::SocketAddr;
+
+/// Parses `host:port`, `:port` or `port`; the host defaults to 127.0.0.1.
+///
+/// # Errors
+/// A message saying what is wrong with `s`.
+pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    let full = if let Ok(port) = s.parse::<u16>() {
+        format!("127.0.0.1:{port}")
+    } else if let Some(port) = s.strip_prefix(':') {
+        format!("127.0.0.1:{port}")
+    } else {
+        s.to_string()
+    };
+    full.parse()
+        .map_err(|_| format!("`{s}` is not an address like 127.0.0.1:50007, :50007 or [::1]:50007"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_listen;
+
+    #[test]
+    fn listen_defaults_to_loopback() {
+        assert_eq!(
+            parse_listen("50007").unwrap().to_string(),
+            "127.0.0.1:50007"
+        );
+        assert_eq!(parse_listen(":1").unwrap().to_string(), "127.0.0.1:1");
+        assert_eq!(parse_listen("0.0.0.0:9").unwrap().to_string(), "0.0.0.0:9");
+        assert!(parse_listen("localhost").is_err());
+    }
+}

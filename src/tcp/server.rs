@@ -1,0 +1,266 @@
+//! `[[tcp.server]]`: accepts connections (at most `max_connections`; more are
+//! refused), decodes messages with the role's framing and hands each to the
+//! Python handler on the GIL pool. Up to `pipeline` requests per connection
+//! are handled at once; replies are written in request order, and reading
+//! goes on while earlier replies are pending.
+//!
+//! Errors never stop the server: an over-size or malformed message closes
+//! its connection; a handler exception (logged with its traceback) means no
+//! reply for that message and the connection stays open, for every framing.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::stream::FuturesOrdered;
+use futures::{SinkExt, StreamExt};
+use pyo3::prelude::*;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use super::framing::FrameCodec;
+use crate::config::TcpServerConfig;
+use crate::py::handler::{CallContext, Handler, format_exception};
+use crate::py::pool::{CallError, GilPool};
+use crate::py::target::Target;
+
+/// A Python callable run for connection events: `f(conn_id, peer)`.
+#[derive(Debug, Clone)]
+pub struct Hook {
+    label: String,
+    callable: Arc<Py<PyAny>>,
+}
+
+impl Hook {
+    /// Resolves `spec` (`module:function`).
+    ///
+    /// # Errors
+    /// The Python error raised while importing or looking it up.
+    pub fn resolve(py: Python<'_>, spec: &str) -> PyResult<Self> {
+        let target = Target::parse(spec)
+            .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
+        let callable = target.resolve(py)?.ok_or_else(|| {
+            pyo3::exceptions::PyTypeError::new_err("a hook must be module:function")
+        })?;
+        Ok(Self {
+            label: spec.to_string(),
+            callable: Arc::new(callable.unbind()),
+        })
+    }
+
+    async fn fire(&self, pool: &GilPool, role: &str, ctx: &CallContext) {
+        let (callable, ctx2, label) = (self.callable.clone(), ctx.clone(), self.label.clone());
+        let role2: Arc<str> = Arc::from(role);
+        let result = pool
+            .run(move |py| {
+                crate::py::output::set_thread_role(Some(&role2));
+                callable
+                    .bind(py)
+                    .call1((ctx2.conn_id, ctx2.peer.as_str()))
+                    .map(|_| ())
+                    .map_err(|e| format_exception(py, &e))
+            })
+            .await;
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(tb)) => tracing::error!(role, hook = %label, "hook raised\n{}", tb.trim_end()),
+            Err(e) => tracing::warn!(role, hook = %label, "hook not run: {e}"),
+        }
+    }
+}
+
+/// A configured server role, resolved but not yet listening.
+pub struct TcpServer {
+    config: TcpServerConfig,
+    handler: Arc<Handler>,
+    on_connect: Option<Hook>,
+    on_close: Option<Hook>,
+}
+
+/// A bound server, ready to [`ListeningServer::run`].
+pub struct ListeningServer {
+    server: Arc<TcpServer>,
+    listener: TcpListener,
+}
+
+impl TcpServer {
+    /// Resolves the role's handler and hooks (takes the GIL: call at start-up).
+    ///
+    /// # Errors
+    /// The Python error from resolving a target.
+    pub fn resolve(py: Python<'_>, config: &TcpServerConfig) -> PyResult<Self> {
+        let target = Target::parse(&config.handler)
+            .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
+        Ok(Self {
+            handler: Arc::new(Handler::resolve(py, &config.name, &target)?),
+            on_connect: config
+                .on_connect
+                .as_deref()
+                .map(|s| Hook::resolve(py, s))
+                .transpose()?,
+            on_close: config
+                .on_close
+                .as_deref()
+                .map(|s| Hook::resolve(py, s))
+                .transpose()?,
+            config: config.clone(),
+        })
+    }
+
+    /// The role's name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// Binds the listening socket.
+    ///
+    /// # Errors
+    /// If the address is invalid or cannot be bound (in use, no permission).
+    pub async fn bind(self) -> std::io::Result<ListeningServer> {
+        let addr = super::parse_listen(&self.config.listen).map_err(std::io::Error::other)?;
+        let listener = TcpListener::bind(addr).await?;
+        Ok(ListeningServer {
+            server: Arc::new(self),
+            listener,
+        })
+    }
+}
+
+impl ListeningServer {
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accepts until `token` is cancelled, then lets open connections finish
+    /// their in-flight requests (they stop reading at once).
+    pub async fn run(self, pool: Arc<GilPool>, token: CancellationToken) {
+        let ListeningServer { server, listener } = self;
+        let cfg = &server.config;
+        let limit = Arc::new(Semaphore::new(cfg.max_connections));
+        let connections = TaskTracker::new();
+        let ids = AtomicU64::new(0);
+        tracing::info!(role = %cfg.name, addr = %listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), framing = ?cfg.framing, handler = %cfg.handler, "listening");
+        loop {
+            let accepted = tokio::select! {
+                _ = token.cancelled() => break,
+                a = listener.accept() => a,
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(role = %cfg.name, "accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = limit.clone().try_acquire_owned() else {
+                tracing::warn!(role = %cfg.name, %peer, "refusing connection: max_connections ({}) reached", cfg.max_connections);
+                drop(stream);
+                continue;
+            };
+            let conn_id = ids.fetch_add(1, Ordering::Relaxed) + 1;
+            let ctx = Arc::new(CallContext {
+                conn_id,
+                peer: peer.to_string(),
+            });
+            let span = tracing::info_span!("conn", role = %cfg.name, conn_id, %peer);
+            let (server, pool, token) = (server.clone(), pool.clone(), token.clone());
+            connections.spawn(
+                async move {
+                    let _ = stream.set_nodelay(true);
+                    if let Some(h) = &server.on_connect {
+                        h.fire(&pool, &server.config.name, &ctx).await;
+                    }
+                    serve(&server, stream, &ctx, &pool, &token).await;
+                    if let Some(h) = &server.on_close {
+                        h.fire(&pool, &server.config.name, &ctx).await;
+                    }
+                    drop(permit);
+                }
+                .instrument(span),
+            );
+        }
+        connections.close();
+        connections.wait().await;
+        tracing::info!(role = %cfg.name, "stopped listening");
+    }
+}
+
+async fn serve(
+    server: &TcpServer,
+    stream: TcpStream,
+    ctx: &Arc<CallContext>,
+    pool: &Arc<GilPool>,
+    token: &CancellationToken,
+) {
+    let cfg = &server.config;
+    let max = usize::try_from(cfg.max_message.as_u64()).unwrap_or(usize::MAX);
+    let (r, w) = stream.into_split();
+    let mut reader = FramedRead::new(r, FrameCodec::new(cfg.framing, max));
+    let mut writer = FramedWrite::new(w, FrameCodec::new(cfg.framing, max));
+    let mut in_flight = FuturesOrdered::new();
+    let mut reading = true;
+    tracing::debug!("connection opened");
+    loop {
+        if !reading && in_flight.is_empty() {
+            break;
+        }
+        tokio::select! {
+            biased;
+            Some(result) = in_flight.next(), if !in_flight.is_empty() => {
+                let reply: Option<Bytes> = match result {
+                    Ok(reply) => reply,
+                    Err(CallError::Handler(_)) => None, // logged with its traceback by the pool
+                    Err(e) => {
+                        tracing::warn!("no reply: {e}");
+                        None
+                    }
+                };
+                if let Some(reply) = reply
+                    && let Err(e) = writer.feed(reply).await
+                {
+                    tracing::info!("write failed, closing: {e}");
+                    break;
+                }
+                if in_flight.is_empty()
+                    && let Err(e) = writer.flush().await
+                {
+                    tracing::info!("write failed, closing: {e}");
+                    break;
+                }
+            }
+            _ = token.cancelled(), if reading => {
+                reading = false;
+            }
+            frame = tokio::time::timeout(cfg.idle_timeout, reader.next()), if reading && in_flight.len() < cfg.pipeline => {
+                match frame {
+                    Err(_) => {
+                        tracing::info!("idle for {:?}, closing", cfg.idle_timeout);
+                        reading = false;
+                    }
+                    Ok(None) => reading = false,
+                    Ok(Some(Ok(msg))) => {
+                        let (pool, handler, ctx) = (pool.clone(), server.handler.clone(), ctx.clone());
+                        in_flight.push_back(async move { pool.call_with(&handler, msg, Some(ctx)).await });
+                    }
+                    Ok(Some(Err(e))) => {
+                        tracing::warn!("closing connection: {e}");
+                        reading = false;
+                    }
+                }
+            }
+        }
+    }
+    if let Err(e) = writer.flush().await {
+        tracing::debug!("final flush failed: {e}");
+    }
+    tracing::debug!("connection closed");
+}
