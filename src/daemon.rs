@@ -53,7 +53,8 @@ impl Outcome {
 
 impl Daemon {
     /// Initialises Python (with `python_log_level` as the root logging level),
-    /// starts the pool and the tasks. Call from a plain thread, not a tokio
+    /// resolves every role's Python targets and starts the pool (roles and
+    /// tasks start in [`Daemon::run_until`]). Call from a plain thread, not a tokio
     /// worker: it takes the GIL.
     ///
     /// # Errors
@@ -72,12 +73,7 @@ impl Daemon {
             config.python.call_timeout,
         ))?;
         let stop = Arc::new(StopFlag::default());
-        let tasks = config
-            .python
-            .task
-            .iter()
-            .map(|t| RunningTask::spawn(t, stop.clone()))
-            .collect::<Result<Vec<_>, _>>()?;
+        let tasks = Vec::new();
         Ok(Self {
             config,
             pool,
@@ -108,8 +104,13 @@ impl Daemon {
                 .spawn(listening.run(self.pool.clone(), self.token.child_token()));
         }
         for client in std::mem::take(&mut self.clients) {
+            client.register_route();
             self.roles
                 .spawn(client.run(self.pool.clone(), self.token.child_token()));
+        }
+        // Tasks last, so `pyipcd.send` finds every role from their first line on.
+        for t in &self.config.python.task {
+            self.tasks.push(RunningTask::spawn(t, self.stop.clone())?);
         }
         Ok(bound)
     }

@@ -35,6 +35,7 @@ pub struct TcpClient {
     config: TcpClientConfig,
     on_reply: Option<Arc<Handler>>,
     producer: Option<Arc<Py<PyAny>>>,
+    outbox: (mpsc::Sender<Bytes>, mpsc::Receiver<Bytes>),
 }
 
 fn value_err(e: impl ToString) -> PyErr {
@@ -63,6 +64,7 @@ impl TcpClient {
             None => None,
         };
         Ok(Self {
+            outbox: mpsc::channel(config.outbox),
             config: config.clone(),
             on_reply,
             producer,
@@ -74,11 +76,16 @@ impl TcpClient {
         &self.config.name
     }
 
+    /// Makes `pyipcd.send(name, data)` reach this role's outbox from now on.
+    pub fn register_route(&self) {
+        crate::py::module::register_route(&self.config.name, self.outbox.0.clone());
+    }
+
     /// Runs until `token` is cancelled.
-    pub async fn run(self, pool: Arc<GilPool>, token: CancellationToken) {
+    pub async fn run(mut self, pool: Arc<GilPool>, token: CancellationToken) {
+        let (tx, rx) = mpsc::channel(1);
+        let (tx, mut outbox) = std::mem::replace(&mut self.outbox, (tx, rx));
         let cfg = &self.config;
-        let (tx, mut outbox) = mpsc::channel::<Bytes>(cfg.outbox);
-        crate::py::module::register_route(&cfg.name, tx.clone());
         let feeders = tokio_util::task::TaskTracker::new();
         feeders.spawn(script(cfg.clone(), tx.clone(), token.clone()));
         if let Some(producer) = self.producer.clone() {

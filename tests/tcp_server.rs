@@ -1,0 +1,300 @@
+//! `[[tcp.server]]` through the real binary with real peers: a C client built
+//! by gcc, a Python socket client, 200 concurrent connections, pipelining,
+//! split frames, truncated and oversize frames, connection limits, exceptions.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Daemon, Scenario};
+
+const T: Duration = Duration::from_secs(15);
+
+const HANDLERS: &str = r#"
+import asyncio, random
+
+def echo(data):
+    return data
+
+def upper(data):
+    if data == b"boom":
+        raise ValueError("handler exploded")
+    return data.upper()
+
+def whoami(data, peer, conn_id):
+    return f"{conn_id}@{peer}:".encode() + data
+
+async def jitter(data):
+    await asyncio.sleep(random.random() * 0.005)
+    return data
+"#;
+
+/// Starts a daemon with one server role; returns it and the bound port.
+fn server(framing: &str, handler: &str, extra: &str) -> (Scenario, Daemon, u16) {
+    let s = Scenario::new();
+    s.write("h.py", HANDLERS);
+    let cfg = s.config(&format!(
+        "[python]\npaths = [\".\"]\nworkers = 2\n[[tcp.server]]\nname = \"srv\"\nlisten = \"127.0.0.1:0\"\n\
+         framing = \"{framing}\"\nhandler = \"h:{handler}\"\n{extra}\n"
+    ));
+    let mut d = Daemon::start(&cfg, &[]);
+    d.wait_ready();
+    let line = d.lines.wait_for(&["listening", "role=srv"], T);
+    let port = line
+        .split("addr=127.0.0.1:")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .expect("port in the listening line");
+    (s, d, port)
+}
+
+fn connect(port: u16) -> TcpStream {
+    let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+fn frame(payload: &[u8]) -> Vec<u8> {
+    let mut v = (payload.len() as u32).to_be_bytes().to_vec();
+    v.extend_from_slice(payload);
+    v
+}
+
+fn read_frame(s: &mut TcpStream) -> Vec<u8> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).unwrap();
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut body).unwrap();
+    body
+}
+
+fn assert_closed(s: &mut TcpStream) {
+    let mut buf = [0u8; 16];
+    match s.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("connection not closed: {other:?}"),
+    }
+}
+
+#[test]
+fn the_classic_c_client_gets_its_echo() {
+    let (s, mut d, port) = server("raw", "echo", "");
+    let exe = s.path("classic_client");
+    let src = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/c/classic_client.c"
+    );
+    let built = Command::new("gcc")
+        .args([
+            "-std=c11",
+            "-D_DEFAULT_SOURCE",
+            "-Wall",
+            "-Werror",
+            "-O2",
+            "-o",
+        ])
+        .arg(&exe)
+        .arg(src)
+        .status()
+        .expect("gcc");
+    assert!(built.success());
+    for _ in 0..3 {
+        let out = Command::new(&exe).arg(port.to_string()).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "Client read from Server Hello, Server!\n"
+        );
+    }
+    d.signal("TERM");
+    assert_eq!(d.wait_exit(T).code(), Some(0));
+}
+
+#[test]
+fn a_python_socket_client_gets_its_echo() {
+    let (_s, _d, port) = server("raw", "echo", "");
+    let script = format!(
+        "import socket\ns = socket.create_connection(('127.0.0.1', {port}))\ns.sendall(b'Hello, world')\nprint(s.recv(1024))\ns.close()\n"
+    );
+    let out = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "b'Hello, world'\n");
+}
+
+#[test]
+fn two_hundred_connections_interleave_messages_byte_for_byte() {
+    let (_s, d, port) = server("len32", "echo", "max_connections = 300");
+    let threads: Vec<_> = (0..200)
+        .map(|c| {
+            std::thread::spawn(move || {
+                let mut s = connect(port);
+                for m in 0..25u32 {
+                    // Varying sizes and contents, binary included.
+                    let payload: Vec<u8> = (0..(c * 7 + m as usize * 13) % 3000)
+                        .map(|i| (i as u32 ^ m ^ c as u32) as u8)
+                        .collect();
+                    s.write_all(&frame(&payload)).unwrap();
+                    assert_eq!(read_frame(&mut s), payload, "conn {c} msg {m}");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(d.lines.count(&["refusing connection"]), 0);
+}
+
+#[test]
+fn pipelined_requests_get_replies_in_request_order() {
+    // The async handler finishes requests in random order; replies must not.
+    let (_s, _d, port) = server("len32", "jitter", "pipeline = 32");
+    let mut s = connect(port);
+    let mut batch = Vec::new();
+    for i in 0..200u32 {
+        batch.extend(frame(format!("request {i}").as_bytes()));
+    }
+    s.write_all(&batch).unwrap();
+    for i in 0..200u32 {
+        assert_eq!(read_frame(&mut s), format!("request {i}").as_bytes());
+    }
+}
+
+#[test]
+fn frames_split_across_writes_are_reassembled() {
+    let (_s, _d, port) = server("len32", "upper", "");
+    let mut s = connect(port);
+    let f = frame(b"split me");
+    for byte in &f {
+        s.write_all(std::slice::from_ref(byte)).unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(read_frame(&mut s), b"SPLIT ME");
+    // Line framing: two messages in one write, one message over two writes.
+    let (_s2, _d2, port) = server("line", "upper", "");
+    let mut s = connect(port);
+    s.write_all(b"one\ntw").unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    s.write_all(b"o\n").unwrap();
+    let mut got = Vec::new();
+    while got.len() < 8 {
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(got, b"ONE\nTWO\n");
+}
+
+#[test]
+fn a_peer_closing_mid_frame_is_logged_and_the_server_goes_on() {
+    let (_s, d, port) = server("len32", "echo", "");
+    let mut s = connect(port);
+    s.write_all(&[0, 0, 0, 10, b'a', b'b']).unwrap();
+    drop(s);
+    d.lines.wait_for(
+        &["closing connection: connection closed in the middle of a message"],
+        T,
+    );
+    let mut s = connect(port);
+    s.write_all(&frame(b"still here")).unwrap();
+    assert_eq!(read_frame(&mut s), b"still here");
+}
+
+#[test]
+fn an_all_ones_length_prefix_closes_only_that_connection() {
+    let (_s, d, port) = server("len32", "echo", "max_message = \"1MiB\"");
+    let mut other = connect(port);
+    let mut s = connect(port);
+    s.write_all(&[0xFF, 0xFF, 0xFF, 0xFF]).unwrap();
+    assert_closed(&mut s);
+    d.lines.wait_for(
+        &["closing connection: message longer than 1048576 bytes"],
+        T,
+    );
+    other.write_all(&frame(b"unaffected")).unwrap();
+    assert_eq!(read_frame(&mut other), b"unaffected");
+}
+
+#[test]
+fn an_oversize_line_closes_its_connection() {
+    let (_s, d, port) = server("line", "echo", "max_message = \"16B\"");
+    let mut s = connect(port);
+    s.write_all(&[b'x'; 100]).unwrap();
+    assert_closed(&mut s);
+    d.lines.wait_for(&["message longer than 16 bytes"], T);
+}
+
+#[test]
+fn connections_over_the_limit_are_refused() {
+    let (_s, d, port) = server("line", "echo", "max_connections = 2");
+    let mut a = connect(port);
+    let mut b = connect(port);
+    for s in [&mut a, &mut b] {
+        s.write_all(b"hi\n").unwrap();
+        let mut buf = [0u8; 3];
+        s.read_exact(&mut buf).unwrap();
+    }
+    let mut c = connect(port);
+    assert_closed(&mut c);
+    d.lines
+        .wait_for(&["refusing connection: max_connections (2) reached"], T);
+    drop(a);
+    // A freed slot is usable again.
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let mut s = connect(port);
+        s.write_all(b"again\n").unwrap();
+        let mut buf = [0u8; 6];
+        if s.read_exact(&mut buf).is_ok() {
+            assert_eq!(&buf, b"again\n");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "slot never freed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_handler_exception_skips_that_reply_and_keeps_the_connection() {
+    let (_s, d, port) = server("line", "upper", "");
+    let mut s = connect(port);
+    s.write_all(b"boom\nafter\n").unwrap();
+    let mut buf = [0u8; 6];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"AFTER\n");
+    d.lines
+        .wait_for(&["handler raised ValueError: handler exploded"], T);
+}
+
+#[test]
+fn handlers_can_ask_for_peer_and_connection_id() {
+    let (_s, _d, port) = server("line", "whoami", "");
+    let mut s = connect(port);
+    let local = s.local_addr().unwrap();
+    s.write_all(b"x\n").unwrap();
+    let mut got = String::new();
+    let mut buf = [0u8; 64];
+    while !got.ends_with('\n') {
+        let n = s.read(&mut buf).unwrap();
+        got.push_str(std::str::from_utf8(&buf[..n]).unwrap());
+    }
+    assert_eq!(got, format!("1@{local}:x\n"));
+}
