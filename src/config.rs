@@ -110,6 +110,13 @@ pub struct PythonConfig {
     /// A call running longer is reported as stuck (with its Python stack) and its caller gets an error.
     #[serde(with = "humantime_serde")]
     pub call_timeout: Duration,
+    /// How long an idle pool thread spins for new work before sleeping
+    /// (0 = sleep at once: lowest CPU, a wake-up per call when traffic is sparse).
+    #[serde(with = "humantime_serde")]
+    pub spin: Duration,
+    /// How many times a waiting caller re-polls for its reply (yielding to other
+    /// tasks) before parking; 0 = park at once.
+    pub caller_polls: u32,
     /// Longest line of Python output kept whole; a longer partial line is
     /// logged in pieces of this size (bounds memory per thread).
     pub max_output_line: ByteSize,
@@ -125,6 +132,8 @@ impl Default for PythonConfig {
             queue: 1024,
             call_timeout: Duration::from_secs(10),
             max_output_line: ByteSize::kib(64),
+            spin: crate::py::pool::SPIN_FOR,
+            caller_polls: crate::py::pool::CALLER_SPIN_POLLS,
             task: Vec::new(),
         }
     }

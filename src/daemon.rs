@@ -67,11 +67,14 @@ impl Daemon {
         };
         py::init(&config.python.paths, &settings)?;
         let (servers, clients) = resolve_roles(&config)?;
-        let pool = GilPool::start(&PoolConfig::new(
+        let mut pool_config = PoolConfig::new(
             config.python.workers,
             config.python.queue,
             config.python.call_timeout,
-        ))?;
+        );
+        pool_config.spin = config.python.spin;
+        pool_config.caller_spin_polls = config.python.caller_polls;
+        let pool = GilPool::start(&pool_config)?;
         let stop = Arc::new(StopFlag::default());
         let tasks = Vec::new();
         Ok(Self {

@@ -40,7 +40,7 @@ use super::asyncio::AsyncioLoop;
 use super::handler::{CallContext, Handler, HandlerError, HandlerResult, Invoked, PendingCall};
 use super::output;
 
-/// How long the spinner polls for work before it sleeps.
+/// Default for [`PoolConfig::spin`]: how long the spinner polls for work before it sleeps.
 pub const SPIN_FOR: Duration = Duration::from_micros(50);
 /// How long queued work may sit behind a busy worker that completes nothing
 /// before a waiting caller wakes an idle worker to take it.
@@ -60,6 +60,8 @@ pub struct PoolConfig {
     /// How many times a caller re-polls its reply (yielding to other tasks in
     /// between, a few microseconds in all) before parking; 0 parks at once.
     pub caller_spin_polls: u32,
+    /// How long an idle worker spins before sleeping.
+    pub spin: Duration,
 }
 
 impl PoolConfig {
@@ -70,6 +72,7 @@ impl PoolConfig {
             queue,
             call_timeout,
             caller_spin_polls: CALLER_SPIN_POLLS,
+            spin: SPIN_FOR,
         }
     }
 }
@@ -114,6 +117,13 @@ pub(crate) enum Job {
         ctx: Option<Arc<CallContext>>,
         reply: oneshot::Sender<Invoked>,
     },
+    /// Call a handler once per payload, in order, in one hand-off.
+    Batch {
+        handler: Arc<Handler>,
+        payloads: Vec<Bytes>,
+        ctx: Option<Arc<CallContext>>,
+        reply: oneshot::Sender<Vec<Invoked>>,
+    },
     /// Run any closure under the GIL.
     Run(Closure),
 }
@@ -145,6 +155,7 @@ pub(crate) struct Shared {
     pub(crate) slots: Box<[CachePadded<WorkerSlot>]>,
     pub(crate) call_timeout: Duration,
     caller_spin_polls: u32,
+    spin: Duration,
     pub(crate) stats: CachePadded<PoolStats>,
     locals: Option<TaskLocals>,
 }
@@ -192,6 +203,7 @@ impl GilPool {
             slots,
             call_timeout: config.call_timeout,
             caller_spin_polls: config.caller_spin_polls,
+            spin: config.spin,
             stats: CachePadded::new(PoolStats::default()),
             locals: Some(locals),
         });
@@ -249,6 +261,45 @@ impl GilPool {
             Invoked::Done(result) => Ok(result?),
             Invoked::Pending(pending) => self.finish_async(handler, pending).await,
         }
+    }
+
+    /// Calls `handler` once per payload, in order, with one hand-off to the
+    /// pool (a connection's pipelined messages). Results are in payload order.
+    ///
+    /// # Errors
+    /// One [`CallError`] per failed message; [`CallError::Closed`] for all if the pool closed.
+    pub async fn call_batch(
+        &self,
+        handler: &Arc<Handler>,
+        payloads: Vec<Bytes>,
+        ctx: Option<Arc<CallContext>>,
+    ) -> Vec<Result<Option<Bytes>, CallError>> {
+        let n = payloads.len();
+        let (tx, rx) = oneshot::channel();
+        let submitted = self
+            .submit(Job::Batch {
+                handler: handler.clone(),
+                payloads,
+                ctx,
+                reply: tx,
+            })
+            .await;
+        let invoked = match submitted {
+            Ok(()) => self.wait_reply(rx).await,
+            Err(e) => Err(e),
+        };
+        let invoked = match invoked {
+            Ok(v) => v,
+            Err(e) => return vec![Err(e); n],
+        };
+        let mut out = Vec::with_capacity(n);
+        for inv in invoked {
+            out.push(match inv {
+                Invoked::Done(result) => result.map_err(CallError::from),
+                Invoked::Pending(pending) => self.finish_async(handler, pending).await,
+            });
+        }
+        out
     }
 
     /// Runs `f` under the GIL on a pool thread and returns its result.
@@ -531,7 +582,7 @@ impl Shared {
                 return Some(Wake::Stop);
             }
             i = i.wrapping_add(1);
-            if i % 64 == 0 && start.elapsed() > SPIN_FOR {
+            if i % 64 == 0 && start.elapsed() > self.spin {
                 return None;
             }
             std::hint::spin_loop();
@@ -592,6 +643,34 @@ fn run_job(py: Python<'_>, shared: &Shared, slot: &WorkerSlot, seq: u64, job: Jo
             shared.stats.calls.fetch_add(1, Ordering::Relaxed);
             // A caller that gave up dropped its receiver; the reply is dropped here, under the GIL.
             let _ = reply.send(invoked);
+        }
+        Job::Batch {
+            handler,
+            payloads,
+            ctx,
+            reply,
+        } => {
+            if !output::thread_role_is(handler.role()) {
+                output::set_thread_role(Some(handler.role()));
+                *slot.role.lock().expect("slot lock") = Some(handler.role().clone());
+            }
+            let results: Vec<Invoked> = payloads
+                .iter()
+                .map(|p| handler.invoke(py, p, ctx.as_deref(), shared.locals.as_ref()))
+                .collect();
+            let errors = results
+                .iter()
+                .filter(|r| matches!(r, Invoked::Done(Err(_))))
+                .count();
+            shared
+                .stats
+                .errors
+                .fetch_add(errors as u64, Ordering::Relaxed);
+            shared
+                .stats
+                .calls
+                .fetch_add(results.len() as u64, Ordering::Relaxed);
+            let _ = reply.send(results);
         }
         Job::Run(f) => {
             f(py);

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::stream::FuturesOrdered;
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use pyo3::prelude::*;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -207,6 +207,7 @@ async fn serve(
     let mut reader = FramedRead::new(r, FrameCodec::new(cfg.framing, max));
     let mut writer = FramedWrite::new(w, FrameCodec::new(cfg.framing, max));
     let mut in_flight = FuturesOrdered::new();
+    let mut pending_msgs = 0usize;
     let mut reading = true;
     tracing::debug!("connection opened");
     loop {
@@ -215,18 +216,27 @@ async fn serve(
         }
         tokio::select! {
             biased;
-            Some(result) = in_flight.next(), if !in_flight.is_empty() => {
-                let reply: Option<Bytes> = match result {
-                    Ok(reply) => reply,
-                    Err(CallError::Handler(_)) => None, // logged with its traceback by the pool
-                    Err(e) => {
-                        tracing::warn!("no reply: {e}");
-                        None
+            Some(results) = in_flight.next(), if !in_flight.is_empty() => {
+                let results: Vec<Result<Option<Bytes>, CallError>> = results;
+                pending_msgs -= results.len();
+                let mut failed = None;
+                for result in results {
+                    let reply = match result {
+                        Ok(reply) => reply,
+                        Err(CallError::Handler(_)) => None, // logged with its traceback by the pool
+                        Err(e) => {
+                            tracing::warn!("no reply: {e}");
+                            None
+                        }
+                    };
+                    if let Some(reply) = reply
+                        && let Err(e) = writer.feed(reply).await
+                    {
+                        failed = Some(e);
+                        break;
                     }
-                };
-                if let Some(reply) = reply
-                    && let Err(e) = writer.feed(reply).await
-                {
+                }
+                if let Some(e) = failed {
                     tracing::info!("write failed, closing: {e}");
                     break;
                 }
@@ -240,7 +250,7 @@ async fn serve(
             _ = token.cancelled(), if reading => {
                 reading = false;
             }
-            frame = tokio::time::timeout(cfg.idle_timeout, reader.next()), if reading && in_flight.len() < cfg.pipeline => {
+            frame = tokio::time::timeout(cfg.idle_timeout, reader.next()), if reading && pending_msgs < cfg.pipeline => {
                 match frame {
                     Err(_) => {
                         tracing::info!("idle for {:?}, closing", cfg.idle_timeout);
@@ -248,8 +258,27 @@ async fn serve(
                     }
                     Ok(None) => reading = false,
                     Ok(Some(Ok(msg))) => {
+                        // Take every message already decoded or readable without
+                        // waiting: pipelined requests cross to the pool together.
+                        let mut batch = vec![msg];
+                        while pending_msgs + batch.len() < cfg.pipeline {
+                            match reader.next().now_or_never() {
+                                Some(Some(Ok(m))) => batch.push(m),
+                                Some(Some(Err(e))) => {
+                                    tracing::warn!("closing connection: {e}");
+                                    reading = false;
+                                    break;
+                                }
+                                Some(None) => {
+                                    reading = false;
+                                    break;
+                                }
+                                None => break,
+                            }
+                        }
+                        pending_msgs += batch.len();
                         let (pool, handler, ctx) = (pool.clone(), server.handler.clone(), ctx.clone());
-                        in_flight.push_back(async move { pool.call_with(&handler, msg, Some(ctx)).await });
+                        in_flight.push_back(async move { pool.call_batch(&handler, batch, Some(ctx)).await });
                     }
                     Ok(Some(Err(e))) => {
                         tracing::warn!("closing connection: {e}");

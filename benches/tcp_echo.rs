@@ -1,0 +1,287 @@
+//! TCP echo benchmark, side by side in one run, on loopback: messages/s and
+//! p50/p99 round-trip latency through a trivial Python echo for
+//! - pyipcd (the release binary, a len32 `[[tcp.server]]`, `handlers:echo`),
+//! - a stdlib asyncio `Protocol` calling the same Python function,
+//! - the same on uvloop (skipped when `import uvloop` fails),
+//! - a Rust-only tokio len32 echo (the ceiling).
+//!
+//! Rows: C=1 ping-pong 64 B, C=64 ping-pong 64 B, C=64 pipelined ×16 64 B,
+//! C=16 ping-pong 16 KiB. Every server is warmed up before each row.
+//!
+//! Run: `cargo build --release && cargo bench --bench tcp_echo -- --seconds 2`
+//! (`--io-threads N --workers N` set pyipcd's `daemon.io_threads` / `python.workers`).
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+fn arg(name: &str, default: f64) -> f64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Server {
+    name: String,
+    addr: SocketAddr,
+    child: Option<Child>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn wait_listening(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "server on {addr} never came up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn pyipcd_server(dir: &std::path::Path) -> Server {
+    let port = free_port();
+    let root = env!("CARGO_MANIFEST_DIR");
+    let cfg = dir.join("bench.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[log]\nlevel = \"warn\"\n[daemon]\nio_threads = {}\n[python]\npaths = [\"{root}/python\"]\nworkers = {}\nspin = \"{}us\"\ncaller_polls = {}\n\
+             [[tcp.server]]\nname = \"bench\"\nlisten = \"127.0.0.1:{port}\"\nframing = \"len32\"\nhandler = \"handlers:echo\"\n\
+             max_message = \"1MiB\"\npipeline = 64\n",
+            arg("--io-threads", 1.0) as usize,
+            arg("--workers", 1.0) as usize,
+            arg("--spin-us", 50.0) as u64,
+            arg("--caller-polls", 128.0) as u32
+        ),
+    )
+    .unwrap();
+    let child = Command::new(format!("{root}/target/release/pyipcd"))
+        .args(["run", "-c"])
+        .arg(&cfg)
+        .env_clear()
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("build the release binary first: cargo build --release");
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_listening(addr);
+    Server {
+        name: format!(
+            "pyipcd ({} io + {} GIL thread)",
+            arg("--io-threads", 1.0),
+            arg("--workers", 1.0)
+        ),
+        addr,
+        child: Some(child),
+    }
+}
+
+fn python_server(uvloop: bool) -> Option<Server> {
+    if uvloop
+        && !Command::new("python3")
+            .args(["-c", "import uvloop"])
+            .status()
+            .is_ok_and(|s| s.success())
+    {
+        eprintln!("uvloop not importable: skipping (pip install uvloop)");
+        return None;
+    }
+    let port = free_port();
+    let mut cmd = Command::new("python3");
+    cmd.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/benches/asyncio_echo.py"
+    ))
+    .arg(port.to_string())
+    .stdout(Stdio::null());
+    if uvloop {
+        cmd.arg("--uvloop");
+    }
+    let child = cmd.spawn().unwrap();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_listening(addr);
+    Some(Server {
+        name: if uvloop {
+            "uvloop Protocol + Python echo".into()
+        } else {
+            "asyncio Protocol + Python echo".into()
+        },
+        addr,
+        child: Some(child),
+    })
+}
+
+/// The ceiling: no Python, every complete frame in a read echoed with one write.
+async fn rust_echo(listener: TcpListener) {
+    loop {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let _ = s.set_nodelay(true);
+        tokio::spawn(async move {
+            let mut buf = bytes::BytesMut::with_capacity(64 * 1024);
+            loop {
+                match s.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+                // Echo every complete frame (length prefix included) at once.
+                let mut complete = 0;
+                while buf.len() >= complete + 4 {
+                    let n = u32::from_be_bytes(buf[complete..complete + 4].try_into().unwrap())
+                        as usize;
+                    if buf.len() < complete + 4 + n {
+                        break;
+                    }
+                    complete += 4 + n;
+                }
+                if complete > 0 {
+                    let out = buf.split_to(complete);
+                    if s.write_all(&out).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+    }
+}
+
+struct Row {
+    label: &'static str,
+    conns: usize,
+    depth: usize,
+    size: usize,
+}
+
+/// Closed-loop clients: each keeps `depth` requests in flight on its connection.
+async fn drive(addr: SocketAddr, row: &Row, seconds: f64) -> (f64, Histogram<u64>) {
+    let warm = Instant::now() + Duration::from_millis(500);
+    let end = warm + Duration::from_secs_f64(seconds);
+    let mut joins = Vec::new();
+    for c in 0..row.conns {
+        let (depth, size) = (row.depth, row.size);
+        joins.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.set_nodelay(true).unwrap();
+            let mut frame = (size as u32).to_be_bytes().to_vec();
+            frame.extend((0..size).map(|i| (i + c) as u8));
+            let batch: Vec<u8> = frame
+                .iter()
+                .copied()
+                .cycle()
+                .take(frame.len() * depth)
+                .collect();
+            let mut back = vec![0u8; batch.len()];
+            let mut hist = Histogram::<u64>::new(3).unwrap();
+            let mut msgs = 0u64;
+            loop {
+                let t = Instant::now();
+                if t >= end {
+                    break;
+                }
+                s.write_all(&batch).await.unwrap();
+                s.read_exact(&mut back).await.unwrap();
+                assert_eq!(back, batch, "echo mismatch");
+                if t >= warm {
+                    hist.record(t.elapsed().as_nanos() as u64).unwrap();
+                    msgs += depth as u64;
+                }
+            }
+            (msgs, hist)
+        }));
+    }
+    let mut total = 0;
+    let mut hist = Histogram::<u64>::new(3).unwrap();
+    for j in joins {
+        let (m, h) = j.await.unwrap();
+        total += m;
+        hist.add(h).unwrap();
+    }
+    (total as f64 / seconds, hist)
+}
+
+fn main() {
+    let seconds = arg("--seconds", 2.0);
+    let load = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let rust_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let rust_listener = rust_rt.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+    let rust_addr = rust_listener.local_addr().unwrap();
+    rust_rt.spawn(rust_echo(rust_listener));
+
+    let mut servers = vec![pyipcd_server(dir.path())];
+    servers.extend(python_server(false));
+    servers.extend(python_server(true));
+    servers.push(Server {
+        name: "Rust-only tokio echo (ceiling)".into(),
+        addr: rust_addr,
+        child: None,
+    });
+    let rows = [
+        Row {
+            label: "C=1 ping-pong 64 B",
+            conns: 1,
+            depth: 1,
+            size: 64,
+        },
+        Row {
+            label: "C=64 ping-pong 64 B",
+            conns: 64,
+            depth: 1,
+            size: 64,
+        },
+        Row {
+            label: "C=64 pipelined x16 64 B",
+            conns: 64,
+            depth: 16,
+            size: 64,
+        },
+        Row {
+            label: "C=16 ping-pong 16 KiB",
+            conns: 16,
+            depth: 1,
+            size: 16 * 1024,
+        },
+    ];
+    println!("| workload | server | msg/s | p50 µs | p99 µs |");
+    println!("| --- | --- | ---: | ---: | ---: |");
+    for row in &rows {
+        for server in &servers {
+            let (rate, hist) = load.block_on(drive(server.addr, row, seconds));
+            println!(
+                "| {} | {} | {:.0} | {:.1} | {:.1} |",
+                row.label,
+                server.name,
+                rate,
+                hist.value_at_quantile(0.5) as f64 / 1000.0,
+                hist.value_at_quantile(0.99) as f64 / 1000.0
+            );
+        }
+    }
+}
