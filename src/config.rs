@@ -84,15 +84,17 @@ pub struct DaemonConfig {
     /// How long SIGTERM/SIGINT waits for in-flight calls and tasks before forcing them.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
-    /// Tokio worker threads (the GIL pool has its own threads).
-    pub io_threads: usize,
+    /// Tokio worker threads (the GIL pool has its own threads). Unset: the
+    /// cores the GIL pool does not use (at least 1): spinning threads beyond
+    /// the core count slow everyone down.
+    pub io_threads: Option<usize>,
 }
 
 impl Default for DaemonConfig {
     fn default() -> Self {
         Self {
             shutdown_grace: Duration::from_secs(5),
-            io_threads: 2,
+            io_threads: None,
         }
     }
 }
@@ -398,6 +400,14 @@ fn resolve(base: &Path, p: &Path) -> PathBuf {
 }
 
 impl Config {
+    /// `daemon.io_threads`, or the cores left after the GIL pool (at least 1).
+    pub fn io_threads(&self) -> usize {
+        self.daemon.io_threads.unwrap_or_else(|| {
+            let cores = std::thread::available_parallelism().map_or(1, usize::from);
+            cores.saturating_sub(self.python.workers).max(1)
+        })
+    }
+
     /// Every problem with the values, each prefixed by its dotted key.
     pub fn validate(&self) -> Vec<String> {
         let mut problems = Vec::new();
@@ -411,7 +421,7 @@ impl Config {
                 self.log.level
             ));
         }
-        if self.daemon.io_threads == 0 {
+        if self.daemon.io_threads == Some(0) {
             problems.push("daemon.io_threads must be at least 1".into());
         }
         if py.workers == 0 {

@@ -257,7 +257,7 @@ fn notify(states: &[NotifyState<'_>]) {
 /// [`Error`] if start-up fails.
 pub fn run(config: Config, python_log_level: u32) -> Result<i32, Error> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.daemon.io_threads)
+        .worker_threads(config.io_threads())
         .thread_name("pyipcd-io")
         .enable_all()
         .build()?;

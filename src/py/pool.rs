@@ -582,10 +582,13 @@ impl Shared {
                 return Some(Wake::Stop);
             }
             i = i.wrapping_add(1);
-            if i % 64 == 0 && start.elapsed() > self.spin {
+            if i % 8 == 0 && start.elapsed() > self.spin {
                 return None;
             }
-            std::hint::spin_loop();
+            // Polite spinning: give the core to any runnable thread (the I/O
+            // thread, on a small host) instead of burning it; returns at once
+            // when nothing else wants it.
+            std::thread::yield_now();
         }
     }
 }

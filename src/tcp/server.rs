@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::future::Either;
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, SinkExt, StreamExt};
 use pyo3::prelude::*;
@@ -209,6 +210,14 @@ async fn serve(
     let mut in_flight = FuturesOrdered::new();
     let mut pending_msgs = 0usize;
     let mut reading = true;
+    // Created once: re-creating these per message costs a waiter-list lock
+    // and a timer-wheel update each time. The idle timer is pushed back
+    // lazily, only when it fires early.
+    let cancelled = token.cancelled();
+    tokio::pin!(cancelled);
+    let idle = tokio::time::sleep(cfg.idle_timeout);
+    tokio::pin!(idle);
+    let mut last_read = tokio::time::Instant::now();
     tracing::debug!("connection opened");
     loop {
         if !reading && in_flight.is_empty() {
@@ -216,52 +225,35 @@ async fn serve(
         }
         tokio::select! {
             biased;
-            Some(results) = in_flight.next(), if !in_flight.is_empty() => {
-                let results: Vec<Result<Option<Bytes>, CallError>> = results;
-                pending_msgs -= results.len();
-                let mut failed = None;
-                for result in results {
-                    let reply = match result {
-                        Ok(reply) => reply,
-                        Err(CallError::Handler(_)) => None, // logged with its traceback by the pool
-                        Err(e) => {
-                            tracing::warn!("no reply: {e}");
-                            None
-                        }
-                    };
-                    if let Some(reply) = reply
-                        && let Err(e) = writer.feed(reply).await
-                    {
-                        failed = Some(e);
-                        break;
-                    }
-                }
-                if let Some(e) = failed {
-                    tracing::info!("write failed, closing: {e}");
-                    break;
-                }
-                if in_flight.is_empty()
-                    && let Err(e) = writer.flush().await
-                {
+            Some(replies) = in_flight.next(), if !in_flight.is_empty() => {
+                let replies: Replies = replies;
+                pending_msgs -= replies.len();
+                if let Err(e) = write_replies(&mut writer, replies, in_flight.is_empty()).await {
                     tracing::info!("write failed, closing: {e}");
                     break;
                 }
             }
-            _ = token.cancelled(), if reading => {
+            _ = &mut cancelled, if reading => {
                 reading = false;
             }
-            frame = tokio::time::timeout(cfg.idle_timeout, reader.next()), if reading && pending_msgs < cfg.pipeline => {
+            () = &mut idle, if reading => {
+                let deadline = last_read + cfg.idle_timeout;
+                if tokio::time::Instant::now() >= deadline && in_flight.is_empty() {
+                    tracing::info!("idle for {:?}, closing", cfg.idle_timeout);
+                    reading = false;
+                } else {
+                    idle.as_mut().reset(deadline.max(tokio::time::Instant::now() + Duration::from_millis(1)));
+                }
+            }
+            frame = reader.next(), if reading && pending_msgs < cfg.pipeline => {
+                last_read = tokio::time::Instant::now();
                 match frame {
-                    Err(_) => {
-                        tracing::info!("idle for {:?}, closing", cfg.idle_timeout);
-                        reading = false;
-                    }
-                    Ok(None) => reading = false,
-                    Ok(Some(Ok(msg))) => {
+                    None => reading = false,
+                    Some(Ok(msg)) => {
                         // Take every message already decoded or readable without
                         // waiting: pipelined requests cross to the pool together.
-                        let mut batch = vec![msg];
-                        while pending_msgs + batch.len() < cfg.pipeline {
+                        let mut batch = Vec::new();
+                        while pending_msgs + 1 + batch.len() < cfg.pipeline {
                             match reader.next().now_or_never() {
                                 Some(Some(Ok(m))) => batch.push(m),
                                 Some(Some(Err(e))) => {
@@ -276,11 +268,21 @@ async fn serve(
                                 None => break,
                             }
                         }
-                        pending_msgs += batch.len();
                         let (pool, handler, ctx) = (pool.clone(), server.handler.clone(), ctx.clone());
-                        in_flight.push_back(async move { pool.call_batch(&handler, batch, Some(ctx)).await });
+                        if batch.is_empty() {
+                            pending_msgs += 1;
+                            in_flight.push_back(Either::Left(async move {
+                                Replies::One(pool.call_with(&handler, msg, Some(ctx)).await)
+                            }));
+                        } else {
+                            batch.insert(0, msg);
+                            pending_msgs += batch.len();
+                            in_flight.push_back(Either::Right(async move {
+                                Replies::Many(pool.call_batch(&handler, batch, Some(ctx)).await)
+                            }));
+                        }
                     }
-                    Ok(Some(Err(e))) => {
+                    Some(Err(e)) => {
                         tracing::warn!("closing connection: {e}");
                         reading = false;
                     }
@@ -292,4 +294,55 @@ async fn serve(
         tracing::debug!("final flush failed: {e}");
     }
     tracing::debug!("connection closed");
+}
+
+type Reply = Result<Option<Bytes>, CallError>;
+
+/// The results of one hand-off: a lone message (no allocation) or a batch.
+enum Replies {
+    One(Reply),
+    Many(Vec<Reply>),
+}
+
+impl Replies {
+    fn len(&self) -> usize {
+        match self {
+            Replies::One(_) => 1,
+            Replies::Many(v) => v.len(),
+        }
+    }
+}
+
+/// Writes the replies in order (flushing when nothing else is in flight).
+async fn write_replies(
+    writer: &mut FramedWrite<tokio::net::tcp::OwnedWriteHalf, FrameCodec>,
+    replies: Replies,
+    flush: bool,
+) -> Result<(), super::framing::FrameError> {
+    let feed = |r: Reply| match r {
+        Ok(reply) => reply,
+        Err(CallError::Handler(_)) => None, // logged with its traceback by the pool
+        Err(e) => {
+            tracing::warn!("no reply: {e}");
+            None
+        }
+    };
+    match replies {
+        Replies::One(r) => {
+            if let Some(reply) = feed(r) {
+                writer.feed(reply).await?;
+            }
+        }
+        Replies::Many(v) => {
+            for r in v {
+                if let Some(reply) = feed(r) {
+                    writer.feed(reply).await?;
+                }
+            }
+        }
+    }
+    if flush {
+        writer.flush().await?;
+    }
+    Ok(())
 }
