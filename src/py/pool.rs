@@ -582,12 +582,17 @@ impl Shared {
                 return Some(Wake::Stop);
             }
             i = i.wrapping_add(1);
+            if i < 64 {
+                // The next call of a busy caller usually lands within a microsecond.
+                std::hint::spin_loop();
+                continue;
+            }
             if i % 8 == 0 && start.elapsed() > self.spin {
                 return None;
             }
-            // Polite spinning: give the core to any runnable thread (the I/O
-            // thread, on a small host) instead of burning it; returns at once
-            // when nothing else wants it.
+            // Then spin politely: give the core to any runnable thread (the
+            // I/O thread, on a small host) instead of burning it; this returns
+            // at once when nothing else wants the core.
             std::thread::yield_now();
         }
     }
