@@ -17,6 +17,10 @@ use pyipcd::py::pool::{GilPool, PoolConfig};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyModule};
 
+#[path = "common/args.rs"]
+mod args;
+use args::arg;
+
 const PAYLOAD: usize = 64;
 
 struct Row {
@@ -26,15 +30,6 @@ struct Row {
     elapsed: Duration,
     hist: Histogram<u64>,
     threads: usize,
-}
-
-fn arg(name: &str, default: f64) -> f64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 fn os_threads() -> usize {

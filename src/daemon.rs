@@ -211,36 +211,42 @@ async fn futures_join<F: Future<Output = ()>>(futs: impl Iterator<Item = F>) {
 
 fn resolve_roles(config: &Config) -> Result<(Vec<TcpServer>, Vec<TcpClient>), Error> {
     pyo3::Python::attach(|py| {
-        let servers = config
-            .tcp
-            .server
-            .iter()
-            .map(|s| {
-                TcpServer::resolve(py, s).map_err(|e| {
-                    Error::Target(format!(
-                        "tcp server `{}`: {}",
-                        s.name,
-                        py::handler::format_exception(py, &e).trim_end()
-                    ))
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let clients = config
-            .tcp
-            .client
-            .iter()
-            .map(|c| {
-                TcpClient::resolve(py, c).map_err(|e| {
-                    Error::Target(format!(
-                        "tcp client `{}`: {}",
-                        c.name,
-                        py::handler::format_exception(py, &e).trim_end()
-                    ))
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let servers = resolve_all(
+            py,
+            "tcp server",
+            &config.tcp.server,
+            |c| &c.name,
+            TcpServer::resolve,
+        )?;
+        let clients = resolve_all(
+            py,
+            "tcp client",
+            &config.tcp.client,
+            |c| &c.name,
+            TcpClient::resolve,
+        )?;
         Ok((servers, clients))
     })
+}
+
+/// Resolves every role of one kind; the first failure names the role and
+/// carries the Python traceback.
+fn resolve_all<'py, C, R>(
+    py: pyo3::Python<'py>,
+    kind: &str,
+    configs: &[C],
+    name: impl Fn(&C) -> &str,
+    resolve: impl Fn(pyo3::Python<'py>, &C) -> pyo3::PyResult<R>,
+) -> Result<Vec<R>, Error> {
+    configs
+        .iter()
+        .map(|c| {
+            resolve(py, c).map_err(|e| {
+                let tb = py::handler::format_exception(py, &e);
+                Error::Target(format!("{kind} `{}`: {}", name(c), tb.trim_end()))
+            })
+        })
+        .collect()
 }
 
 fn notify(states: &[NotifyState<'_>]) {

@@ -64,6 +64,22 @@ fn setup(module: &str, source: &str, config: PoolConfig) -> Arc<GilPool> {
     GilPool::start(&config).unwrap()
 }
 
+/// Sets `module.gate` (a threading.Event) from a fresh thread: the pool's
+/// workers may all be blocked on it.
+fn open_gate(module: &'static str) {
+    std::thread::spawn(move || {
+        Python::attach(|py| {
+            py.import(module)?
+                .getattr("gate")?
+                .call_method0("set")
+                .map(|_| ())
+        })
+    })
+    .join()
+    .unwrap()
+    .unwrap();
+}
+
 fn handler(role: &str, target: &str) -> Arc<Handler> {
     let t = Target::parse(target).unwrap();
     Arc::new(Python::attach(|py| Handler::resolve(py, role, &t)).unwrap())
@@ -288,17 +304,7 @@ async fn a_full_queue_makes_callers_wait_and_loses_nothing() {
     );
     assert!(pool.stats().queue_full_waits.load(Ordering::Relaxed) >= 30);
     // Release the gate from outside the pool (its only worker is blocked).
-    std::thread::spawn(|| {
-        Python::attach(|py| {
-            py.import("gp_backpressure")?
-                .getattr("gate")?
-                .call_method0("set")
-                .map(|_| ())
-        })
-    })
-    .join()
-    .unwrap()
-    .unwrap();
+    open_gate("gp_backpressure");
     for (i, j) in joins.into_iter().enumerate() {
         let out = j.await.unwrap().unwrap().unwrap();
         assert_eq!(out, (i as u32).to_be_bytes().to_vec());
@@ -350,17 +356,7 @@ async fn a_blocked_worker_does_not_stall_calls_behind_it() {
         );
     }
     assert!(!blocked.is_finished());
-    std::thread::spawn(|| {
-        Python::attach(|py| {
-            py.import("gp_rescue")?
-                .getattr("gate")?
-                .call_method0("set")
-                .map(|_| ())
-        })
-    })
-    .join()
-    .unwrap()
-    .unwrap();
+    open_gate("gp_rescue");
     assert_eq!(blocked.await.unwrap().unwrap().unwrap(), &b"blocked"[..]);
 }
 
