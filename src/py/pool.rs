@@ -544,6 +544,9 @@ impl Shared {
         {
             let woke = self.spin();
             self.spinner.store(false, Ordering::SeqCst);
+            // Pairs with the fence in `notify_workers`: either the submitter
+            // sees no spinner and wakes a sleeper, or we see its job below.
+            fence(Ordering::SeqCst);
             if let Some(w) = woke {
                 return w;
             }

@@ -31,6 +31,10 @@ use crate::py::handler::{CallContext, Handler, format_exception};
 use crate::py::pool::{CallError, GilPool};
 use crate::py::target::Target;
 
+/// Initial read buffer per connection: a typical message (and several
+/// pipelined ones) arrives in one read instead of several.
+const READ_BUFFER: usize = 32 * 1024;
+
 /// A Python callable run for connection events: `f(conn_id, peer)`.
 #[derive(Debug, Clone)]
 pub struct Hook {
@@ -205,7 +209,7 @@ async fn serve(
     let cfg = &server.config;
     let max = usize::try_from(cfg.max_message.as_u64()).unwrap_or(usize::MAX);
     let (r, w) = stream.into_split();
-    let mut reader = FramedRead::new(r, FrameCodec::new(cfg.framing, max));
+    let mut reader = FramedRead::with_capacity(r, FrameCodec::new(cfg.framing, max), READ_BUFFER);
     let mut writer = FramedWrite::new(w, FrameCodec::new(cfg.framing, max));
     let mut in_flight = FuturesOrdered::new();
     let mut pending_msgs = 0usize;
