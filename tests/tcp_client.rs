@@ -101,6 +101,28 @@ fn a_server_restart_mid_stream_is_survived_and_sending_resumes() {
 }
 
 #[test]
+fn an_async_generator_producer_feeds_the_role_in_order() {
+    let s = Scenario::new();
+    let port = free_port();
+    s.write(
+        "agen.py",
+        "import asyncio\n\nasync def ticks():\n    for i in range(5):\n        await asyncio.sleep(0.001)\n        print('yielding', i)\n        yield f'async {i}'\n",
+    );
+    let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let cfg = client(&s, port, "producer = \"agen:ticks\"\ninterval = \"1ms\"");
+    let mut d = Daemon::start(&cfg, &[]);
+    d.wait_ready();
+    let mut conn = accept(&listener);
+    for i in 0..5 {
+        assert_eq!(read_line(&mut conn).unwrap(), format!("async {i}"));
+    }
+    d.lines.wait_for(&["producer finished", "role=out"], T);
+    d.lines.wait_for(&["yielding 4", "role=out"], T);
+    d.signal("TERM");
+    assert_eq!(d.wait_exit(T).code(), Some(0));
+}
+
+#[test]
 fn pyipcd_send_from_a_task_goes_out_through_the_role() {
     let s = Scenario::new();
     let port = free_port();

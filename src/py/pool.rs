@@ -319,6 +319,39 @@ impl GilPool {
         self.wait_reply(rx).await
     }
 
+    /// Builds an awaitable with `make` on a pool thread and awaits it on the
+    /// asyncio loop thread (pyo3-async-runtimes); the outer error is the pool's.
+    ///
+    /// # Errors
+    /// [`CallError`] if the pool is closed or the call times out.
+    pub async fn await_python<F>(&self, make: F) -> Result<PyResult<Py<PyAny>>, CallError>
+    where
+        F: for<'py> FnOnce(Python<'py>) -> PyResult<Bound<'py, PyAny>> + Send + 'static,
+    {
+        type Awaiting =
+            std::pin::Pin<Box<dyn std::future::Future<Output = PyResult<Py<PyAny>>> + Send>>;
+        let shared = self.shared.clone();
+        let scheduled = self
+            .run(move |py| -> PyResult<Awaiting> {
+                let awaitable = make(py)?;
+                let locals = shared
+                    .locals
+                    .as_ref()
+                    .ok_or_else(|| pyo3::exceptions::PyRuntimeError::new_err("no asyncio loop"))?;
+                Ok(Box::pin(pyo3_async_runtimes::into_future_with_locals(
+                    locals, awaitable,
+                )?))
+            })
+            .await?;
+        match scheduled {
+            Ok(fut) => match tokio::time::timeout(self.shared.call_timeout, fut).await {
+                Ok(r) => Ok(r),
+                Err(_) => Err(CallError::Timeout(self.shared.call_timeout)),
+            },
+            Err(e) => Ok(Err(e)),
+        }
+    }
+
     /// Queues `f` without waiting for it (used for cancellation and shutdown).
     pub(crate) fn run_detached(&self, f: impl FnOnce(Python<'_>) + Send + 'static) {
         if self.shared.queue.push(Job::Run(Box::new(f))).is_ok() {

@@ -252,23 +252,9 @@ async fn produce(
         Ok(Err(tb)) => return tracing::error!(role = %role, "producer raised\n{}", tb.trim_end()),
         Err(e) => return tracing::warn!(role = %role, "producer not started: {e}"),
     };
+    let is_async = generator_is_async(&pool, &generator).await;
     loop {
-        let (g, r) = (generator.clone(), role.clone());
-        let next = pool
-            .run(move |py| -> Result<Option<Bytes>, String> {
-                crate::py::output::set_thread_role(Some(&r));
-                let g = g.bind(py);
-                match g.call_method0("__next__") {
-                    Ok(item) => {
-                        crate::py::handler::to_bytes(&item).map_err(|e| format_exception(py, &e))
-                    }
-                    Err(e) if e.is_instance_of::<pyo3::exceptions::PyStopIteration>(py) => {
-                        Err(String::new())
-                    }
-                    Err(e) => Err(format_exception(py, &e)),
-                }
-            })
-            .await;
+        let next = next_item(&pool, &generator, &role, is_async).await;
         let msg = match next {
             Ok(Ok(Some(m))) => m,
             Ok(Ok(None)) => continue,
@@ -289,4 +275,52 @@ async fn produce(
             _ = tokio::time::sleep(cfg.interval) => {}
         }
     }
+}
+
+/// Whether the producer returned an async generator.
+async fn generator_is_async(pool: &GilPool, generator: &Arc<Py<PyAny>>) -> bool {
+    let g = generator.clone();
+    pool.run(move |py| g.bind(py).hasattr("__anext__").unwrap_or(false))
+        .await
+        .unwrap_or(false)
+}
+
+/// The generator's next message: `Ok(None)` to skip (it yielded `None`),
+/// `Err("")` when it is exhausted, `Err(traceback)` when it raised.
+async fn next_item(
+    pool: &GilPool,
+    generator: &Arc<Py<PyAny>>,
+    role: &Arc<str>,
+    is_async: bool,
+) -> Result<Result<Option<Bytes>, String>, crate::py::pool::CallError> {
+    let (g, r) = (generator.clone(), role.clone());
+    let convert = move |py: Python<'_>, item: PyResult<Bound<'_, PyAny>>| match item {
+        Ok(item) => crate::py::handler::to_bytes(&item).map_err(|e| format_exception(py, &e)),
+        Err(e)
+            if e.is_instance_of::<pyo3::exceptions::PyStopIteration>(py)
+                || e.is_instance_of::<pyo3::exceptions::PyStopAsyncIteration>(py) =>
+        {
+            Err(String::new())
+        }
+        Err(e) => Err(format_exception(py, &e)),
+    };
+    if !is_async {
+        return pool
+            .run(move |py| {
+                crate::py::output::set_thread_role(Some(&r));
+                convert(py, g.bind(py).call_method0("__next__"))
+            })
+            .await;
+    }
+    // An async generator steps on the asyncio loop, tagged with the role.
+    let awaited = pool
+        .await_python(move |py| {
+            let runtime = crate::py::module::runtime(py)?;
+            let step = g.bind(py).call_method0("__anext__")?;
+            let handle = runtime.getattr("_CancelHandle")?.call0()?;
+            runtime.call_method1("_run_as", (&*r, step, handle))
+        })
+        .await?;
+    pool.run(move |py| convert(py, awaited.map(|o| o.into_bound(py))))
+        .await
 }
