@@ -27,6 +27,12 @@ def upper(data):
 def whoami(data, peer, conn_id):
     return f"{conn_id}@{peer}:".encode() + data
 
+def opened(conn_id, peer):
+    print(f"hook open {conn_id} {peer}")
+
+def closed(conn_id, peer):
+    print(f"hook close {conn_id} {peer}")
+
 async def jitter(data):
     await asyncio.sleep(random.random() * 0.005)
     return data
@@ -297,4 +303,23 @@ fn handlers_can_ask_for_peer_and_connection_id() {
         got.push_str(std::str::from_utf8(&buf[..n]).unwrap());
     }
     assert_eq!(got, format!("1@{local}:x\n"));
+}
+
+#[test]
+fn idle_connections_are_closed_and_hooks_see_open_and_close() {
+    let (_s, d, port) = server(
+        "line",
+        "echo",
+        "idle_timeout = \"300ms\"\non_connect = \"h:opened\"\non_close = \"h:closed\"",
+    );
+    let mut s = connect(port);
+    let local = s.local_addr().unwrap().to_string();
+    d.lines.wait_for(&[&format!("hook open 1 {local}"), "role=srv"], T);
+    s.write_all(b"ping\n").unwrap();
+    let mut buf = [0u8; 5];
+    s.read_exact(&mut buf).unwrap();
+    // Then silence: the server closes the connection.
+    assert_closed(&mut s);
+    d.lines.wait_for(&["idle for 300ms, closing"], T);
+    d.lines.wait_for(&[&format!("hook close 1 {local}"), "role=srv"], T);
 }
