@@ -314,12 +314,14 @@ fn idle_connections_are_closed_and_hooks_see_open_and_close() {
     );
     let mut s = connect(port);
     let local = s.local_addr().unwrap().to_string();
-    d.lines.wait_for(&[&format!("hook open 1 {local}"), "role=srv"], T);
+    d.lines
+        .wait_for(&[&format!("hook open 1 {local}"), "role=srv"], T);
     s.write_all(b"ping\n").unwrap();
     let mut buf = [0u8; 5];
     s.read_exact(&mut buf).unwrap();
     // Then silence: the server closes the connection.
     assert_closed(&mut s);
     d.lines.wait_for(&["idle for 300ms, closing"], T);
-    d.lines.wait_for(&[&format!("hook close 1 {local}"), "role=srv"], T);
+    d.lines
+        .wait_for(&[&format!("hook close 1 {local}"), "role=srv"], T);
 }
