@@ -24,7 +24,7 @@
 //! caller stops waiting and the [`monitor`](super::monitor) logs the stuck
 //! thread's Python stack; the thread itself stays busy until Python returns.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -33,12 +33,15 @@ use bytes::Bytes;
 use crossbeam_queue::ArrayQueue;
 use crossbeam_utils::CachePadded;
 use pyo3::prelude::*;
-use pyo3_async_runtimes::TaskLocals;
 use tokio::sync::{Notify, oneshot};
+
+mod worker;
+
+use worker::worker_main;
+pub(crate) use worker::{Job, Shared, WorkerSlot};
 
 use super::asyncio::AsyncioLoop;
 use super::handler::{CallContext, Handler, HandlerError, HandlerResult, Invoked, PendingCall};
-use super::output;
 
 /// Default for [`PoolConfig::spin`]: how long the spinner polls for work before it sleeps.
 pub const SPIN_FOR: Duration = Duration::from_micros(50);
@@ -106,70 +109,11 @@ pub struct PoolStats {
     pub stuck_reports: AtomicU64,
 }
 
-type Closure = Box<dyn FnOnce(Python<'_>) + Send>;
-
-/// One unit of work for a pool thread.
-pub(crate) enum Job {
-    /// Call a handler with a payload.
-    Call {
-        handler: Arc<Handler>,
-        payload: Bytes,
-        ctx: Option<Arc<CallContext>>,
-        reply: oneshot::Sender<Invoked>,
-    },
-    /// Call a handler once per payload, in order, in one hand-off.
-    Batch {
-        handler: Arc<Handler>,
-        payloads: Vec<Bytes>,
-        ctx: Option<Arc<CallContext>>,
-        reply: oneshot::Sender<Vec<Invoked>>,
-    },
-    /// Run any closure under the GIL.
-    Run(Closure),
-}
-
-/// What the monitor needs to know about one worker.
-pub(crate) struct WorkerSlot {
-    /// The running call's sequence number (unique per worker, never 0); 0 when idle.
-    /// The monitor times calls by watching this; the hot path reads no clock.
-    pub(crate) current: AtomicU64,
-    /// `threading.get_ident()` of the worker.
-    pub(crate) py_ident: AtomicU64,
-    /// Role of the current or last call.
-    pub(crate) role: Mutex<Option<Arc<str>>>,
-}
-
-/// Hot fields written by different threads sit on separate cache lines
-/// (`CachePadded`): sharing one made throughput swing 3x between runs,
-/// depending on where the allocator placed this struct.
-pub(crate) struct Shared {
-    queue: ArrayQueue<Job>,
-    space: Notify,
-    space_waiters: CachePadded<AtomicUsize>,
-    spinner: CachePadded<AtomicBool>,
-    active: CachePadded<AtomicUsize>,
-    sleepers: Mutex<usize>,
-    wake: Condvar,
-    closed: AtomicBool,
-    progress: CachePadded<AtomicU64>,
-    pub(crate) slots: Box<[CachePadded<WorkerSlot>]>,
-    pub(crate) call_timeout: Duration,
-    caller_spin_polls: u32,
-    spin: Duration,
-    pub(crate) stats: CachePadded<PoolStats>,
-    locals: Option<TaskLocals>,
-}
-
 /// The pool. Cheap to share behind an `Arc`; [`GilPool::close`] stops it.
 pub struct GilPool {
     shared: Arc<Shared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     asyncio: Mutex<Option<AsyncioLoop>>,
-}
-
-enum Wake {
-    Work,
-    Stop,
 }
 
 impl GilPool {
@@ -535,190 +479,4 @@ impl Drop for CancelOnDrop<'_> {
             });
         }
     }
-}
-
-impl Shared {
-    /// After a push: wake a sleeping worker unless one is spinning or one is
-    /// draining the queue (it will see the job when its current call returns;
-    /// if that call blocks, the waiting caller kicks a sleeper, see `wait_reply`).
-    fn notify_workers(&self) {
-        fence(Ordering::SeqCst);
-        if self.spinner.load(Ordering::SeqCst) || self.active.load(Ordering::SeqCst) > 0 {
-            return;
-        }
-        self.kick();
-    }
-
-    fn release_space(&self) {
-        fence(Ordering::SeqCst);
-        if self.space_waiters.load(Ordering::SeqCst) > 0 {
-            self.space.notify_waiters();
-        }
-    }
-
-    /// Wakes one sleeping worker (used by callers whose job sits behind a stalled worker).
-    fn kick(&self) {
-        let sleepers = self.sleepers.lock().expect("pool lock");
-        if *sleepers > 0 {
-            self.wake.notify_one();
-        }
-    }
-
-    /// Called detached. Returns when there is work (with `active` already
-    /// incremented) or the pool is closed and drained.
-    fn wait_for_work(&self) -> Wake {
-        // Spin only when nobody else is draining the queue: a second thread
-        // taking the GIL from a busy one costs a forced switch, not a speed-up.
-        if self.active.load(Ordering::SeqCst) == 0
-            && self
-                .spinner
-                .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
-                .is_ok()
-        {
-            let woke = self.spin();
-            self.spinner.store(false, Ordering::SeqCst);
-            // Pairs with the fence in `notify_workers`: either the submitter
-            // sees no spinner and wakes a sleeper, or we see its job below.
-            fence(Ordering::SeqCst);
-            if let Some(w) = woke {
-                return w;
-            }
-        }
-        let mut sleepers = self.sleepers.lock().expect("pool lock");
-        *sleepers += 1;
-        loop {
-            if !self.queue.is_empty() {
-                *sleepers -= 1;
-                self.active.fetch_add(1, Ordering::SeqCst);
-                return Wake::Work;
-            }
-            if self.closed.load(Ordering::SeqCst) {
-                *sleepers -= 1;
-                return Wake::Stop;
-            }
-            sleepers = self.wake.wait(sleepers).expect("pool lock");
-        }
-    }
-
-    /// The spinner's loop; `None` means "nothing came, go to sleep".
-    fn spin(&self) -> Option<Wake> {
-        let start = Instant::now();
-        let mut i = 0u32;
-        loop {
-            if self.active.load(Ordering::SeqCst) > 0 {
-                // Another worker is draining (it holds the GIL): leave the
-                // queue to it and sleep, rather than ping-pong the GIL.
-                return None;
-            }
-            if !self.queue.is_empty() {
-                self.active.fetch_add(1, Ordering::SeqCst);
-                return Some(Wake::Work);
-            }
-            if self.closed.load(Ordering::SeqCst) {
-                return Some(Wake::Stop);
-            }
-            i = i.wrapping_add(1);
-            if i < 64 {
-                // The next call of a busy caller usually lands within a microsecond.
-                std::hint::spin_loop();
-                continue;
-            }
-            if i % 8 == 0 && start.elapsed() > self.spin {
-                return None;
-            }
-            // Then spin politely: give the core to any runnable thread (the
-            // I/O thread, on a small host) instead of burning it; this returns
-            // at once when nothing else wants the core.
-            std::thread::yield_now();
-        }
-    }
-}
-
-fn worker_main(shared: &Shared, idx: usize) {
-    let slot = &shared.slots[idx];
-    Python::attach(|py| {
-        if let Ok(ident) = py
-            .import("threading")
-            .and_then(|t| t.call_method0("get_ident"))
-            .and_then(|i| i.extract::<u64>())
-        {
-            slot.py_ident.store(ident, Ordering::Relaxed);
-        }
-        let mut seq = 0u64;
-        loop {
-            match py.detach(|| shared.wait_for_work()) {
-                Wake::Stop => break,
-                Wake::Work => {}
-            }
-            while let Some(job) = shared.queue.pop() {
-                shared.release_space();
-                seq += 1;
-                run_job(py, shared, slot, seq, job);
-                shared.progress.fetch_add(1, Ordering::Release);
-            }
-            shared.active.fetch_sub(1, Ordering::SeqCst);
-        }
-    });
-}
-
-fn run_job(py: Python<'_>, shared: &Shared, slot: &WorkerSlot, seq: u64, job: Job) {
-    slot.current.store(seq, Ordering::Release);
-    match job {
-        Job::Call {
-            handler,
-            payload,
-            ctx,
-            reply,
-        } => {
-            output::set_thread_role(Some(handler.role()));
-            {
-                let mut role = slot.role.lock().expect("slot lock");
-                if !role
-                    .as_ref()
-                    .is_some_and(|r| Arc::ptr_eq(r, handler.role()))
-                {
-                    *role = Some(handler.role().clone());
-                }
-            }
-            let invoked = handler.invoke(py, &payload, ctx.as_deref(), shared.locals.as_ref());
-            if matches!(invoked, Invoked::Done(Err(_))) {
-                shared.stats.errors.fetch_add(1, Ordering::Relaxed);
-            }
-            shared.stats.calls.fetch_add(1, Ordering::Relaxed);
-            // A caller that gave up dropped its receiver; the reply is dropped here, under the GIL.
-            let _ = reply.send(invoked);
-        }
-        Job::Batch {
-            handler,
-            payloads,
-            ctx,
-            reply,
-        } => {
-            if !output::thread_role_is(handler.role()) {
-                output::set_thread_role(Some(handler.role()));
-                *slot.role.lock().expect("slot lock") = Some(handler.role().clone());
-            }
-            let results: Vec<Invoked> = payloads
-                .iter()
-                .map(|p| handler.invoke(py, p, ctx.as_deref(), shared.locals.as_ref()))
-                .collect();
-            let errors = results
-                .iter()
-                .filter(|r| matches!(r, Invoked::Done(Err(_))))
-                .count();
-            shared
-                .stats
-                .errors
-                .fetch_add(errors as u64, Ordering::Relaxed);
-            shared
-                .stats
-                .calls
-                .fetch_add(results.len() as u64, Ordering::Relaxed);
-            let _ = reply.send(results);
-        }
-        Job::Run(f) => {
-            f(py);
-        }
-    }
-    slot.current.store(0, Ordering::Release);
 }
