@@ -40,3 +40,9 @@ def on_connect(conn_id: int, peer: str) -> None:
 
 def on_close(conn_id: int, peer: str) -> None:
     print(f"connection {conn_id} from {peer} closed")
+
+
+def on_change(contents: bytes) -> None:
+    """A watched region changed: log its text up to the first NUL byte."""
+    text = contents.split(b"\0", 1)[0].decode(errors="replace")
+    print("region now holds", repr(text))

@@ -31,6 +31,8 @@ pub struct Config {
     pub python: PythonConfig,
     /// TCP server and client roles.
     pub tcp: TcpConfig,
+    /// Shared-memory regions.
+    pub shm: ShmConfig,
     /// Where the file was loaded from (set by [`load`], not read from TOML).
     #[serde(skip)]
     pub source: PathBuf,
@@ -43,6 +45,7 @@ impl Default for Config {
             daemon: DaemonConfig::default(),
             python: PythonConfig::default(),
             tcp: TcpConfig::default(),
+            shm: ShmConfig::default(),
             source: PathBuf::from("<defaults>"),
         }
     }
@@ -308,6 +311,62 @@ fn default_outbox() -> usize {
     1024
 }
 
+/// `[shm]`: `[[shm.region]]` roles.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShmConfig {
+    /// Memory-mapped files.
+    pub region: Vec<ShmRegionConfig>,
+}
+
+/// How a region is used.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ShmMode {
+    /// Poll the mapping and hand every change to `on_change` (the classic demo).
+    #[default]
+    Watch,
+}
+
+/// `[[shm.region]]`: a memory-mapped file watched for changes.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ShmRegionConfig {
+    /// Unique role name.
+    pub name: String,
+    /// The file, relative to the config file's folder.
+    pub path: PathBuf,
+    /// Bytes mapped; the file must be at least this long (or `create` it).
+    pub size: ByteSize,
+    /// Create the file (mode 0600) and size it if missing.
+    #[serde(default)]
+    pub create: bool,
+    /// What the region is for.
+    #[serde(default)]
+    pub mode: ShmMode,
+    /// How often the mapping is compared with its last contents.
+    #[serde(default = "default_poll", with = "humantime_serde")]
+    pub poll: Duration,
+    /// `module:function` called with the new contents as `bytes` on every
+    /// change; bytes it returns are written back at offset 0.
+    #[serde(default)]
+    pub on_change: Option<String>,
+    /// Scripted writer: each value in turn replaces the region's contents
+    /// (zeroed, then the value at offset 0). TOML escapes give bytes.
+    #[serde(default)]
+    pub write: Vec<String>,
+    /// Pause between scripted writes.
+    #[serde(default = "default_interval", with = "humantime_serde")]
+    pub write_interval: Duration,
+}
+
+fn default_poll() -> Duration {
+    Duration::from_millis(100)
+}
+
+/// Largest region a watcher copies per poll.
+pub const MAX_WATCH_SIZE: u64 = 16 * 1024 * 1024;
+
 /// Everything that can be wrong with a configuration. Each message names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -377,6 +436,9 @@ pub fn load_with_env(
     cfg.source = path.to_path_buf();
     let base = path.parent().unwrap_or(Path::new("."));
     cfg.python.paths = cfg.python.paths.iter().map(|p| resolve(base, p)).collect();
+    for region in &mut cfg.shm.region {
+        region.path = resolve(base, &region.path);
+    }
     let problems = cfg.validate();
     if problems.is_empty() {
         Ok(cfg)
@@ -460,6 +522,7 @@ impl Config {
             }
         }
         self.validate_tcp(&mut problems);
+        self.validate_shm(&mut problems);
         problems
     }
 
@@ -484,7 +547,48 @@ impl Config {
                 }
             }
         }
+        for (i, r) in self.shm.region.iter().enumerate() {
+            if let Some(v) = &r.on_change {
+                out.push((format!("shm.region[{i}].on_change"), v.as_str()));
+            }
+        }
         out
+    }
+
+    fn validate_shm(&self, problems: &mut Vec<String>) {
+        let mut names: HashSet<&str> = self.tcp.server.iter().map(|s| s.name.as_str()).collect();
+        names.extend(self.tcp.client.iter().map(|c| c.name.as_str()));
+        for (i, r) in self.shm.region.iter().enumerate() {
+            let key = format!("shm.region[{i}]");
+            if !names.insert(r.name.as_str()) || r.name.trim().is_empty() {
+                problems.push(format!("{key}.name `{}` is empty or used twice", r.name));
+            }
+            if r.size.as_u64() == 0 || r.size.as_u64() > MAX_WATCH_SIZE {
+                problems.push(format!("{key}.size must be between 1 B and 16 MiB"));
+            }
+            if r.poll.is_zero() || r.write_interval.is_zero() {
+                problems.push(format!(
+                    "{key}: poll and write_interval must be greater than 0"
+                ));
+            }
+            if let Some(w) = r.write.iter().find(|w| w.len() as u64 > r.size.as_u64()) {
+                problems.push(format!(
+                    "{key}.write: `{}` is longer than the region",
+                    w.escape_debug()
+                ));
+            }
+            if let Some(spec) = &r.on_change
+                && let Err(e) = Target::parse(spec)
+            {
+                problems.push(format!("{key}.on_change: {e}"));
+            }
+            if !r.create && !r.path.exists() {
+                problems.push(format!(
+                    "{key}.path: {} does not exist (set create = true to create it)",
+                    r.path.display()
+                ));
+            }
+        }
     }
 
     fn validate_tcp(&self, problems: &mut Vec<String>) {

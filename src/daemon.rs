@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::py::pool::{GilPool, PoolConfig};
 use crate::py::task::{RunningTask, StopFlag};
+use crate::shm::watch::{ShmWatcher, WatchError};
 use crate::tcp::client::TcpClient;
 use crate::tcp::server::TcpServer;
 use crate::{Error, py};
@@ -29,6 +30,7 @@ pub struct Daemon {
     stop: Arc<StopFlag>,
     servers: Vec<TcpServer>,
     clients: Vec<TcpClient>,
+    watchers: Vec<ShmWatcher>,
     roles: TaskTracker,
     token: CancellationToken,
 }
@@ -66,7 +68,7 @@ impl Daemon {
                 .unwrap_or(usize::MAX),
         };
         py::init(&config.python.paths, &settings)?;
-        let (servers, clients) = resolve_roles(&config)?;
+        let (servers, clients, watchers) = resolve_roles(&config)?;
         let mut pool_config = PoolConfig::new(
             config.python.workers,
             config.python.queue,
@@ -84,6 +86,7 @@ impl Daemon {
             stop,
             servers,
             clients,
+            watchers,
             roles: TaskTracker::new(),
             token: CancellationToken::new(),
         })
@@ -111,6 +114,10 @@ impl Daemon {
             self.roles
                 .spawn(client.run(self.pool.clone(), self.token.child_token()));
         }
+        for watcher in std::mem::take(&mut self.watchers) {
+            self.roles
+                .spawn(watcher.run(self.pool.clone(), self.token.child_token()));
+        }
         // Tasks last, so `pyipcd.send` finds every role from their first line on.
         for t in &self.config.python.task {
             self.tasks.push(RunningTask::spawn(t, self.stop.clone())?);
@@ -135,9 +142,10 @@ impl Daemon {
             return Err(e);
         }
         let status = format!(
-            "running: {} task(s), {} TCP role(s), {} GIL pool thread(s)",
+            "running: {} task(s), {} TCP role(s), {} shm region(s), {} GIL pool thread(s)",
             self.tasks.len(),
             self.config.tcp.server.len() + self.config.tcp.client.len(),
+            self.config.shm.region.len(),
             self.config.python.workers
         );
         tracing::info!(config = %self.config.source.display(), "pyipcd {} ready; {status}", env!("CARGO_PKG_VERSION"));
@@ -209,7 +217,9 @@ async fn futures_join<F: Future<Output = ()>>(futs: impl Iterator<Item = F>) {
     }
 }
 
-fn resolve_roles(config: &Config) -> Result<(Vec<TcpServer>, Vec<TcpClient>), Error> {
+type Roles = (Vec<TcpServer>, Vec<TcpClient>, Vec<ShmWatcher>);
+
+fn resolve_roles(config: &Config) -> Result<Roles, Error> {
     pyo3::Python::attach(|py| {
         let servers = resolve_all(
             py,
@@ -225,7 +235,20 @@ fn resolve_roles(config: &Config) -> Result<(Vec<TcpServer>, Vec<TcpClient>), Er
             |c| &c.name,
             TcpClient::resolve,
         )?;
-        Ok((servers, clients))
+        let watchers = config
+            .shm
+            .region
+            .iter()
+            .map(|r| {
+                ShmWatcher::open(py, r).map_err(|e| match e {
+                    WatchError::Shm(e) => Error::Startup(format!("shm region `{}`: {e}", r.name)),
+                    WatchError::Handler(tb) => {
+                        Error::Target(format!("shm region `{}`: {}", r.name, tb.trim_end()))
+                    }
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((servers, clients, watchers))
     })
 }
 

@@ -7,6 +7,8 @@
 //! - [`telemetry`]: tracing set-up; Python output joins the same log.
 //! - [`shutdown`]: signal handling (tokio only).
 //! - [`daemon`]: start-up, readiness, ordered shutdown.
+//! - [`tcp`]: TCP server and client roles.
+//! - [`shm`]: shared-memory regions (the only `unsafe` code).
 //! - [`py`]: the embedded interpreter: GIL pool, handlers, asyncio loop, tasks,
 //!   the `pyipcd` Python module.
 //!
@@ -22,6 +24,8 @@ pub mod config;
 pub mod daemon;
 mod error;
 pub mod py;
+#[allow(unsafe_code)]
+pub mod shm;
 pub mod shutdown;
 pub mod tcp;
 pub mod telemetry;

@@ -1,0 +1,160 @@
+//! `mode = "watch"`: the classic shared-memory demo, from config. A poller (a
+//! tokio task) compares the mapping with what it saw last every `poll` and
+//! hands each change to the `on_change` Python handler on the GIL pool; bytes
+//! the handler returns are written back at offset 0. A scripted writer puts
+//! each `write` value in turn into the region, `write_interval` apart.
+//!
+//! Nothing synchronises the writers (the classic demo's known flaw, kept on
+//! purpose): a change made and undone between two polls is not seen, and a
+//! poll may see a write half done. The `channel` mode is the synchronised one.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use pyo3::prelude::*;
+use tokio_util::sync::CancellationToken;
+
+use super::region::{ShmError, ShmRegion};
+use crate::config::ShmRegionConfig;
+use crate::py::handler::Handler;
+use crate::py::pool::GilPool;
+use crate::py::target::Target;
+
+/// Regions larger than this are copied off the tokio workers.
+const INLINE_COPY_MAX: usize = 64 * 1024;
+
+/// A watched region, opened and with its handler resolved.
+pub struct ShmWatcher {
+    config: ShmRegionConfig,
+    region: Arc<ShmRegion>,
+    on_change: Option<Arc<Handler>>,
+}
+
+/// Why a watcher could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    /// The file could not be mapped.
+    #[error(transparent)]
+    Shm(#[from] ShmError),
+    /// The handler could not be resolved (the traceback is in the message).
+    #[error("{0}")]
+    Handler(String),
+}
+
+impl ShmWatcher {
+    /// Maps the region (creating it if configured) and resolves `on_change`.
+    /// Takes the GIL: call at start-up.
+    ///
+    /// # Errors
+    /// [`WatchError`] naming the file or the handler.
+    pub fn open(py: Python<'_>, config: &ShmRegionConfig) -> Result<Self, WatchError> {
+        let len = usize::try_from(config.size.as_u64()).unwrap_or(usize::MAX);
+        let region = Arc::new(ShmRegion::open(&config.path, len, config.create)?);
+        let on_change = match &config.on_change {
+            Some(spec) => {
+                let target = Target::parse(spec).map_err(|e| WatchError::Handler(e.to_string()))?;
+                let h = Handler::resolve(py, &config.name, &target).map_err(|e| {
+                    WatchError::Handler(crate::py::handler::format_exception(py, &e))
+                })?;
+                Some(Arc::new(h))
+            }
+            None => None,
+        };
+        Ok(Self {
+            config: config.clone(),
+            region,
+            on_change,
+        })
+    }
+
+    /// The role's name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// Polls (and runs the scripted writer) until `token` is cancelled.
+    pub async fn run(self, pool: Arc<GilPool>, token: CancellationToken) {
+        let cfg = &self.config;
+        tracing::info!(
+            role = %cfg.name,
+            path = %self.region.path().display(),
+            size = self.region.len(),
+            "watching every {:?}",
+            cfg.poll
+        );
+        let writer = (!cfg.write.is_empty())
+            .then(|| tokio::spawn(script(cfg.clone(), self.region.clone(), token.clone())));
+        let mut seen = snapshot(&self.region).await;
+        let mut tick = tokio::time::interval(cfg.poll);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let now = snapshot(&self.region).await;
+            if now == seen {
+                continue;
+            }
+            tracing::info!(role = %cfg.name, "changed: {}", preview(&now));
+            seen = now;
+            if let Some(h) = &self.on_change {
+                match pool.call(h, Bytes::copy_from_slice(&seen)).await {
+                    Ok(Some(back)) => {
+                        self.region.write_at_start(&back);
+                        // Our own write-back is not a change to report.
+                        seen = snapshot(&self.region).await;
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(role = %cfg.name, "on_change failed: {e}"),
+                }
+            }
+        }
+        if let Some(w) = writer {
+            let _ = w.await;
+        }
+    }
+}
+
+/// A copy of the region, taken off the tokio workers when it is large.
+async fn snapshot(region: &Arc<ShmRegion>) -> Vec<u8> {
+    if region.len() <= INLINE_COPY_MAX {
+        let mut v = Vec::new();
+        region.read_into(&mut v);
+        return v;
+    }
+    let r = region.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut v = Vec::new();
+        r.read_into(&mut v);
+        v
+    })
+    .await
+    .unwrap_or_default()
+}
+
+/// The contents up to the first NUL, escaped, at most 80 characters.
+fn preview(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    let text = bytes[..end].escape_ascii().to_string();
+    if text.len() > 80 {
+        format!("{}…", &text[..80])
+    } else {
+        text
+    }
+}
+
+/// The scripted writer: each value in turn, `write_interval` apart.
+async fn script(cfg: ShmRegionConfig, region: Arc<ShmRegion>, token: CancellationToken) {
+    for (i, value) in cfg.write.iter().enumerate() {
+        if i > 0 {
+            tokio::select! {
+                _ = token.cancelled() => return,
+                _ = tokio::time::sleep(cfg.write_interval) => {}
+            }
+        }
+        region.replace(value.as_bytes());
+        tracing::info!(role = %cfg.name, "writer wrote {}", preview(value.as_bytes()));
+    }
+    tracing::info!(role = %cfg.name, "writer finished ({} values)", cfg.write.len());
+}
