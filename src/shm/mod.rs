@@ -6,4 +6,5 @@
 //!   change to Python and a scripted writer.
 
 pub mod region;
+pub mod ring;
 pub mod watch;

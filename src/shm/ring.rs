@@ -1,0 +1,454 @@
+//! The channel's binary layout and its rings (see `docs/shm-protocol.md`).
+//!
+//! One file: a 4 KiB header, then the request ring, then the response ring.
+//! Each ring is a 4 KiB control page (producer `tail` and consumer `head` on
+//! separate cache lines) followed by `ring_size` data bytes. Each ring has
+//! exactly one producer and one consumer: the client lock in the header makes
+//! sure only one client is attached, and the daemon's channel thread is the
+//! other side. Positions are byte counters that only grow; a record is
+//! published by a release-store of `tail` after its bytes are written, and
+//! consumed by a release-store of `head` after they are read, so a producer
+//! that dies mid-write leaves nothing visible and a full ring is never
+//! overwritten.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use memmap2::MmapRaw;
+
+/// `b"PYIPCSH1"`.
+pub const MAGIC: [u8; 8] = *b"PYIPCSH1";
+/// Layout version.
+pub const VERSION: u32 = 1;
+/// Header and ring control pages.
+pub const PAGE: usize = 4096;
+/// Record header: len, seq, crc32, flags.
+pub const RECORD_HEADER: usize = 16;
+/// A `len` that means "skip to the start of the ring".
+pub const WRAP: u32 = u32::MAX;
+
+/// Header field offsets.
+pub mod off {
+    /// `[u8; 8]` magic.
+    pub const MAGIC: usize = 0;
+    /// `u32` layout version.
+    pub const VERSION: usize = 8;
+    /// `u32` header size (4096).
+    pub const HEADER_SIZE: usize = 12;
+    /// `u32` data bytes per ring.
+    pub const RING_SIZE: usize = 16;
+    /// `u32` largest payload.
+    pub const MAX_RECORD: usize = 20;
+    /// `u64` daemon generation (changes on every daemon start).
+    pub const GENERATION: usize = 24;
+    /// `u32` daemon state (see [`super::State`]).
+    pub const STATE: usize = 32;
+    /// `u32` daemon pid.
+    pub const DAEMON_PID: usize = 36;
+    /// `u32` pid of the attached client, 0 when free.
+    pub const CLIENT_PID: usize = 40;
+    /// Ring control: producer position.
+    pub const TAIL: usize = 0;
+    /// Ring control: consumer position (own cache line).
+    pub const HEAD: usize = 64;
+}
+
+/// Daemon state in the header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum State {
+    /// Being (re)initialised: clients wait.
+    Initialising = 0,
+    /// Serving.
+    Ready = 1,
+    /// Stopped: calls fail until a daemon starts again.
+    Stopped = 2,
+}
+
+/// Record flags.
+pub mod flags {
+    /// A reply (or a request).
+    pub const OK: u32 = 0;
+    /// The handler returned `None`: no payload.
+    pub const NO_REPLY: u32 = 1;
+    /// The handler failed; the payload is the error text.
+    pub const ERROR: u32 = 2;
+}
+
+/// Total file size for a ring size.
+pub fn file_size(ring_size: usize) -> usize {
+    PAGE + 2 * (PAGE + ring_size)
+}
+
+/// Why a mapping is not a usable channel.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutError {
+    /// Not a pyipcd channel.
+    #[error("bad magic {0:02x?} (not a pyipcd channel)")]
+    Magic([u8; 8]),
+    /// A layout version this code does not speak.
+    #[error("layout version {0}, this build speaks {VERSION}")]
+    Version(u32),
+    /// Sizes that do not fit the file or each other.
+    #[error("bad sizes: {0}")]
+    Size(String),
+}
+
+/// A mapped channel file (header plus two rings) seen through raw pointers.
+#[derive(Debug)]
+pub struct Channel {
+    map: MmapRaw,
+    ring_size: usize,
+    max_record: usize,
+}
+
+/// One direction of a channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dir {
+    /// Client to daemon.
+    Request,
+    /// Daemon to client.
+    Response,
+}
+
+/// A record read from a ring (its bytes already copied out).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Sequence number given by the request's producer; replies repeat it.
+    pub seq: u32,
+    /// See [`flags`].
+    pub flags: u32,
+    /// The payload.
+    pub payload: Vec<u8>,
+    /// Whether the stored checksum matched the payload.
+    pub crc_ok: bool,
+}
+
+impl Channel {
+    /// Wraps a mapping after checking its header.
+    ///
+    /// # Errors
+    /// [`LayoutError`] for a bad magic, version or sizes.
+    pub fn attach(map: MmapRaw) -> Result<Self, LayoutError> {
+        let mut ch = Self {
+            map,
+            ring_size: 0,
+            max_record: 0,
+        };
+        let mut magic = [0u8; 8];
+        for (i, b) in magic.iter_mut().enumerate() {
+            *b = ch.read_u8(off::MAGIC + i);
+        }
+        if magic != MAGIC {
+            return Err(LayoutError::Magic(magic));
+        }
+        let version = ch.u32_at(off::VERSION).load(Ordering::Acquire);
+        if version != VERSION {
+            return Err(LayoutError::Version(version));
+        }
+        let header = ch.u32_at(off::HEADER_SIZE).load(Ordering::Relaxed) as usize;
+        let ring = ch.u32_at(off::RING_SIZE).load(Ordering::Relaxed) as usize;
+        let max = ch.u32_at(off::MAX_RECORD).load(Ordering::Relaxed) as usize;
+        check_sizes(header, ring, max, ch.map.len()).map_err(LayoutError::Size)?;
+        ch.ring_size = ring;
+        ch.max_record = max;
+        Ok(ch)
+    }
+
+    /// Writes a fresh header and empty rings into `map` (the daemon's side),
+    /// with state [`State::Initialising`]; call [`Channel::set_state`] to open it.
+    ///
+    /// # Errors
+    /// [`LayoutError::Size`] if the sizes do not fit the mapping.
+    pub fn initialise(map: MmapRaw, ring_size: usize, max_record: usize, generation: u64) -> Result<Self, LayoutError> {
+        check_sizes(PAGE, ring_size, max_record, map.len()).map_err(LayoutError::Size)?;
+        let ch = Self {
+            map,
+            ring_size,
+            max_record,
+        };
+        ch.u32_at(off::STATE).store(State::Initialising as u32, Ordering::SeqCst);
+        for (i, b) in MAGIC.iter().enumerate() {
+            ch.write_u8(off::MAGIC + i, *b);
+        }
+        ch.u32_at(off::VERSION).store(VERSION, Ordering::Relaxed);
+        ch.u32_at(off::HEADER_SIZE).store(PAGE as u32, Ordering::Relaxed);
+        ch.u32_at(off::RING_SIZE).store(ring_size as u32, Ordering::Relaxed);
+        ch.u32_at(off::MAX_RECORD).store(max_record as u32, Ordering::Relaxed);
+        ch.u32_at(off::DAEMON_PID).store(std::process::id(), Ordering::Relaxed);
+        for dir in [Dir::Request, Dir::Response] {
+            ch.ctl(dir, off::TAIL).store(0, Ordering::Relaxed);
+            ch.ctl(dir, off::HEAD).store(0, Ordering::Relaxed);
+        }
+        ch.u64_at(off::GENERATION).store(generation, Ordering::SeqCst);
+        Ok(ch)
+    }
+
+    /// Data bytes per ring.
+    pub fn ring_size(&self) -> usize {
+        self.ring_size
+    }
+
+    /// Largest payload.
+    pub fn max_record(&self) -> usize {
+        self.max_record
+    }
+
+    /// The daemon generation.
+    pub fn generation(&self) -> u64 {
+        self.u64_at(off::GENERATION).load(Ordering::Acquire)
+    }
+
+    /// The daemon state.
+    pub fn state(&self) -> u32 {
+        self.u32_at(off::STATE).load(Ordering::Acquire)
+    }
+
+    /// Sets the daemon state.
+    pub fn set_state(&self, s: State) {
+        self.u32_at(off::STATE).store(s as u32, Ordering::SeqCst);
+    }
+
+    /// The client-lock word.
+    pub fn client_pid(&self) -> &AtomicU32 {
+        self.u32_at(off::CLIENT_PID)
+    }
+
+    /// The daemon's pid.
+    pub fn daemon_pid(&self) -> u32 {
+        self.u32_at(off::DAEMON_PID).load(Ordering::Relaxed)
+    }
+
+    /// Producer and consumer positions of a ring.
+    pub fn positions(&self, dir: Dir) -> (u64, u64) {
+        (
+            self.ctl(dir, off::HEAD).load(Ordering::Acquire),
+            self.ctl(dir, off::TAIL).load(Ordering::Acquire),
+        )
+    }
+
+    /// Drops everything unread in a ring (a new client discarding stale replies).
+    pub fn discard(&self, dir: Dir) {
+        let tail = self.ctl(dir, off::TAIL).load(Ordering::Acquire);
+        self.ctl(dir, off::HEAD).store(tail, Ordering::Release);
+    }
+
+    /// Appends a record if it fits; `false` when the ring is full (nothing written).
+    ///
+    /// # Panics
+    /// If `payload` is longer than `max_record` (callers check first).
+    pub fn try_push(&self, dir: Dir, seq: u32, flags: u32, payload: &[u8]) -> bool {
+        assert!(payload.len() <= self.max_record, "payload over max_record");
+        let need = RECORD_HEADER + payload.len().next_multiple_of(8);
+        let tail_ref = self.ctl(dir, off::TAIL);
+        let tail = tail_ref.load(Ordering::Relaxed);
+        let head = self.ctl(dir, off::HEAD).load(Ordering::Acquire);
+        let pos = (tail % self.ring_size as u64) as usize;
+        let room_to_end = self.ring_size - pos;
+        let skip = if room_to_end < need { room_to_end } else { 0 };
+        if tail + (skip + need) as u64 - head > self.ring_size as u64 {
+            return false;
+        }
+        let base = self.data(dir);
+        let mut at = pos;
+        if skip > 0 {
+            if skip >= RECORD_HEADER {
+                self.write_u32(base + at, WRAP);
+            }
+            at = 0;
+        }
+        self.write_u32(base + at + 4, seq);
+        self.write_u32(base + at + 8, crc32fast::hash(payload));
+        self.write_u32(base + at + 12, flags);
+        self.write_u32(base + at, payload.len() as u32);
+        self.write_bytes(base + at + RECORD_HEADER, payload);
+        // Publish: everything above happens-before a consumer's acquire of tail.
+        tail_ref.store(tail + (skip + need) as u64, Ordering::Release);
+        true
+    }
+
+    /// Takes the next record, if any.
+    pub fn try_pop(&self, dir: Dir) -> Option<Record> {
+        let head_ref = self.ctl(dir, off::HEAD);
+        let mut head = head_ref.load(Ordering::Relaxed);
+        let tail = self.ctl(dir, off::TAIL).load(Ordering::Acquire);
+        let base = self.data(dir);
+        loop {
+            if head == tail {
+                return None;
+            }
+            let pos = (head % self.ring_size as u64) as usize;
+            let room_to_end = self.ring_size - pos;
+            if room_to_end < RECORD_HEADER || self.read_u32(base + pos) == WRAP {
+                head += room_to_end as u64;
+                continue;
+            }
+            let len = self.read_u32(base + pos) as usize;
+            let seq = self.read_u32(base + pos + 4);
+            let crc = self.read_u32(base + pos + 8);
+            let flags = self.read_u32(base + pos + 12);
+            // A length that cannot be right means a corrupt ring: consume
+            // everything published so far rather than read out of bounds.
+            let need = RECORD_HEADER + len.min(self.max_record).next_multiple_of(8);
+            if len > self.max_record || need > room_to_end || head + need as u64 > tail {
+                head_ref.store(tail, Ordering::Release);
+                return Some(Record {
+                    seq,
+                    flags,
+                    payload: Vec::new(),
+                    crc_ok: false,
+                });
+            }
+            let mut payload = vec![0u8; len];
+            self.read_bytes(base + pos + RECORD_HEADER, &mut payload);
+            head_ref.store(head + need as u64, Ordering::Release);
+            let crc_ok = crc32fast::hash(&payload) == crc;
+            return Some(Record {
+                seq,
+                flags,
+                payload,
+                crc_ok,
+            });
+        }
+    }
+
+    fn data(&self, dir: Dir) -> usize {
+        match dir {
+            Dir::Request => 2 * PAGE,
+            Dir::Response => 2 * PAGE + self.ring_size + PAGE,
+        }
+    }
+
+    fn ctl(&self, dir: Dir, field: usize) -> &AtomicU64 {
+        let page = match dir {
+            Dir::Request => PAGE,
+            Dir::Response => 2 * PAGE + self.ring_size,
+        };
+        self.u64_at(page + field)
+    }
+
+    fn u64_at(&self, offset: usize) -> &AtomicU64 {
+        assert!(offset % 8 == 0 && offset + 8 <= self.map.len());
+        // SAFETY: in bounds and 8-aligned (the mapping is page-aligned); the
+        // mapping outlives `&self`; other processes access this word only
+        // atomically (the protocol's rule), so treating it as an AtomicU64 is sound.
+        unsafe { &*(self.map.as_ptr().add(offset) as *const AtomicU64) }
+    }
+
+    fn u32_at(&self, offset: usize) -> &AtomicU32 {
+        assert!(offset % 4 == 0 && offset + 4 <= self.map.len());
+        // SAFETY: as in `u64_at`, for a 4-aligned 4-byte word.
+        unsafe { &*(self.map.as_ptr().add(offset) as *const AtomicU32) }
+    }
+
+    fn read_u32(&self, offset: usize) -> u32 {
+        self.u32_at(offset).load(Ordering::Relaxed)
+    }
+
+    fn write_u32(&self, offset: usize, v: u32) {
+        self.u32_at(offset).store(v, Ordering::Relaxed);
+    }
+
+    fn read_u8(&self, offset: usize) -> u8 {
+        assert!(offset < self.map.len());
+        // SAFETY: in bounds of the live mapping; volatile since another
+        // process may write it (a byte cannot tear).
+        unsafe { self.map.as_ptr().add(offset).read_volatile() }
+    }
+
+    fn write_u8(&self, offset: usize, v: u8) {
+        assert!(offset < self.map.len());
+        // SAFETY: as in `read_u8`.
+        unsafe { self.map.as_mut_ptr().add(offset).write_volatile(v) }
+    }
+
+    fn read_bytes(&self, offset: usize, out: &mut [u8]) {
+        assert!(offset + out.len() <= self.map.len());
+        // SAFETY: in bounds; the producer finished these bytes before its
+        // release-store of tail, which our acquire-load observed, and will not
+        // touch them again until our release-store of head.
+        unsafe { std::ptr::copy_nonoverlapping(self.map.as_ptr().add(offset), out.as_mut_ptr(), out.len()) }
+    }
+
+    fn write_bytes(&self, offset: usize, src: &[u8]) {
+        assert!(offset + src.len() <= self.map.len());
+        // SAFETY: in bounds; this span is free (behind the consumer's head and
+        // not yet published), so no one else reads or writes it now.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.map.as_mut_ptr().add(offset), src.len()) }
+    }
+}
+
+fn check_sizes(header: usize, ring: usize, max: usize, file: usize) -> Result<(), String> {
+    if header != PAGE {
+        return Err(format!("header size {header}, expected {PAGE}"));
+    }
+    if !ring.is_power_of_two() || ring < PAGE {
+        return Err(format!("ring size {ring} is not a power of two ≥ {PAGE}"));
+    }
+    if max == 0 || RECORD_HEADER + max.next_multiple_of(8) > ring / 2 {
+        return Err(format!("max record {max} must be ≥ 1 and fit twice in the ring ({ring})"));
+    }
+    if file < file_size(ring) {
+        return Err(format!("file has {file} bytes, the layout needs {}", file_size(ring)));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn channel(ring: usize, max: usize) -> (tempfile::TempDir, Channel) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ch");
+        let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        f.set_len(file_size(ring) as u64).unwrap();
+        let map = memmap2::MmapOptions::new().map_raw(&f).unwrap();
+        (dir, Channel::initialise(map, ring, max, 7).unwrap())
+    }
+
+    #[test]
+    fn records_round_trip_across_wrap_around_and_full_rings_refuse() {
+        let (_d, ch) = channel(4096, 1000);
+        let mut next = 0u32;
+        let mut expect = 0u32;
+        for round in 0..200 {
+            let payload = vec![round as u8; (round * 37) % 1000];
+            while !ch.try_push(Dir::Request, next, flags::OK, &payload) {
+                let r = ch.try_pop(Dir::Request).expect("full ring has records");
+                assert!(r.crc_ok);
+                assert_eq!(r.seq, expect);
+                expect += 1;
+            }
+            next += 1;
+        }
+        while let Some(r) = ch.try_pop(Dir::Request) {
+            assert!(r.crc_ok);
+            assert_eq!(r.seq, expect);
+            expect += 1;
+        }
+        assert_eq!(expect, 200);
+    }
+
+    #[test]
+    fn attach_refuses_bad_magic_version_and_sizes() {
+        let (d, ch) = channel(4096, 1000);
+        drop(ch);
+        let path = d.path().join("ch");
+        let open = || {
+            let f = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+            memmap2::MmapOptions::new().map_raw(&f).unwrap()
+        };
+        assert!(Channel::attach(open()).is_ok());
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[8] = 9;
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(Channel::attach(open()).unwrap_err(), LayoutError::Version(9));
+        bytes[8] = 1;
+        bytes[16..20].copy_from_slice(&3000u32.to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(matches!(Channel::attach(open()).unwrap_err(), LayoutError::Size(_)));
+        bytes[0] = b'X';
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(matches!(Channel::attach(open()).unwrap_err(), LayoutError::Magic(_)));
+    }
+}
