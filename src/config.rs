@@ -326,6 +326,8 @@ pub enum ShmMode {
     /// Poll the mapping and hand every change to `on_change` (the classic demo).
     #[default]
     Watch,
+    /// A synchronised request/response channel (docs/shm-protocol.md) served by `handler`.
+    Channel,
 }
 
 /// `[[shm.region]]`: a memory-mapped file watched for changes.
@@ -336,8 +338,10 @@ pub struct ShmRegionConfig {
     pub name: String,
     /// The file, relative to the config file's folder.
     pub path: PathBuf,
-    /// Bytes mapped; the file must be at least this long (or `create` it).
-    pub size: ByteSize,
+    /// Watch mode: bytes mapped; the file must be at least this long (or
+    /// `create` it). Channel mode derives the size from `ring_size`.
+    #[serde(default)]
+    pub size: Option<ByteSize>,
     /// Create the file (mode 0600) and size it if missing.
     #[serde(default)]
     pub create: bool,
@@ -358,6 +362,23 @@ pub struct ShmRegionConfig {
     /// Pause between scripted writes.
     #[serde(default = "default_interval", with = "humantime_serde")]
     pub write_interval: Duration,
+    /// Channel mode: `module:function` answering each request (`bytes -> bytes | None`).
+    #[serde(default)]
+    pub handler: Option<String>,
+    /// Channel mode: data bytes per ring (a power of two ≥ 4 KiB).
+    #[serde(default = "default_ring_size")]
+    pub ring_size: ByteSize,
+    /// Channel mode: largest request or reply (at most half a ring, minus 16 B).
+    #[serde(default = "default_shm_max_message")]
+    pub max_message: ByteSize,
+}
+
+fn default_ring_size() -> ByteSize {
+    ByteSize::mib(1)
+}
+
+fn default_shm_max_message() -> ByteSize {
+    ByteSize::kib(64)
 }
 
 fn default_poll() -> Duration {
@@ -548,8 +569,10 @@ impl Config {
             }
         }
         for (i, r) in self.shm.region.iter().enumerate() {
-            if let Some(v) = &r.on_change {
-                out.push((format!("shm.region[{i}].on_change"), v.as_str()));
+            for (k, v) in [("on_change", &r.on_change), ("handler", &r.handler)] {
+                if let Some(v) = v {
+                    out.push((format!("shm.region[{i}].{k}"), v.as_str()));
+                }
             }
         }
         out
@@ -563,26 +586,58 @@ impl Config {
             if !names.insert(r.name.as_str()) || r.name.trim().is_empty() {
                 problems.push(format!("{key}.name `{}` is empty or used twice", r.name));
             }
-            if r.size.as_u64() == 0 || r.size.as_u64() > MAX_WATCH_SIZE {
-                problems.push(format!("{key}.size must be between 1 B and 16 MiB"));
+            let size = r.size.map_or(0, |s| s.as_u64());
+            match r.mode {
+                ShmMode::Watch => {
+                    if size == 0 || size > MAX_WATCH_SIZE {
+                        problems.push(format!("{key}.size must be between 1 B and 16 MiB"));
+                    }
+                    if r.handler.is_some() {
+                        problems.push(format!(
+                            "{key}.handler is for mode = \"channel\"; watch uses on_change"
+                        ));
+                    }
+                }
+                ShmMode::Channel => {
+                    let ring = r.ring_size.as_u64();
+                    if !ring.is_power_of_two() || !(4096..=1 << 30).contains(&ring) {
+                        problems.push(format!(
+                            "{key}.ring_size must be a power of two between 4 KiB and 1 GiB"
+                        ));
+                    }
+                    let max = r.max_message.as_u64();
+                    if max == 0 || 16 + max.next_multiple_of(8) > ring / 2 {
+                        problems.push(format!("{key}.max_message must be ≥ 1 B and at most half of ring_size minus 16 B"));
+                    }
+                    if r.handler.is_none() {
+                        problems.push(format!("{key}.handler is required in channel mode"));
+                    }
+                    if r.size.is_some() || r.on_change.is_some() || !r.write.is_empty() {
+                        problems.push(format!(
+                            "{key}: size, on_change and write are for mode = \"watch\""
+                        ));
+                    }
+                }
             }
             if r.poll.is_zero() || r.write_interval.is_zero() {
                 problems.push(format!(
                     "{key}: poll and write_interval must be greater than 0"
                 ));
             }
-            if let Some(w) = r.write.iter().find(|w| w.len() as u64 > r.size.as_u64()) {
+            if let Some(w) = r.write.iter().find(|w| w.len() as u64 > size) {
                 problems.push(format!(
                     "{key}.write: `{}` is longer than the region",
                     w.escape_debug()
                 ));
             }
-            if let Some(spec) = &r.on_change
-                && let Err(e) = Target::parse(spec)
-            {
-                problems.push(format!("{key}.on_change: {e}"));
+            for (k, spec) in [("on_change", &r.on_change), ("handler", &r.handler)] {
+                if let Some(spec) = spec
+                    && let Err(e) = Target::parse(spec)
+                {
+                    problems.push(format!("{key}.{k}: {e}"));
+                }
             }
-            if !r.create && !r.path.exists() {
+            if r.mode == ShmMode::Watch && !r.create && !r.path.exists() {
                 problems.push(format!(
                     "{key}.path: {} does not exist (set create = true to create it)",
                     r.path.display()

@@ -12,8 +12,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::config::ShmMode;
 use crate::py::pool::{GilPool, PoolConfig};
 use crate::py::task::{RunningTask, StopFlag};
+use crate::shm::channel::{ChannelError, ShmChannel};
 use crate::shm::watch::{ShmWatcher, WatchError};
 use crate::tcp::client::TcpClient;
 use crate::tcp::server::TcpServer;
@@ -31,6 +33,7 @@ pub struct Daemon {
     servers: Vec<TcpServer>,
     clients: Vec<TcpClient>,
     watchers: Vec<ShmWatcher>,
+    channels: Vec<ShmChannel>,
     roles: TaskTracker,
     token: CancellationToken,
 }
@@ -68,7 +71,7 @@ impl Daemon {
                 .unwrap_or(usize::MAX),
         };
         py::init(&config.python.paths, &settings)?;
-        let (servers, clients, watchers) = resolve_roles(&config)?;
+        let (servers, clients, (watchers, channels)) = resolve_roles(&config)?;
         let mut pool_config = PoolConfig::new(
             config.python.workers,
             config.python.queue,
@@ -87,6 +90,7 @@ impl Daemon {
             servers,
             clients,
             watchers,
+            channels,
             roles: TaskTracker::new(),
             token: CancellationToken::new(),
         })
@@ -113,6 +117,9 @@ impl Daemon {
             client.register_route();
             self.roles
                 .spawn(client.run(self.pool.clone(), self.token.child_token()));
+        }
+        for channel in std::mem::take(&mut self.channels) {
+            self.roles.spawn(channel.run(self.token.child_token()));
         }
         for watcher in std::mem::take(&mut self.watchers) {
             self.roles
@@ -217,7 +224,11 @@ async fn futures_join<F: Future<Output = ()>>(futs: impl Iterator<Item = F>) {
     }
 }
 
-type Roles = (Vec<TcpServer>, Vec<TcpClient>, Vec<ShmWatcher>);
+type Roles = (
+    Vec<TcpServer>,
+    Vec<TcpClient>,
+    (Vec<ShmWatcher>, Vec<ShmChannel>),
+);
 
 fn resolve_roles(config: &Config) -> Result<Roles, Error> {
     pyo3::Python::attach(|py| {
@@ -235,20 +246,24 @@ fn resolve_roles(config: &Config) -> Result<Roles, Error> {
             |c| &c.name,
             TcpClient::resolve,
         )?;
-        let watchers = config
-            .shm
-            .region
-            .iter()
-            .map(|r| {
-                ShmWatcher::open(py, r).map_err(|e| match e {
-                    WatchError::Shm(e) => Error::Startup(format!("shm region `{}`: {e}", r.name)),
-                    WatchError::Handler(tb) => {
-                        Error::Target(format!("shm region `{}`: {}", r.name, tb.trim_end()))
-                    }
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok((servers, clients, watchers))
+        let mut watchers = Vec::new();
+        let mut channels = Vec::new();
+        for r in &config.shm.region {
+            let named = |e: String| format!("shm region `{}`: {}", r.name, e.trim_end());
+            match r.mode {
+                ShmMode::Watch => watchers.push(ShmWatcher::open(py, r).map_err(|e| match e {
+                    WatchError::Shm(e) => Error::Startup(named(e.to_string())),
+                    WatchError::Handler(tb) => Error::Target(named(tb)),
+                })?),
+                ShmMode::Channel => {
+                    channels.push(ShmChannel::open(py, r).map_err(|e| match e {
+                        ChannelError::Handler(tb) => Error::Target(named(tb)),
+                        e => Error::Startup(named(e.to_string())),
+                    })?)
+                }
+            }
+        }
+        Ok((servers, clients, (watchers, channels)))
     })
 }
 

@@ -5,6 +5,8 @@
 //! - [`watch`]: `mode = "watch"`, the classic demo: a poller that hands every
 //!   change to Python and a scripted writer.
 
+pub mod channel;
+pub mod client;
 pub mod region;
 pub mod ring;
 pub mod watch;

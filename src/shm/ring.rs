@@ -159,27 +159,38 @@ impl Channel {
     ///
     /// # Errors
     /// [`LayoutError::Size`] if the sizes do not fit the mapping.
-    pub fn initialise(map: MmapRaw, ring_size: usize, max_record: usize, generation: u64) -> Result<Self, LayoutError> {
+    pub fn initialise(
+        map: MmapRaw,
+        ring_size: usize,
+        max_record: usize,
+        generation: u64,
+    ) -> Result<Self, LayoutError> {
         check_sizes(PAGE, ring_size, max_record, map.len()).map_err(LayoutError::Size)?;
         let ch = Self {
             map,
             ring_size,
             max_record,
         };
-        ch.u32_at(off::STATE).store(State::Initialising as u32, Ordering::SeqCst);
+        ch.u32_at(off::STATE)
+            .store(State::Initialising as u32, Ordering::SeqCst);
         for (i, b) in MAGIC.iter().enumerate() {
             ch.write_u8(off::MAGIC + i, *b);
         }
         ch.u32_at(off::VERSION).store(VERSION, Ordering::Relaxed);
-        ch.u32_at(off::HEADER_SIZE).store(PAGE as u32, Ordering::Relaxed);
-        ch.u32_at(off::RING_SIZE).store(ring_size as u32, Ordering::Relaxed);
-        ch.u32_at(off::MAX_RECORD).store(max_record as u32, Ordering::Relaxed);
-        ch.u32_at(off::DAEMON_PID).store(std::process::id(), Ordering::Relaxed);
+        ch.u32_at(off::HEADER_SIZE)
+            .store(PAGE as u32, Ordering::Relaxed);
+        ch.u32_at(off::RING_SIZE)
+            .store(ring_size as u32, Ordering::Relaxed);
+        ch.u32_at(off::MAX_RECORD)
+            .store(max_record as u32, Ordering::Relaxed);
+        ch.u32_at(off::DAEMON_PID)
+            .store(std::process::id(), Ordering::Relaxed);
         for dir in [Dir::Request, Dir::Response] {
             ch.ctl(dir, off::TAIL).store(0, Ordering::Relaxed);
             ch.ctl(dir, off::HEAD).store(0, Ordering::Relaxed);
         }
-        ch.u64_at(off::GENERATION).store(generation, Ordering::SeqCst);
+        ch.u64_at(off::GENERATION)
+            .store(generation, Ordering::SeqCst);
         Ok(ch)
     }
 
@@ -366,14 +377,26 @@ impl Channel {
         // SAFETY: in bounds; the producer finished these bytes before its
         // release-store of tail, which our acquire-load observed, and will not
         // touch them again until our release-store of head.
-        unsafe { std::ptr::copy_nonoverlapping(self.map.as_ptr().add(offset), out.as_mut_ptr(), out.len()) }
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.map.as_ptr().add(offset),
+                out.as_mut_ptr(),
+                out.len(),
+            )
+        }
     }
 
     fn write_bytes(&self, offset: usize, src: &[u8]) {
         assert!(offset + src.len() <= self.map.len());
         // SAFETY: in bounds; this span is free (behind the consumer's head and
         // not yet published), so no one else reads or writes it now.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.map.as_mut_ptr().add(offset), src.len()) }
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                src.as_ptr(),
+                self.map.as_mut_ptr().add(offset),
+                src.len(),
+            )
+        }
     }
 }
 
@@ -385,10 +408,15 @@ fn check_sizes(header: usize, ring: usize, max: usize, file: usize) -> Result<()
         return Err(format!("ring size {ring} is not a power of two ≥ {PAGE}"));
     }
     if max == 0 || RECORD_HEADER + max.next_multiple_of(8) > ring / 2 {
-        return Err(format!("max record {max} must be ≥ 1 and fit twice in the ring ({ring})"));
+        return Err(format!(
+            "max record {max} must be ≥ 1 and fit twice in the ring ({ring})"
+        ));
     }
     if file < file_size(ring) {
-        return Err(format!("file has {file} bytes, the layout needs {}", file_size(ring)));
+        return Err(format!(
+            "file has {file} bytes, the layout needs {}",
+            file_size(ring)
+        ));
     }
     Ok(())
 }
@@ -400,7 +428,13 @@ mod tests {
     fn channel(ring: usize, max: usize) -> (tempfile::TempDir, Channel) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ch");
-        let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
         f.set_len(file_size(ring) as u64).unwrap();
         let map = memmap2::MmapOptions::new().map_raw(&f).unwrap();
         (dir, Channel::initialise(map, ring, max, 7).unwrap())
@@ -409,17 +443,15 @@ mod tests {
     #[test]
     fn records_round_trip_across_wrap_around_and_full_rings_refuse() {
         let (_d, ch) = channel(4096, 1000);
-        let mut next = 0u32;
         let mut expect = 0u32;
-        for round in 0..200 {
-            let payload = vec![round as u8; (round * 37) % 1000];
-            while !ch.try_push(Dir::Request, next, flags::OK, &payload) {
+        for round in 0..200u32 {
+            let payload = vec![round as u8; (round as usize * 37) % 1000];
+            while !ch.try_push(Dir::Request, round, flags::OK, &payload) {
                 let r = ch.try_pop(Dir::Request).expect("full ring has records");
                 assert!(r.crc_ok);
                 assert_eq!(r.seq, expect);
                 expect += 1;
             }
-            next += 1;
         }
         while let Some(r) = ch.try_pop(Dir::Request) {
             assert!(r.crc_ok);
@@ -435,20 +467,33 @@ mod tests {
         drop(ch);
         let path = d.path().join("ch");
         let open = || {
-            let f = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .unwrap();
             memmap2::MmapOptions::new().map_raw(&f).unwrap()
         };
         assert!(Channel::attach(open()).is_ok());
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[8] = 9;
         std::fs::write(&path, &bytes).unwrap();
-        assert_eq!(Channel::attach(open()).unwrap_err(), LayoutError::Version(9));
+        assert_eq!(
+            Channel::attach(open()).unwrap_err(),
+            LayoutError::Version(9)
+        );
         bytes[8] = 1;
         bytes[16..20].copy_from_slice(&3000u32.to_le_bytes());
         std::fs::write(&path, &bytes).unwrap();
-        assert!(matches!(Channel::attach(open()).unwrap_err(), LayoutError::Size(_)));
+        assert!(matches!(
+            Channel::attach(open()).unwrap_err(),
+            LayoutError::Size(_)
+        ));
         bytes[0] = b'X';
         std::fs::write(&path, &bytes).unwrap();
-        assert!(matches!(Channel::attach(open()).unwrap_err(), LayoutError::Magic(_)));
+        assert!(matches!(
+            Channel::attach(open()).unwrap_err(),
+            LayoutError::Magic(_)
+        ));
     }
 }

@@ -48,7 +48,8 @@ impl ShmWatcher {
     /// # Errors
     /// [`WatchError`] naming the file or the handler.
     pub fn open(py: Python<'_>, config: &ShmRegionConfig) -> Result<Self, WatchError> {
-        let len = usize::try_from(config.size.as_u64()).unwrap_or(usize::MAX);
+        let size = config.size.map_or(0, |s| s.as_u64());
+        let len = usize::try_from(size).unwrap_or(usize::MAX);
         let region = Arc::new(ShmRegion::open(&config.path, len, config.create)?);
         let on_change = match &config.on_change {
             Some(spec) => {

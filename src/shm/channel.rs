@@ -1,0 +1,260 @@
+//! `mode = "channel"`, the daemon's side: creates (0600) and initialises the
+//! channel file with a new generation, then serves it from a dedicated
+//! interpreter thread that runs the handler itself while traffic flows (a
+//! hand-off per message to another thread would cost more than the message).
+//!
+//! Waiting is adaptive: a busy spin for a few microseconds, then `sched_yield`
+//! spinning, then sleeps growing to [`MAX_SLEEP`], all with the GIL released.
+//! A request whose checksum fails gets an error reply; the daemon goes on.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use pyo3::prelude::*;
+use tokio_util::sync::CancellationToken;
+
+use super::ring::{Channel, Dir, LayoutError, MAGIC, State, file_size, flags};
+use crate::config::ShmRegionConfig;
+use crate::py::handler::{Handler, format_exception};
+use crate::py::target::Target;
+
+/// After a short busy spin, yield-spin until this long after the last message.
+const YIELD: Duration = Duration::from_millis(2);
+/// Then sleep, doubling from 50 µs up to this.
+pub const MAX_SLEEP: Duration = Duration::from_millis(5);
+
+/// Why a channel cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    /// The file could not be created, sized or mapped.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The file holds something that is not a compatible channel.
+    #[error("{path}: refusing to reuse it: {source}")]
+    Foreign {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        source: LayoutError,
+    },
+    /// The handler could not be resolved (traceback included).
+    #[error("{0}")]
+    Handler(String),
+}
+
+/// A channel region, initialised and with its handler resolved.
+pub struct ShmChannel {
+    name: Arc<str>,
+    channel: Channel,
+    handler: Arc<Handler>,
+}
+
+impl ShmChannel {
+    /// Creates or re-initialises the channel file (bumping its generation so
+    /// attached clients notice the restart) and resolves the handler.
+    ///
+    /// # Errors
+    /// [`ChannelError`] naming the file or the handler.
+    pub fn open(py: Python<'_>, cfg: &ShmRegionConfig) -> Result<Self, ChannelError> {
+        let ring = usize::try_from(cfg.ring_size.as_u64()).unwrap_or(usize::MAX);
+        let max = usize::try_from(cfg.max_message.as_u64()).unwrap_or(usize::MAX);
+        let io = |source| ChannelError::Io {
+            path: cfg.path.clone(),
+            source,
+        };
+        let spec = cfg.handler.as_deref().unwrap_or_default();
+        let target = Target::parse(spec).map_err(|e| ChannelError::Handler(e.to_string()))?;
+        let handler = Handler::resolve(py, &cfg.name, &target)
+            .map_err(|e| ChannelError::Handler(format_exception(py, &e)))?;
+        if handler.is_async() {
+            return Err(ChannelError::Handler(format!(
+                "`{spec}` is async def; channel handlers run on the channel's own thread and must be plain functions"
+            )));
+        }
+        let file = std::os::unix::fs::OpenOptionsExt::mode(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true),
+            0o600,
+        )
+        .open(&cfg.path)
+        .map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        let previous = if len == 0 {
+            0
+        } else {
+            previous_generation(&file, &cfg.path)?
+        };
+        file.set_len(file_size(ring) as u64).map_err(io)?;
+        let map = memmap2::MmapOptions::new().map_raw(&file).map_err(io)?;
+        let generation = previous.wrapping_add(1).max(1);
+        let channel = Channel::initialise(map, ring, max, generation).map_err(|source| {
+            ChannelError::Foreign {
+                path: cfg.path.clone(),
+                source,
+            }
+        })?;
+        Ok(Self {
+            name: Arc::from(cfg.name.as_str()),
+            channel,
+            handler: Arc::new(handler),
+        })
+    }
+
+    /// The role's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Serves until `token` is cancelled (on a thread of its own), then marks
+    /// the channel stopped.
+    pub async fn run(self, token: CancellationToken) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let name = self.name.clone();
+        let flag = stop.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("py-shm-{name}"))
+            .spawn(move || {
+                crate::py::output::set_thread_role(Some(&self.name));
+                serve(&self, &flag);
+                self.channel.set_state(State::Stopped);
+                let _ = done_tx.send(());
+            });
+        if let Err(e) = spawned {
+            tracing::error!(role = %name, "cannot start the channel thread: {e}");
+            return;
+        }
+        token.cancelled().await;
+        stop.store(true, Ordering::SeqCst);
+        let _ = done_rx.await;
+        tracing::info!(role = %name, "channel stopped");
+    }
+}
+
+/// The generation of an existing channel file, refusing anything that is not one.
+fn previous_generation(file: &std::fs::File, path: &std::path::Path) -> Result<u64, ChannelError> {
+    let map = memmap2::MmapOptions::new()
+        .map_raw(file)
+        .map_err(|source| ChannelError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let mut magic = [0u8; 8];
+    if map.len() >= 8 {
+        // SAFETY: 8 bytes in bounds of the live mapping, copied out at once.
+        unsafe { std::ptr::copy_nonoverlapping(map.as_ptr(), magic.as_mut_ptr(), 8) };
+    }
+    if magic == [0u8; 8] {
+        return Ok(0);
+    }
+    if magic != MAGIC {
+        return Err(ChannelError::Foreign {
+            path: path.to_path_buf(),
+            source: LayoutError::Magic(magic),
+        });
+    }
+    match Channel::attach(map) {
+        Ok(ch) => Ok(ch.generation()),
+        // Ours but with other sizes (the config changed): start over.
+        Err(LayoutError::Size(_)) => Ok(0),
+        Err(source) => Err(ChannelError::Foreign {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+fn serve(ch: &ShmChannel, stop: &AtomicBool) {
+    let channel = &ch.channel;
+    tracing::info!(
+        role = %ch.name,
+        generation = channel.generation(),
+        ring = channel.ring_size(),
+        max_message = channel.max_record(),
+        "channel ready"
+    );
+    Python::attach(|py| {
+        channel.set_state(State::Ready);
+        let mut idle_since = Instant::now();
+        loop {
+            let Some(request) = channel.try_pop(Dir::Request) else {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                py.detach(|| wait(channel, stop, idle_since));
+                continue;
+            };
+            let (fl, reply) = answer(py, ch, &request);
+            while !channel.try_push(Dir::Response, request.seq, fl, &reply) {
+                // The client is not reading its replies: wait, never overwrite.
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                py.detach(|| std::thread::sleep(Duration::from_micros(100)));
+            }
+            idle_since = Instant::now();
+        }
+    });
+}
+
+/// Runs the handler for one request: (flags, payload) of the reply.
+fn answer(py: Python<'_>, ch: &ShmChannel, request: &super::ring::Record) -> (u32, Vec<u8>) {
+    if !request.crc_ok {
+        tracing::warn!(role = %ch.name, seq = request.seq, "request failed its checksum or framing; answering with an error");
+        return (flags::ERROR, b"checksum mismatch".to_vec());
+    }
+    let max = ch.channel.max_record();
+    match ch.handler.invoke(py, &request.payload, None, None) {
+        crate::py::handler::Invoked::Done(Ok(Some(reply))) if reply.len() <= max => {
+            (flags::OK, reply.to_vec())
+        }
+        crate::py::handler::Invoked::Done(Ok(Some(reply))) => {
+            tracing::warn!(role = %ch.name, "reply of {} bytes is over max_message ({max})", reply.len());
+            (
+                flags::ERROR,
+                format!("reply over max_message ({max} bytes)").into_bytes(),
+            )
+        }
+        crate::py::handler::Invoked::Done(Ok(None)) => (flags::NO_REPLY, Vec::new()),
+        crate::py::handler::Invoked::Done(Err(e)) => {
+            let mut text = e.summary.into_bytes();
+            text.truncate(max);
+            (flags::ERROR, text)
+        }
+        crate::py::handler::Invoked::Pending(_) => {
+            (flags::ERROR, b"async handler in channel mode".to_vec())
+        }
+    }
+}
+
+/// Waits (GIL released) until a request is published or `stop` is set:
+/// spin, then yield, then sleep with growing pauses.
+fn wait(channel: &Channel, stop: &AtomicBool, idle_since: Instant) {
+    let mut sleep = Duration::from_micros(50);
+    let mut spins = 0u32;
+    loop {
+        let (head, tail) = channel.positions(Dir::Request);
+        if head != tail || stop.load(Ordering::Relaxed) {
+            return;
+        }
+        if spins < 256 {
+            // A busy client's next request usually lands within microseconds.
+            spins += 1;
+            std::hint::spin_loop();
+        } else if idle_since.elapsed() < YIELD {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(sleep);
+            sleep = (sleep * 2).min(MAX_SLEEP);
+        }
+    }
+}

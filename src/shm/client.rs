@@ -1,0 +1,237 @@
+//! The Rust client of a shared-memory channel (the C and Python clients in
+//! `include/` and `python/` follow the same steps; see docs/shm-protocol.md).
+//!
+//! One client at a time: [`ShmClient::connect`] takes an exclusive `flock` on
+//! the file (the kernel releases it if the client dies), waits until the daemon has
+//! answered everything the previous client sent, and drops stale replies.
+//! Every wait watches the daemon's generation, so a daemon restart surfaces as
+//! [`ClientError::DaemonRestarted`] instead of a hang.
+
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::ring::{Channel, Dir, LayoutError, State, flags};
+
+/// Why a call did not produce a reply.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The file could not be opened or mapped.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The file is not a compatible channel.
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    /// Another live process is attached (its pid, as it recorded it).
+    #[error("another client (pid {0}) is attached")]
+    Busy(u32),
+    /// The daemon did not become ready in time.
+    #[error("the daemon is not serving this channel")]
+    NotReady,
+    /// The daemon restarted: reconnect (requests in flight are lost).
+    #[error("the daemon restarted; reconnect")]
+    DaemonRestarted,
+    /// The daemon stopped.
+    #[error("the daemon stopped")]
+    DaemonStopped,
+    /// The message is longer than the channel's `max_message`.
+    #[error("message of {0} bytes is over max_message ({1})")]
+    TooLarge(usize, usize),
+    /// No reply in time.
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+    /// The handler failed; its last traceback line.
+    #[error("handler failed: {0}")]
+    Handler(String),
+    /// A reply failed its checksum or did not match the request.
+    #[error("corrupt reply: {0}")]
+    Corrupt(String),
+}
+
+/// An attached client.
+#[derive(Debug)]
+pub struct ShmClient {
+    ch: Channel,
+    /// Holds the client flock.
+    _file: std::fs::File,
+    generation: u64,
+    next_seq: u32,
+    pid: u32,
+    timeout: Duration,
+}
+
+impl ShmClient {
+    /// Maps the channel at `path`, checks its layout and attaches, waiting
+    /// up to `timeout` for the daemon and for the previous client's requests.
+    ///
+    /// # Errors
+    /// [`ClientError`]: I/O, layout, another live client, daemon not ready.
+    pub fn connect(path: &Path, timeout: Duration) -> Result<Self, ClientError> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)?;
+        let map = memmap2::MmapOptions::new().map_raw(&file)?;
+        let ch = Channel::attach(map)?;
+        let deadline = Instant::now() + timeout;
+        while ch.state() != State::Ready as u32 {
+            if Instant::now() >= deadline {
+                return Err(ClientError::NotReady);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // One client at a time: an exclusive flock on the file, which the
+        // kernel drops when the holder dies (a crashed client never wedges it).
+        // SAFETY: flock on a file descriptor we own for the client's lifetime.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(ClientError::Busy(ch.client_pid().load(Ordering::Acquire)));
+        }
+        let pid = std::process::id();
+        ch.client_pid().store(pid, Ordering::Release);
+        let generation = ch.generation();
+        // The previous client's requests are answered (or the daemon restarts)...
+        loop {
+            let (head, tail) = ch.positions(Dir::Request);
+            if head == tail {
+                break;
+            }
+            if ch.generation() != generation || Instant::now() >= deadline {
+                return Err(ClientError::NotReady);
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        // ... and their replies are not ours.
+        ch.discard(Dir::Response);
+        Ok(Self {
+            ch,
+            _file: file,
+            generation,
+            next_seq: 0,
+            pid,
+            timeout,
+        })
+    }
+
+    /// Largest message the channel takes.
+    pub fn max_message(&self) -> usize {
+        self.ch.max_record()
+    }
+
+    /// Queues a request (waiting while the ring is full); returns its sequence number.
+    ///
+    /// # Errors
+    /// [`ClientError::TooLarge`], or the daemon restarted or stopped meanwhile.
+    pub fn send(&mut self, data: &[u8]) -> Result<u32, ClientError> {
+        if data.len() > self.ch.max_record() {
+            return Err(ClientError::TooLarge(data.len(), self.ch.max_record()));
+        }
+        let seq = self.next_seq;
+        let mut waiter = Waiter::new(self.timeout);
+        while !self.ch.try_push(Dir::Request, seq, flags::OK, data) {
+            self.check_daemon()?;
+            waiter.wait()?;
+        }
+        self.next_seq = self.next_seq.wrapping_add(1);
+        Ok(seq)
+    }
+
+    /// Takes the next reply: `(seq, Some(bytes))`, or `(seq, None)` when the
+    /// handler returned `None`.
+    ///
+    /// # Errors
+    /// [`ClientError::Handler`] for a handler exception, or a daemon restart,
+    /// stop, timeout or corrupt reply.
+    pub fn recv(&mut self) -> Result<(u32, Option<Vec<u8>>), ClientError> {
+        let mut waiter = Waiter::new(self.timeout);
+        let record = loop {
+            if let Some(r) = self.ch.try_pop(Dir::Response) {
+                break r;
+            }
+            self.check_daemon()?;
+            waiter.wait()?;
+        };
+        if !record.crc_ok {
+            return Err(ClientError::Corrupt(format!(
+                "reply {} failed its checksum",
+                record.seq
+            )));
+        }
+        match record.flags {
+            flags::OK => Ok((record.seq, Some(record.payload))),
+            flags::NO_REPLY => Ok((record.seq, None)),
+            _ => Err(ClientError::Handler(
+                String::from_utf8_lossy(&record.payload).into_owned(),
+            )),
+        }
+    }
+
+    /// Sends `data` and waits for its reply.
+    ///
+    /// # Errors
+    /// As [`ShmClient::send`] and [`ShmClient::recv`].
+    pub fn call(&mut self, data: &[u8]) -> Result<Option<Vec<u8>>, ClientError> {
+        let seq = self.send(data)?;
+        let (got, reply) = self.recv()?;
+        if got != seq {
+            return Err(ClientError::Corrupt(format!(
+                "reply {got} for request {seq}"
+            )));
+        }
+        Ok(reply)
+    }
+
+    fn check_daemon(&self) -> Result<(), ClientError> {
+        if self.ch.generation() != self.generation {
+            return Err(ClientError::DaemonRestarted);
+        }
+        if self.ch.state() == State::Stopped as u32 {
+            return Err(ClientError::DaemonStopped);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ShmClient {
+    fn drop(&mut self) {
+        let _ =
+            self.ch
+                .client_pid()
+                .compare_exchange(self.pid, 0, Ordering::AcqRel, Ordering::Relaxed);
+    }
+}
+
+/// Spin, then yield, then sleep; fails after the timeout.
+struct Waiter {
+    start: Instant,
+    timeout: Duration,
+    spins: u32,
+}
+
+impl Waiter {
+    fn new(timeout: Duration) -> Self {
+        Self {
+            start: Instant::now(),
+            timeout,
+            spins: 0,
+        }
+    }
+
+    fn wait(&mut self) -> Result<(), ClientError> {
+        self.spins += 1;
+        if self.spins < 2000 {
+            std::hint::spin_loop();
+            return Ok(());
+        }
+        let waited = self.start.elapsed();
+        if waited >= self.timeout {
+            return Err(ClientError::Timeout(self.timeout));
+        }
+        if waited < Duration::from_millis(2) {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        Ok(())
+    }
+}

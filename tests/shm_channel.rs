@@ -1,0 +1,260 @@
+//! `[[shm.region]] mode = "channel"` across processes: the daemon (the real
+//! binary) against the Rust client (this process), the Python client and the
+//! C client (built by gcc), a client SIGKILLed mid-stream, corrupt headers, a
+//! full ring and a daemon restart.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{Daemon, Scenario};
+use pyipcd::shm::client::{ClientError, ShmClient};
+
+const T: Duration = Duration::from_secs(15);
+
+const HANDLERS: &str = r#"
+import time, threading
+gate = threading.Event()
+
+def echo(data):
+    return data
+
+def rev(data):
+    if data == b"raise":
+        raise ValueError("channel handler failed")
+    if data == b"none":
+        return None
+    return data[::-1]
+
+def slow(data):
+    time.sleep(0.02)
+    return data
+
+def slow_check(data):
+    time.sleep(0.02)
+    if data != data[:1] * len(data):
+        raise ValueError("torn or overwritten request")
+    return None
+
+def very_slow(data):
+    time.sleep(3)
+    return data
+"#;
+
+fn daemon(s: &Scenario, handler: &str, extra: &str) -> (Daemon, std::path::PathBuf) {
+    s.write("h.py", HANDLERS);
+    let cfg = s.config(&format!(
+        "[python]\npaths = [\".\"]\n[[shm.region]]\nname = \"ch\"\nmode = \"channel\"\npath = \"ch.shm\"\n\
+         handler = \"h:{handler}\"\nring_size = \"64KiB\"\nmax_message = \"16KiB\"\n{extra}\n"
+    ));
+    let mut d = Daemon::start(&cfg, &[]);
+    d.wait_ready();
+    d.lines.wait_for(&["channel ready", "role=ch"], T);
+    (d, s.path("ch.shm"))
+}
+
+fn payload(i: usize) -> Vec<u8> {
+    (0..(i * 131) % 16000).map(|j| (j ^ i) as u8).collect()
+}
+
+#[test]
+fn the_rust_client_exchanges_many_messages_byte_for_byte() {
+    let s = Scenario::new();
+    let (_d, path) = daemon(&s, "rev", "");
+    let mut c = ShmClient::connect(&path, T).unwrap();
+    for i in 0..2000 {
+        let p = payload(i);
+        let mut want = p.clone();
+        want.reverse();
+        assert_eq!(c.call(&p).unwrap().unwrap(), want, "message {i}");
+    }
+    assert_eq!(c.call(b"none").unwrap(), None);
+    match c.call(b"raise") {
+        Err(ClientError::Handler(msg)) => {
+            assert!(msg.contains("ValueError: channel handler failed"), "{msg}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        c.call(&vec![0u8; 20000]),
+        Err(ClientError::TooLarge(20000, 16384))
+    ));
+    // Still serving after all that.
+    assert_eq!(c.call(b"abc").unwrap().unwrap(), b"cba");
+    let meta = std::fs::metadata(&path).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+        0o600
+    );
+}
+
+#[test]
+fn a_full_ring_makes_the_writer_wait_and_loses_nothing() {
+    let s = Scenario::new();
+    let (_d, path) = daemon(&s, "slow_check", "");
+    let mut c = ShmClient::connect(&path, T).unwrap();
+    // 40 x 8 KiB requests into a 64 KiB ring served at 50/s: once 7 are
+    // queued, each send must wait for the daemon to take one.
+    let started = std::time::Instant::now();
+    let seqs: Vec<u32> = (0..40u8).map(|i| c.send(&[i; 8192]).unwrap()).collect();
+    assert!(
+        started.elapsed() > Duration::from_millis(400),
+        "sends never waited: {:?}",
+        started.elapsed()
+    );
+    // Every request arrived whole (the handler checks each byte) and in order.
+    for seq in seqs {
+        assert_eq!(c.recv().unwrap(), (seq, None));
+    }
+}
+
+#[test]
+fn a_second_live_client_is_refused_and_a_dead_ones_lock_is_taken_over() {
+    let s = Scenario::new();
+    let (_d, path) = daemon(&s, "echo", "");
+    let first = ShmClient::connect(&path, T).unwrap();
+    assert!(matches!(
+        ShmClient::connect(&path, T),
+        Err(ClientError::Busy(_))
+    ));
+    drop(first);
+    let mut again = ShmClient::connect(&path, T).unwrap();
+    assert_eq!(again.call(b"x").unwrap().unwrap(), b"x");
+}
+
+#[test]
+fn a_client_killed_mid_stream_leaves_the_channel_usable() {
+    let s = Scenario::new();
+    let (d, path) = daemon(&s, "echo", "");
+    // A Python client that streams requests until it is killed.
+    let script = format!(
+        "import sys; sys.path.insert(0, {:?})\nimport pyipcd_shm\nc = pyipcd_shm.Client({:?})\nprint('attached', flush=True)\n\
+         i = 0\nwhile True:\n    assert c.call(b'x' * (i % 5000)) == b'x' * (i % 5000)\n    i += 1\n",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/python"),
+        path.to_str().unwrap()
+    );
+    let mut child = Command::new("python3")
+        .args(["-c", &script])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "attached");
+    std::thread::sleep(Duration::from_millis(200));
+    child.kill().unwrap(); // SIGKILL, mid-stream
+    child.wait().unwrap();
+    let mut c = ShmClient::connect(&path, T).unwrap();
+    for i in 0..500 {
+        let p = payload(i);
+        assert_eq!(c.call(&p).unwrap().unwrap(), p);
+    }
+    assert_eq!(d.lines.count(&["checksum"]), 0, "{}", d.lines.text());
+}
+
+#[test]
+fn the_python_client_exchanges_many_messages_byte_for_byte() {
+    let s = Scenario::new();
+    let (_d, path) = daemon(&s, "rev", "");
+    let script = format!(
+        "import sys; sys.path.insert(0, {:?})\nimport pyipcd_shm\nc = pyipcd_shm.Client({:?})\n\
+         for i in range(3000):\n    p = bytes((j ^ i) & 255 for j in range((i * 131) % 16000))\n    assert c.call(p) == p[::-1], i\n\
+         assert c.call(b'none') is None\ntry:\n    c.call(b'raise')\nexcept pyipcd_shm.HandlerError as e:\n    assert 'channel handler failed' in str(e)\n\
+         else:\n    raise SystemExit('no HandlerError')\nprint('python client ok')\n",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/python"),
+        path.to_str().unwrap()
+    );
+    let out = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "python client ok"
+    );
+}
+
+#[test]
+fn the_c_client_exchanges_many_messages_byte_for_byte() {
+    let s = Scenario::new();
+    let (_d, path) = daemon(&s, "rev", "");
+    let exe = s.path("shm_client");
+    let root = env!("CARGO_MANIFEST_DIR");
+    let built = Command::new("gcc")
+        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-O2", "-I"])
+        .arg(format!("{root}/include"))
+        .arg("-o")
+        .arg(&exe)
+        .arg(format!("{root}/include/examples/shm_client.c"))
+        .status()
+        .expect("gcc");
+    assert!(built.success());
+    let out = Command::new(&exe).arg(&path).arg("3000").output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("3000 round trips ok"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn a_corrupt_header_is_refused_by_the_daemon_and_by_clients() {
+    let s = Scenario::new();
+    let (mut d, path) = daemon(&s, "echo", "");
+    d.signal("TERM");
+    assert_eq!(d.wait_exit(T).code(), Some(0));
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[..8].copy_from_slice(b"NOTOURS!");
+    std::fs::write(&path, &bytes).unwrap();
+    assert!(matches!(
+        ShmClient::connect(&path, T),
+        Err(ClientError::Layout(_))
+    ));
+    let (code, _, err) =
+        common::run_to_end(&["run", "-c", s.path("pyipcd.toml").to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("refusing to reuse it: bad magic"), "{err}");
+    // A wrong version is named too.
+    bytes[..8].copy_from_slice(b"PYIPCSH1");
+    bytes[8..12].copy_from_slice(&7u32.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let err = ShmClient::connect(&path, T).unwrap_err().to_string();
+    assert!(err.contains("layout version 7"), "{err}");
+}
+
+#[test]
+fn a_daemon_restart_is_noticed_by_a_waiting_client() {
+    let s = Scenario::new();
+    let (mut d, path) = daemon(&s, "very_slow", "");
+    let p = path.clone();
+    let waiting = std::thread::spawn(move || {
+        let mut c = ShmClient::connect(&p, Duration::from_secs(30)).unwrap();
+        c.call(b"slow one")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    d.signal("KILL");
+    d.wait_exit(T);
+    let cfg = s.path("pyipcd.toml");
+    let mut again = Daemon::start(&cfg, &[]);
+    again.wait_ready();
+    match waiting.join().unwrap() {
+        Err(ClientError::DaemonRestarted) => {}
+        other => panic!("expected DaemonRestarted, got {other:?}"),
+    }
+}
