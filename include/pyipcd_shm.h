@@ -102,19 +102,32 @@ static inline size_t pyipcd_shm__data(const pyipcd_shm *c, int response) {
 }
 static inline uint32_t pyipcd_shm__round8(uint32_t n) { return (n + 7u) & ~7u; }
 
+/* CRC-32 (IEEE, as zlib), slicing-by-8 (little-endian hosts). */
 static inline uint32_t pyipcd_shm_crc32(const uint8_t *p, size_t n) {
-    static uint32_t table[256];
+    static uint32_t t[8][256];
     static atomic_int ready;
     if (!atomic_load_explicit(&ready, memory_order_acquire)) {
         for (uint32_t i = 0; i < 256; i++) {
             uint32_t c = i;
             for (int k = 0; k < 8; k++) c = (c & 1u) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
-            table[i] = c;
+            t[0][i] = c;
         }
+        for (uint32_t i = 0; i < 256; i++)
+            for (int k = 1; k < 8; k++) t[k][i] = (t[k - 1][i] >> 8) ^ t[0][t[k - 1][i] & 0xFFu];
         atomic_store_explicit(&ready, 1, memory_order_release);
     }
     uint32_t crc = 0xFFFFFFFFu;
-    for (size_t i = 0; i < n; i++) crc = table[(crc ^ p[i]) & 0xFFu] ^ (crc >> 8);
+    while (n >= 8) {
+        uint32_t a, b;
+        memcpy(&a, p, 4);
+        memcpy(&b, p + 4, 4);
+        a ^= crc;
+        crc = t[7][a & 0xFFu] ^ t[6][(a >> 8) & 0xFFu] ^ t[5][(a >> 16) & 0xFFu] ^ t[4][a >> 24] ^
+              t[3][b & 0xFFu] ^ t[2][(b >> 8) & 0xFFu] ^ t[1][(b >> 16) & 0xFFu] ^ t[0][b >> 24];
+        p += 8;
+        n -= 8;
+    }
+    while (n--) crc = t[0][(crc ^ *p++) & 0xFFu] ^ (crc >> 8);
     return crc ^ 0xFFFFFFFFu;
 }
 
