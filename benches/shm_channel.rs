@@ -4,6 +4,8 @@
 //! - the same with the Rust client
 //! - the same Python handler behind a Unix socket (a blocking Python server)
 //! - the same handler behind pyipcd's TCP server role (loopback, len32)
+//! - iceoryx2's Python bindings (PyPI `iceoryx2`), request-response, the same
+//!   Python echo on the server side (`benches/iceoryx2_pingpong.py`)
 //! - the raw ring without Python (a Rust echo thread): the ceiling
 //!
 //! Run: `cargo build --release && cargo bench --bench shm_channel -- --seconds 2`
@@ -63,7 +65,11 @@ fn measure(secs: f64, mut call: impl FnMut()) -> (u64, Histogram<u64>) {
 }
 
 fn daemon(dir: &std::path::Path) -> (Kill, std::path::PathBuf, u16) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let shm = dir.join("bench.shm");
     let cfg = dir.join("bench.toml");
     std::fs::write(
@@ -100,6 +106,34 @@ fn len32_call(s: &mut (impl Read + Write), payload: &[u8], back: &mut Vec<u8>) {
     s.read_exact(&mut len).unwrap();
     back.resize(u32::from_be_bytes(len) as usize, 0);
     s.read_exact(back).unwrap();
+}
+
+/// iceoryx2's Python bindings, both ends busy-polling (skipped when not installed).
+fn iceoryx2_row(secs: f64, size: usize) {
+    let out = Command::new("python3")
+        .arg(format!("{ROOT}/benches/iceoryx2_pingpong.py"))
+        .args([secs.to_string(), size.to_string()])
+        .stderr(Stdio::null())
+        .output();
+    let text = match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
+        _ => {
+            eprintln!("iceoryx2 row skipped (pip install iceoryx2)");
+            return;
+        }
+    };
+    let field = |k: &str| -> f64 {
+        text.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    println!(
+        "| iceoryx2 Python bindings, request-response, busy-polling both ends | {size} | {:.0} | {:.2} | {:.2} |",
+        field("round_trips_per_s="),
+        field("p50_us="),
+        field("p99_us=")
+    );
 }
 
 fn main() {
@@ -155,29 +189,55 @@ fn main() {
             field("p99_us=")
         );
 
+        iceoryx2_row(secs, size);
+
         let mut c = ShmClient::connect(&shm, Duration::from_secs(10)).unwrap();
         let (n, h) = measure(secs, || {
             assert_eq!(c.call(&payload).unwrap().unwrap().len(), size);
         });
-        row("pyipcd channel + Python echo, Rust client", size, n, secs, &h);
+        row(
+            "pyipcd channel + Python echo, Rust client",
+            size,
+            n,
+            secs,
+            &h,
+        );
         drop(c);
 
         let mut s = UnixStream::connect(&sock).unwrap();
         let mut back = Vec::new();
         let (n, h) = measure(secs, || len32_call(&mut s, &payload, &mut back));
-        row("Unix socket + Python echo (blocking Python server)", size, n, secs, &h);
+        row(
+            "Unix socket + Python echo (blocking Python server)",
+            size,
+            n,
+            secs,
+            &h,
+        );
 
         let mut t = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         t.set_nodelay(true).unwrap();
         let (n, h) = measure(secs, || len32_call(&mut t, &payload, &mut back));
-        row("TCP loopback + Python echo (pyipcd tcp.server)", size, n, secs, &h);
+        row(
+            "TCP loopback + Python echo (pyipcd tcp.server)",
+            size,
+            n,
+            secs,
+            &h,
+        );
     }
     // Last, alone: its echo thread spins on a core of its own.
     // The raw ring: a Rust echo thread on a channel file of its own.
     let raw_path = dir.path().join("raw.shm");
     let stop = Arc::new(AtomicBool::new(false));
     let raw_server = {
-        let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&raw_path).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&raw_path)
+            .unwrap();
         f.set_len(file_size(1 << 20) as u64).unwrap();
         let map = memmap2::MmapOptions::new().map_raw(&f).unwrap();
         let ch = Channel::initialise(map, 1 << 20, 64 * 1024, 1).unwrap();
@@ -202,7 +262,13 @@ fn main() {
         let (n, h) = measure(secs, || {
             assert_eq!(raw.call(&payload).unwrap().unwrap().len(), size);
         });
-        row("raw ring, Rust echo thread, no Python (ceiling)", size, n, secs, &h);
+        row(
+            "raw ring, Rust echo thread, no Python (ceiling)",
+            size,
+            n,
+            secs,
+            &h,
+        );
     }
     stop.store(true, Ordering::Relaxed);
     let _ = raw_server.join();
