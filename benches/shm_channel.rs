@@ -35,6 +35,22 @@ impl Drop for Kill {
     }
 }
 
+/// Prints a row from a helper's `round_trips_per_s=… p50_us=… p99_us=…` line.
+fn external_row(name: &str, size: usize, text: &str) {
+    let field = |k: &str| -> f64 {
+        text.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    println!(
+        "| {name} | {size} | {:.0} | {:.2} | {:.2} |",
+        field("round_trips_per_s="),
+        field("p50_us="),
+        field("p99_us=")
+    );
+}
+
 fn row(name: &str, size: usize, calls: u64, secs: f64, h: &Histogram<u64>) {
     println!(
         "| {name} | {size} | {:.0} | {:.2} | {:.2} |",
@@ -122,17 +138,10 @@ fn iceoryx2_row(secs: f64, size: usize) {
             return;
         }
     };
-    let field = |k: &str| -> f64 {
-        text.split_whitespace()
-            .find_map(|w| w.strip_prefix(k))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(f64::NAN)
-    };
-    println!(
-        "| iceoryx2 Python bindings, request-response, busy-polling both ends | {size} | {:.0} | {:.2} | {:.2} |",
-        field("round_trips_per_s="),
-        field("p50_us="),
-        field("p99_us=")
+    external_row(
+        "iceoryx2 Python bindings, request-response, busy-polling both ends",
+        size,
+        &text,
     );
 }
 
@@ -176,18 +185,7 @@ fn main() {
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
-        let field = |k: &str| -> f64 {
-            text.split_whitespace()
-                .find_map(|w| w.strip_prefix(k))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(f64::NAN)
-        };
-        println!(
-            "| pyipcd channel + Python echo, C client | {size} | {:.0} | {:.2} | {:.2} |",
-            field("round_trips_per_s="),
-            field("p50_us="),
-            field("p99_us=")
-        );
+        external_row("pyipcd channel + Python echo, C client", size, &text);
 
         iceoryx2_row(secs, size);
 

@@ -6,10 +6,11 @@
 
 Pure Python over `mmap`. Ordering: a record's bytes are written before the
 ring's `tail` is stored, and read before `head` is stored, each as a separate
-copy into the mapping. This relies on x86-64's total store order and on an
-aligned 8-byte `struct.pack_into`/`unpack_from` being one memory access; on a
-weakly ordered CPU (ARM) use the C or Rust client, which use real
-acquire/release atomics.
+copy into the mapping. This relies on x86-64's total store order and on
+`tail`/`head` being read and written with single aligned 8-byte accesses:
+struct's native "Q" format (no "<" prefix; "<Q" packs byte by byte and a
+concurrent reader can see a torn value). On a weakly ordered CPU (ARM) use
+the C or Rust client, which use real acquire/release atomics.
 
 One client at a time: the client holds an exclusive `flock` on the file for
 its lifetime; the kernel drops it if the process dies, so a new client can
@@ -75,14 +76,14 @@ class Client:
             if time.monotonic() > deadline:
                 raise ChannelError(f"{path}: the daemon is not serving this channel")
             time.sleep(0.001)
-        struct.pack_into("<I", mm, 40, os.getpid())
+        struct.pack_into("I", mm, 40, os.getpid())
         self._generation = self._u64(24)
         # Wait until the previous client's requests are answered, then drop their replies.
         while self._u64(self._req_ctl + 64) != self._u64(self._req_ctl):
             if time.monotonic() > deadline or self._u64(24) != self._generation:
                 raise ChannelError(f"{path}: the daemon did not drain the previous client")
             time.sleep(0.0001)
-        struct.pack_into("<Q", mm, self._resp_ctl + 64, self._u64(self._resp_ctl))
+        self._set_u64(self._resp_ctl + 64, self._u64(self._resp_ctl))
         self._seq = 0
 
     def close(self):
@@ -134,11 +135,18 @@ class Client:
 
     # -- internals ---------------------------------------------------------
 
+    # Shared words use struct's *native* formats ("I", "Q", no prefix): CPython
+    # copies those with one memcpy (a single aligned load or store on x86-64),
+    # while "<Q" is packed byte by byte, and a reader racing it would see a
+    # torn position. The layout is little-endian, like the hosts this runs on.
     def _u32(self, off):
-        return struct.unpack_from("<I", self._mm, off)[0]
+        return struct.unpack_from("I", self._mm, off)[0]
 
     def _u64(self, off):
-        return struct.unpack_from("<Q", self._mm, off)[0]
+        return struct.unpack_from("Q", self._mm, off)[0]
+
+    def _set_u64(self, off, value):
+        struct.pack_into("Q", self._mm, off, value)
 
     def _waiter(self):
         start = time.monotonic()
@@ -170,11 +178,11 @@ class Client:
         at = pos
         if skip:
             if skip >= RECORD_HEADER:
-                struct.pack_into("<I", mm, base + at, WRAP)
+                struct.pack_into("I", mm, base + at, WRAP)
             at = 0
         struct.pack_into("<IIII", mm, base + at, len(payload), seq, zlib.crc32(payload), OK)
         mm[base + at + RECORD_HEADER : base + at + RECORD_HEADER + len(payload)] = payload
-        struct.pack_into("<Q", mm, self._req_ctl, tail + skip + need)  # publish
+        self._set_u64(self._req_ctl, tail + skip + need)  # publish
         return True
 
     def _try_pop(self):
@@ -191,10 +199,10 @@ class Client:
             length, seq, crc, flags = struct.unpack_from("<IIII", mm, base + pos)
             need = RECORD_HEADER + _round8(min(length, self.max_message))
             if length > self.max_message or need > room or head + need > tail:
-                struct.pack_into("<Q", mm, self._resp_ctl + 64, tail)
+                self._set_u64(self._resp_ctl + 64, tail)
                 return seq, flags, b"", False
             payload = mm[base + pos + RECORD_HEADER : base + pos + RECORD_HEADER + length]
-            struct.pack_into("<Q", mm, self._resp_ctl + 64, head + need)  # consume
+            self._set_u64(self._resp_ctl + 64, head + need)  # consume
             return seq, flags, payload, zlib.crc32(payload) == crc
         return None
 

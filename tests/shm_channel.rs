@@ -169,19 +169,7 @@ fn the_python_client_exchanges_many_messages_byte_for_byte() {
         concat!(env!("CARGO_MANIFEST_DIR"), "/python"),
         path.to_str().unwrap()
     );
-    let out = Command::new("python3")
-        .args(["-c", &script])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "python client ok"
-    );
+    assert_eq!(common::run_python(&script).trim(), "python client ok");
 }
 
 #[test]
@@ -189,16 +177,7 @@ fn the_c_client_exchanges_many_messages_byte_for_byte() {
     let s = Scenario::new();
     let (_d, path) = daemon(&s, "rev", "");
     let exe = s.path("shm_client");
-    let root = env!("CARGO_MANIFEST_DIR");
-    let built = Command::new("gcc")
-        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-O2", "-I"])
-        .arg(format!("{root}/include"))
-        .arg("-o")
-        .arg(&exe)
-        .arg(format!("{root}/include/examples/shm_client.c"))
-        .status()
-        .expect("gcc");
-    assert!(built.success());
+    common::gcc("include/examples/shm_client.c", &exe);
     let out = Command::new(&exe).arg(&path).arg("3000").output().unwrap();
     assert!(
         out.status.success(),

@@ -5,7 +5,6 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::process::Command;
 use std::time::Duration;
 
 use common::{Daemon, Scenario, run_to_end};
@@ -73,13 +72,7 @@ fn a_write_by_another_process_is_seen_and_the_reply_written_back() {
         "import mmap\nf = open({:?}, 'r+b')\nm = mmap.mmap(f.fileno(), 256)\nm[0:11] = b'external!!!'\nm.close()\n",
         path.to_str().unwrap()
     );
-    assert!(
-        Command::new("python3")
-            .args(["-c", &script])
-            .status()
-            .unwrap()
-            .success()
-    );
+    common::run_python(&script);
     d.lines.wait_for(&["changed: external!!!", "role=r"], T);
     // The handler's reply lands at offset 0, leaving the rest.
     let deadline = std::time::Instant::now() + T;

@@ -92,24 +92,7 @@ fn assert_closed(s: &mut TcpStream) {
 fn the_classic_c_client_gets_its_echo() {
     let (s, mut d, port) = server("raw", "echo", "");
     let exe = s.path("classic_client");
-    let src = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/c/classic_client.c"
-    );
-    let built = Command::new("gcc")
-        .args([
-            "-std=c11",
-            "-D_DEFAULT_SOURCE",
-            "-Wall",
-            "-Werror",
-            "-O2",
-            "-o",
-        ])
-        .arg(&exe)
-        .arg(src)
-        .status()
-        .expect("gcc");
-    assert!(built.success());
+    common::gcc("tests/fixtures/c/classic_client.c", &exe);
     for _ in 0..3 {
         let out = Command::new(&exe).arg(port.to_string()).output().unwrap();
         assert!(
@@ -132,16 +115,7 @@ fn a_python_socket_client_gets_its_echo() {
     let script = format!(
         "import socket\ns = socket.create_connection(('127.0.0.1', {port}))\ns.sendall(b'Hello, world')\nprint(s.recv(1024))\ns.close()\n"
     );
-    let out = Command::new("python3")
-        .args(["-c", &script])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "b'Hello, world'\n");
+    assert_eq!(common::run_python(&script), "b'Hello, world'\n");
 }
 
 #[test]

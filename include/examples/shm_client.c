@@ -5,8 +5,9 @@
  *   shm_client PATH --bench S SIZE ping-pong for S seconds with SIZE-byte messages
  *                                  against an echo handler; prints round trips/s, p50, p99
  */
-#define _POSIX_C_SOURCE 200809L
-#define _DEFAULT_SOURCE
+#ifndef _DEFAULT_SOURCE
+#define _DEFAULT_SOURCE /* usleep, flock */
+#endif
 #include "pyipcd_shm.h"
 
 #include <stdio.h>

@@ -220,3 +220,39 @@ pub fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) 
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Runs `python3 -c script`; returns its stdout, panicking with its stderr on failure.
+pub fn run_python(script: &str) -> String {
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "python3 failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Compiles a C file of the repository (strict C11, warnings as errors) into `out`.
+pub fn gcc(src: &str, out: &Path) {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let ok = Command::new("gcc")
+        .args([
+            "-std=c11",
+            "-D_DEFAULT_SOURCE",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-O2",
+            "-I",
+        ])
+        .arg(format!("{root}/include"))
+        .arg("-o")
+        .arg(out)
+        .arg(format!("{root}/{src}"))
+        .status()
+        .expect("gcc");
+    assert!(ok.success(), "gcc {src} failed");
+}
