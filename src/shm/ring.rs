@@ -256,7 +256,10 @@ impl Channel {
         let pos = (tail % self.ring_size as u64) as usize;
         let room_to_end = self.ring_size - pos;
         let skip = if room_to_end < need { room_to_end } else { 0 };
-        if tail + (skip + need) as u64 - head > self.ring_size as u64 {
+        // Wrapping arithmetic: the other side may be a misbehaving process
+        // that wrote nonsense into `head`; that must read as "full", not panic.
+        let used = tail.wrapping_sub(head);
+        if used > self.ring_size as u64 || used + ((skip + need) as u64) > self.ring_size as u64 {
             return false;
         }
         let base = self.data(dir);
@@ -273,7 +276,7 @@ impl Channel {
         self.write_u32(base + at, payload.len() as u32);
         self.write_bytes(base + at + RECORD_HEADER, payload);
         // Publish: everything above happens-before a consumer's acquire of tail.
-        tail_ref.store(tail + (skip + need) as u64, Ordering::Release);
+        tail_ref.store(tail.wrapping_add((skip + need) as u64), Ordering::Release);
         true
     }
 
@@ -283,35 +286,48 @@ impl Channel {
         let mut head = head_ref.load(Ordering::Relaxed);
         let tail = self.ctl(dir, off::TAIL).load(Ordering::Acquire);
         let base = self.data(dir);
+        let corrupt = |seq, flags| {
+            // Drop everything published so far rather than read nonsense.
+            head_ref.store(tail, Ordering::Release);
+            Some(Record {
+                seq,
+                flags,
+                payload: Vec::new(),
+                crc_ok: false,
+            })
+        };
+        let mut skips = 0;
         loop {
             if head == tail {
                 return None;
             }
+            if tail.wrapping_sub(head) > self.ring_size as u64 {
+                return corrupt(0, 0);
+            }
             let pos = (head % self.ring_size as u64) as usize;
             let room_to_end = self.ring_size - pos;
             if room_to_end < RECORD_HEADER || self.read_u32(base + pos) == WRAP {
-                head += room_to_end as u64;
+                // At most one skip to the start is legitimate per record.
+                skips += 1;
+                if skips > 1 {
+                    return corrupt(0, 0);
+                }
+                head = head.wrapping_add(room_to_end as u64);
                 continue;
             }
             let len = self.read_u32(base + pos) as usize;
             let seq = self.read_u32(base + pos + 4);
             let crc = self.read_u32(base + pos + 8);
             let flags = self.read_u32(base + pos + 12);
-            // A length that cannot be right means a corrupt ring: consume
-            // everything published so far rather than read out of bounds.
+            // A length that cannot be right means a corrupt ring.
             let need = RECORD_HEADER + len.min(self.max_record).next_multiple_of(8);
-            if len > self.max_record || need > room_to_end || head + need as u64 > tail {
-                head_ref.store(tail, Ordering::Release);
-                return Some(Record {
-                    seq,
-                    flags,
-                    payload: Vec::new(),
-                    crc_ok: false,
-                });
+            if len > self.max_record || need > room_to_end || tail.wrapping_sub(head) < need as u64
+            {
+                return corrupt(seq, flags);
             }
             let mut payload = vec![0u8; len];
             self.read_bytes(base + pos + RECORD_HEADER, &mut payload);
-            head_ref.store(head + need as u64, Ordering::Release);
+            head_ref.store(head.wrapping_add(need as u64), Ordering::Release);
             let crc_ok = crc32fast::hash(&payload) == crc;
             return Some(Record {
                 seq,
@@ -459,6 +475,34 @@ mod tests {
             expect += 1;
         }
         assert_eq!(expect, 200);
+    }
+
+    #[test]
+    fn nonsense_positions_and_markers_neither_panic_nor_hang() {
+        let (_d, ch) = channel(4096, 1000);
+        // A peer fills the ring with wrap markers and publishes a wild tail.
+        for off in (0..4096).step_by(4) {
+            ch.write_u32(ch.data(Dir::Request) + off, WRAP);
+        }
+        ch.ctl(Dir::Request, off::TAIL)
+            .store(u64::MAX - 3, Ordering::Release);
+        let r = ch
+            .try_pop(Dir::Request)
+            .expect("reported, not skipped forever");
+        assert!(!r.crc_ok);
+        assert_eq!(ch.try_pop(Dir::Request), None);
+        // A wild head on the ring we produce into reads as full.
+        ch.ctl(Dir::Response, off::HEAD)
+            .store(1 << 40, Ordering::Release);
+        assert!(!ch.try_push(Dir::Response, 1, flags::OK, b"x"));
+        // Garbage lengths are reported as corrupt, never read out of bounds.
+        ch.discard(Dir::Request);
+        let tail = ch.ctl(Dir::Request, off::TAIL).load(Ordering::Relaxed);
+        let pos = (tail % 4096) as usize;
+        ch.write_u32(ch.data(Dir::Request) + pos, 999_999);
+        ch.ctl(Dir::Request, off::TAIL)
+            .store(tail.wrapping_add(64), Ordering::Release);
+        assert!(!ch.try_pop(Dir::Request).unwrap().crc_ok);
     }
 
     #[test]
