@@ -122,6 +122,7 @@ impl Daemon {
             self.roles.spawn(channel.run(self.token.child_token()));
         }
         for watcher in std::mem::take(&mut self.watchers) {
+            watcher.register_route();
             self.roles
                 .spawn(watcher.run(self.pool.clone(), self.token.child_token()));
         }

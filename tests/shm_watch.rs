@@ -99,6 +99,29 @@ fn a_write_by_another_process_is_seen_and_the_reply_written_back() {
 }
 
 #[test]
+fn pyipcd_send_from_a_task_writes_into_the_region() {
+    let s = Scenario::new();
+    s.write(
+        "sender.py",
+        "import pyipcd\n\ndef run():\n    pyipcd.send('r', b'sent from python')\n",
+    );
+    let cfg = region(
+        &s,
+        "on_change = \"h:seen\"\n[[python.task]]\nname = \"sender\"\nrun = \"sender:run\"",
+    );
+    let mut d = Daemon::start(&cfg, &[]);
+    d.wait_ready();
+    d.lines
+        .wait_for(&["pyipcd.send wrote sent from python", "role=r"], T);
+    d.lines
+        .wait_for(&["handler saw 'sent from python'", "role=r"], T);
+    let bytes = std::fs::read(s.path("region.dat")).unwrap();
+    assert_eq!(&bytes[..17], b"sent from python\0");
+    d.signal("TERM");
+    assert_eq!(d.wait_exit(T).code(), Some(0));
+}
+
+#[test]
 fn a_missing_file_without_create_is_a_config_error() {
     let s = Scenario::new();
     let cfg = s.config("[[shm.region]]\nname = \"r\"\npath = \"absent.dat\"\nsize = \"1KiB\"\n");

@@ -2,7 +2,8 @@
 //! tokio task) compares the mapping with what it saw last every `poll` and
 //! hands each change to the `on_change` Python handler on the GIL pool; bytes
 //! the handler returns are written back at offset 0. A scripted writer puts
-//! each `write` value in turn into the region, `write_interval` apart.
+//! each `write` value in turn into the region, `write_interval` apart, and
+//! `pyipcd.send(name, data)` from Python writes `data` the same way.
 //!
 //! Nothing synchronises the writers (the classic demo's known flaw, kept on
 //! purpose): a change made and undone between two polls is not seen, and a
@@ -12,6 +13,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use pyo3::prelude::*;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::region::{ShmError, ShmRegion};
@@ -28,7 +30,11 @@ pub struct ShmWatcher {
     config: ShmRegionConfig,
     region: Arc<ShmRegion>,
     on_change: Option<Arc<Handler>>,
+    inbox: (mpsc::Sender<Bytes>, mpsc::Receiver<Bytes>),
 }
+
+/// Messages from `pyipcd.send` that may wait for the poller.
+const INBOX: usize = 64;
 
 /// Why a watcher could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +71,7 @@ impl ShmWatcher {
             config: config.clone(),
             region,
             on_change,
+            inbox: mpsc::channel(INBOX),
         })
     }
 
@@ -73,8 +80,16 @@ impl ShmWatcher {
         &self.config.name
     }
 
+    /// Makes `pyipcd.send(name, data)` write `data` into the region (zeroed,
+    /// then `data` at offset 0, as the scripted writer does).
+    pub fn register_route(&self) {
+        crate::py::module::register_route(&self.config.name, self.inbox.0.clone());
+    }
+
     /// Polls (and runs the scripted writer) until `token` is cancelled.
-    pub async fn run(self, pool: Arc<GilPool>, token: CancellationToken) {
+    pub async fn run(mut self, pool: Arc<GilPool>, token: CancellationToken) {
+        let (tx, rx) = mpsc::channel(1);
+        let (_, mut inbox) = std::mem::replace(&mut self.inbox, (tx, rx));
         let cfg = &self.config;
         tracing::info!(
             role = %cfg.name,
@@ -92,6 +107,11 @@ impl ShmWatcher {
             tokio::select! {
                 _ = token.cancelled() => break,
                 _ = tick.tick() => {}
+                Some(data) = inbox.recv() => {
+                    self.region.replace(&data);
+                    tracing::info!(role = %cfg.name, "pyipcd.send wrote {}", preview(&data));
+                    continue;
+                }
             }
             let now = snapshot(&self.region).await;
             if now == seen {
@@ -111,6 +131,7 @@ impl ShmWatcher {
                 }
             }
         }
+        crate::py::module::unregister_route(&cfg.name);
         if let Some(w) = writer {
             let _ = w.await;
         }
