@@ -17,6 +17,7 @@ use crate::py::pool::{GilPool, PoolConfig};
 use crate::py::task::{RunningTask, StopFlag};
 use crate::shm::channel::{ChannelError, ShmChannel};
 use crate::shm::watch::{ShmWatcher, WatchError};
+use crate::systemd::notify;
 use crate::tcp::client::TcpClient;
 use crate::tcp::server::TcpServer;
 use crate::{Error, py};
@@ -157,6 +158,13 @@ impl Daemon {
             self.config.python.workers
         );
         tracing::info!(config = %self.config.source.display(), "pyipcd {} ready; {status}", env!("CARGO_PKG_VERSION"));
+        if let Some(period) = crate::systemd::watchdog_period() {
+            self.roles.spawn(crate::systemd::watchdog(
+                self.pool.clone(),
+                period,
+                self.token.child_token(),
+            ));
+        }
         notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
         shutdown.await;
         Ok(self.shutdown().await)
@@ -286,12 +294,6 @@ fn resolve_all<'py, C, R>(
             })
         })
         .collect()
-}
-
-fn notify(states: &[NotifyState<'_>]) {
-    if let Err(e) = sd_notify::notify(states) {
-        tracing::warn!("sd_notify failed: {e}");
-    }
 }
 
 /// Runs the daemon for `config` on a runtime of its own until SIGINT/SIGTERM,

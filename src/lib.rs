@@ -6,6 +6,7 @@
 //! - [`cli`]: command-line arguments.
 //! - [`telemetry`]: tracing set-up; Python output joins the same log.
 //! - [`shutdown`]: signal handling (tokio only).
+//! - [`systemd`]: readiness, status, stopping and watchdog notices.
 //! - [`daemon`]: start-up, readiness, ordered shutdown.
 //! - [`tcp`]: TCP server and client roles.
 //! - [`shm`]: shared-memory regions (the only `unsafe` code).
@@ -27,6 +28,7 @@ pub mod py;
 #[allow(unsafe_code)]
 pub mod shm;
 pub mod shutdown;
+pub mod systemd;
 pub mod tcp;
 pub mod telemetry;
 

@@ -127,3 +127,57 @@ fn json_log_format_emits_one_object_per_line() {
     d.signal("TERM");
     assert_eq!(d.wait_exit(T).code(), Some(0));
 }
+
+#[test]
+fn watchdog_pings_only_while_the_gil_pool_answers() {
+    let s = Scenario::new();
+    s.write(
+        "h.py",
+        "import time\n\ndef block(data):\n    time.sleep(1.5)\n    return data\n",
+    );
+    let cfg = s.write(
+        "pyipcd.toml",
+        "[python]\npaths = [\".\"]\nworkers = 1\n[[tcp.server]]\nname = \"srv\"\nlisten = \"127.0.0.1:0\"\n\
+         framing = \"line\"\nhandler = \"h:block\"\n",
+    );
+    // systemd's contract: WATCHDOG_USEC (200 ms) for this process.
+    let mut d = Daemon::start(&cfg, &[("WATCHDOG_USEC", "200000")]);
+    d.wait_ready();
+    let healthy = d.notify_lines(Duration::from_millis(600));
+    let pings = healthy.iter().filter(|(_, l)| l == "WATCHDOG=1").count();
+    assert!(pings >= 3, "too few pings while healthy: {healthy:?}");
+    // Wedge the only pool thread for 1.5 s with a request.
+    let line = d.lines.wait_for(&["listening", "role=srv"], T);
+    let port: u16 = line
+        .split("127.0.0.1:")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    std::io::Write::write_all(&mut conn, b"wedge\n").unwrap();
+    let wedged_at = Instant::now();
+    let during = d.notify_lines(Duration::from_millis(1000));
+    let early: Vec<_> = during
+        .iter()
+        .filter(|(at, l)| {
+            l == "WATCHDOG=1" && at.duration_since(wedged_at) > Duration::from_millis(300)
+        })
+        .collect();
+    assert!(
+        early.is_empty(),
+        "pinged while the pool was wedged: {during:?}"
+    );
+    d.lines.wait_for(&["did not answer the watchdog probe"], T);
+    // The handler returns; pings resume.
+    let after = d.notify_lines(Duration::from_millis(1200));
+    assert!(
+        after.iter().any(|(_, l)| l == "WATCHDOG=1"),
+        "pings never resumed: {after:?}"
+    );
+    d.signal("TERM");
+    assert_eq!(d.wait_exit(T).code(), Some(0));
+}

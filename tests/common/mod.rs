@@ -167,6 +167,22 @@ impl Daemon {
         panic!("no READY=1 within 20s; log:\n{}", self.lines.text());
     }
 
+    /// Every notify datagram line received during `window`, with its arrival time.
+    pub fn notify_lines(&self, window: Duration) -> Vec<(Instant, String)> {
+        let end = Instant::now() + window;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while Instant::now() < end {
+            if let Ok(n) = self.notify.recv(&mut buf) {
+                let at = Instant::now();
+                for line in String::from_utf8_lossy(&buf[..n]).lines() {
+                    out.push((at, line.to_string()));
+                }
+            }
+        }
+        out
+    }
+
     /// Sends a signal by name (`TERM`, `INT`).
     pub fn signal(&self, sig: &str) {
         let ok = Command::new("kill")
