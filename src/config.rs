@@ -65,19 +65,24 @@ impl Default for LogConfig {
     fn default() -> Self {
         Self {
             level: "info".into(),
-            format: LogFormat::Text,
+            format: LogFormat::Auto,
         }
     }
 }
 
-/// How log lines are written to stderr.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+/// Where and how log lines are written.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
-    /// Human-readable lines.
+    /// Human-readable lines on stderr.
     Text,
-    /// One JSON object per line, for log collectors.
+    /// One JSON object per line on stderr, for log collectors and containers.
     Json,
+    /// Structured entries to the systemd journal (text on stderr if there is none).
+    Journald,
+    /// `journald` when stderr is the journal (systemd's `JOURNAL_STREAM`), else `text`.
+    #[default]
+    Auto,
 }
 
 /// `[daemon]`: process-wide behaviour.
@@ -721,6 +726,8 @@ impl fmt::Display for LogFormat {
         f.write_str(match self {
             LogFormat::Text => "text",
             LogFormat::Json => "json",
+            LogFormat::Journald => "journald",
+            LogFormat::Auto => "auto",
         })
     }
 }

@@ -181,3 +181,37 @@ fn watchdog_pings_only_while_the_gil_pool_answers() {
     d.signal("TERM");
     assert_eq!(d.wait_exit(T).code(), Some(0));
 }
+
+#[test]
+fn journald_without_a_journal_falls_back_to_text_with_a_warning() {
+    let (s, _) = scenario("def run():\n    print('still logged')\n", "1s");
+    for (format, env) in [
+        ("journald", vec![]),
+        ("auto", vec![("JOURNAL_STREAM", "1:1")]),
+    ] {
+        let cfg = s.write(
+            "fmt.toml",
+            &format!(
+                "[log]\nformat = \"{format}\"\n[python]\npaths = [\".\"]\n[[python.task]]\nname = \"job\"\nrun = \"job:run\"\n"
+            ),
+        );
+        let mut d = Daemon::start(&cfg, &env);
+        d.wait_ready();
+        let line = d.lines.wait_for(&["still logged", "role=job"], T);
+        assert!(
+            !line.starts_with('{'),
+            "{format}: expected text, got {line}"
+        );
+        if format == "journald" {
+            d.lines.wait_for(&["journal is not reachable"], T);
+        } else {
+            assert_eq!(
+                d.lines.count(&["journal is not reachable"]),
+                0,
+                "auto chose journald"
+            );
+        }
+        d.signal("TERM");
+        assert_eq!(d.wait_exit(T).code(), Some(0));
+    }
+}
