@@ -26,6 +26,8 @@ pub enum Command {
     Run(ConfigArg),
     /// Load and validate a config, import every Python target it names, print OK or every problem.
     Check(ConfigArg),
+    /// Ask a running daemon's admin endpoint (`[admin] listen`) for /health; exit 0 when healthy.
+    Health(ConfigArg),
 }
 
 /// The `-c/--config` option shared by every command.

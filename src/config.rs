@@ -33,6 +33,8 @@ pub struct Config {
     pub tcp: TcpConfig,
     /// Shared-memory regions.
     pub shm: ShmConfig,
+    /// The admin endpoint.
+    pub admin: AdminConfig,
     /// Where the file was loaded from (set by [`load`], not read from TOML).
     #[serde(skip)]
     pub source: PathBuf,
@@ -46,6 +48,7 @@ impl Default for Config {
             python: PythonConfig::default(),
             tcp: TcpConfig::default(),
             shm: ShmConfig::default(),
+            admin: AdminConfig::default(),
             source: PathBuf::from("<defaults>"),
         }
     }
@@ -316,6 +319,14 @@ fn default_outbox() -> usize {
     1024
 }
 
+/// `[admin]`: the HTTP endpoint for health checks and metrics.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// `host:port` (or `:port`, host 127.0.0.1) to serve `/health` and `/metrics`; off when unset.
+    pub listen: Option<String>,
+}
+
 /// `[shm]`: `[[shm.region]]` roles.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -549,6 +560,11 @@ impl Config {
         }
         self.validate_tcp(&mut problems);
         self.validate_shm(&mut problems);
+        if let Some(listen) = &self.admin.listen
+            && let Err(e) = crate::tcp::parse_listen(listen)
+        {
+            problems.push(format!("admin.listen: {e}"));
+        }
         problems
     }
 

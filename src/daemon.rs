@@ -111,21 +111,44 @@ impl Daemon {
                 .await
                 .map_err(|e| Error::Startup(format!("tcp server `{name}` cannot listen: {e}")))?;
             bound.push((name, listening.local_addr()?));
-            self.roles
-                .spawn(listening.run(self.pool.clone(), self.token.child_token()));
+            self.roles.spawn(crate::admin::tracked(
+                name_of(&bound),
+                listening.run(self.pool.clone(), self.token.child_token()),
+            ));
         }
         for client in std::mem::take(&mut self.clients) {
             client.register_route();
+            // Down until connected: the client marks itself up and down.
+            crate::admin::health().set(client.name(), false);
             self.roles
                 .spawn(client.run(self.pool.clone(), self.token.child_token()));
         }
         for channel in std::mem::take(&mut self.channels) {
-            self.roles.spawn(channel.run(self.token.child_token()));
+            let name = channel.name().to_string();
+            self.roles.spawn(crate::admin::tracked(
+                name,
+                channel.run(self.token.child_token()),
+            ));
         }
         for watcher in std::mem::take(&mut self.watchers) {
             watcher.register_route();
-            self.roles
-                .spawn(watcher.run(self.pool.clone(), self.token.child_token()));
+            let name = watcher.name().to_string();
+            self.roles.spawn(crate::admin::tracked(
+                name,
+                watcher.run(self.pool.clone(), self.token.child_token()),
+            ));
+        }
+        if let Some(listen) = &self.config.admin.listen {
+            let addr = crate::tcp::parse_listen(listen).map_err(Error::Startup)?;
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                Error::Startup(format!("admin endpoint cannot listen on {addr}: {e}"))
+            })?;
+            crate::admin::metrics_handle();
+            self.roles.spawn(crate::admin::serve(
+                listener,
+                self.pool.clone(),
+                self.token.child_token(),
+            ));
         }
         // Tasks last, so `pyipcd.send` finds every role from their first line on.
         for t in &self.config.python.task {
@@ -224,6 +247,10 @@ impl Daemon {
         }
         outcome
     }
+}
+
+fn name_of(bound: &[(String, std::net::SocketAddr)]) -> String {
+    bound.last().map(|(n, _)| n.clone()).unwrap_or_default()
 }
 
 /// Awaits every future (they are few; no extra dependency needed).

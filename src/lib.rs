@@ -6,6 +6,7 @@
 //! - [`cli`]: command-line arguments.
 //! - [`telemetry`]: tracing set-up; Python output joins the same log.
 //! - [`shutdown`]: signal handling (tokio only).
+//! - [`admin`]: `/health` and `/metrics`.
 //! - [`systemd`]: readiness, status, stopping and watchdog notices.
 //! - [`daemon`]: start-up, readiness, ordered shutdown.
 //! - [`tcp`]: TCP server and client roles.
@@ -20,6 +21,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -16,6 +16,7 @@ fn main() {
         None => run(&cli.run),
         Some(Command::Run(args)) => run(&args),
         Some(Command::Check(args)) => check(&args),
+        Some(Command::Health(args)) => health(&args),
     };
     // Exit without finalising Python: threads stuck in C code must not hang us.
     std::process::exit(code);
@@ -70,5 +71,43 @@ fn check(args: &ConfigArg) -> i32 {
             eprintln!("  {p}");
         }
         EXIT_CONFIG
+    }
+}
+
+fn health(args: &ConfigArg) -> i32 {
+    let cfg = match config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("pyipcd: configuration error: {e}");
+            return EXIT_CONFIG;
+        }
+    };
+    let Some(listen) = cfg.admin.listen.as_deref() else {
+        eprintln!(
+            "{}: [admin] listen is not set; no endpoint to ask",
+            args.config.display()
+        );
+        return EXIT_CONFIG;
+    };
+    let addr = match pyipcd::tcp::parse_listen(listen) {
+        Ok(a) => a.to_string(),
+        Err(e) => {
+            eprintln!("admin.listen: {e}");
+            return EXIT_CONFIG;
+        }
+    };
+    match pyipcd::admin::probe(&addr) {
+        Ok((true, body)) => {
+            println!("{body}");
+            EXIT_OK
+        }
+        Ok((false, body)) => {
+            eprintln!("{body}");
+            EXIT_FAILURE
+        }
+        Err(e) => {
+            eprintln!("cannot reach {addr}: {e}");
+            EXIT_FAILURE
+        }
     }
 }

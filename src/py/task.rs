@@ -176,6 +176,7 @@ fn supervise(name: &str, target: &Target, cfg: &TaskConfig, stop: &StopFlag, ide
         if ran > cfg.backoff_max * 2 {
             delay = cfg.backoff_min;
         }
+        metrics::counter!("pyipcd_task_restarts_total", "task" => name.to_string()).increment(1);
         tracing::warn!(
             task = %name,
             "restarting in {delay:?} (restart = {:?})",

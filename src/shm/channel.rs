@@ -182,6 +182,8 @@ fn serve(ch: &ShmChannel, stop: &AtomicBool) {
         max_message = channel.max_record(),
         "channel ready"
     );
+    let messages = metrics::counter!("pyipcd_messages_total", "role" => ch.name.to_string());
+    let errors = metrics::counter!("pyipcd_errors_total", "role" => ch.name.to_string());
     Python::attach(|py| {
         channel.set_state(State::Ready);
         let mut idle_since = Instant::now();
@@ -194,6 +196,10 @@ fn serve(ch: &ShmChannel, stop: &AtomicBool) {
                 continue;
             };
             let (fl, reply) = answer(py, ch, &request);
+            messages.increment(1);
+            if fl == flags::ERROR {
+                errors.increment(1);
+            }
             while !channel.try_push(Dir::Response, request.seq, fl, &reply) {
                 // The client is not reading its replies: wait, never overwrite.
                 if stop.load(Ordering::Relaxed) {

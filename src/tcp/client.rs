@@ -121,9 +121,11 @@ impl TcpClient {
             delay = cfg.backoff_min;
             let _ = stream.set_nodelay(true);
             tracing::info!(role = %cfg.name, "connected to {}", cfg.connect);
+            crate::admin::health().set(&cfg.name, true);
             let why = self
                 .session(stream, &mut outbox, &mut pending, &pool, &token)
                 .await;
+            crate::admin::health().set(&cfg.name, false);
             if !token.is_cancelled() {
                 tracing::warn!(role = %cfg.name, "connection to {} lost ({why}); reconnecting in {delay:?}", cfg.connect);
                 backoff(&mut delay, cfg.backoff_max, &token).await;

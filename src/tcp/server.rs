@@ -11,7 +11,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::future::Either;
@@ -167,11 +167,14 @@ impl ListeningServer {
                 }
             };
             let Ok(permit) = limit.clone().try_acquire_owned() else {
+                metrics::counter!("pyipcd_connections_refused_total", "role" => cfg.name.clone())
+                    .increment(1);
                 tracing::warn!(role = %cfg.name, %peer, "refusing connection: max_connections ({}) reached", cfg.max_connections);
                 drop(stream);
                 continue;
             };
             let conn_id = ids.fetch_add(1, Ordering::Relaxed) + 1;
+            metrics::gauge!("pyipcd_connections", "role" => cfg.name.clone()).increment(1.0);
             let ctx = Arc::new(CallContext {
                 conn_id,
                 peer: peer.to_string(),
@@ -189,6 +192,8 @@ impl ListeningServer {
                         h.fire(&pool, &server.config.name, &ctx).await;
                     }
                     drop(permit);
+                    metrics::gauge!("pyipcd_connections", "role" => server.config.name.clone())
+                        .decrement(1.0);
                 }
                 .instrument(span),
             );
@@ -211,6 +216,7 @@ async fn serve(
     let (r, w) = stream.into_split();
     let mut reader = FramedRead::with_capacity(r, FrameCodec::new(cfg.framing, max), READ_BUFFER);
     let mut writer = FramedWrite::new(w, FrameCodec::new(cfg.framing, max));
+    let m = ConnMetrics::new(&cfg.name);
     let mut in_flight = FuturesOrdered::new();
     let mut pending_msgs = 0usize;
     let mut reading = true;
@@ -232,7 +238,7 @@ async fn serve(
             Some(replies) = in_flight.next(), if !in_flight.is_empty() => {
                 let replies: Replies = replies;
                 pending_msgs -= replies.len();
-                if let Err(e) = write_replies(&mut writer, replies, in_flight.is_empty()).await {
+                if let Err(e) = write_replies(&mut writer, replies, in_flight.is_empty(), &m).await {
                     tracing::info!("write failed, closing: {e}");
                     break;
                 }
@@ -273,16 +279,23 @@ async fn serve(
                             }
                         }
                         let (pool, handler, ctx) = (pool.clone(), server.handler.clone(), ctx.clone());
+                        let (latency, started) = (m.latency.clone(), Instant::now());
                         if batch.is_empty() {
                             pending_msgs += 1;
+                            m.received(1, msg.len());
                             in_flight.push_back(Either::Left(async move {
-                                Replies::One(pool.call_with(&handler, msg, Some(ctx)).await)
+                                let r = pool.call_with(&handler, msg, Some(ctx)).await;
+                                latency.record(started.elapsed());
+                                Replies::One(r)
                             }));
                         } else {
                             batch.insert(0, msg);
                             pending_msgs += batch.len();
+                            m.received(batch.len(), batch.iter().map(Bytes::len).sum());
                             in_flight.push_back(Either::Right(async move {
-                                Replies::Many(pool.call_batch(&handler, batch, Some(ctx)).await)
+                                let r = pool.call_batch(&handler, batch, Some(ctx)).await;
+                                latency.record(started.elapsed());
+                                Replies::Many(r)
                             }));
                         }
                     }
@@ -317,31 +330,45 @@ impl Replies {
     }
 }
 
+/// Per-connection handles on the role's metrics (labels resolved once).
+struct ConnMetrics {
+    messages: metrics::Counter,
+    bytes_in: metrics::Counter,
+    bytes_out: metrics::Counter,
+    errors: metrics::Counter,
+    latency: metrics::Histogram,
+}
+
+impl ConnMetrics {
+    fn new(role: &str) -> Self {
+        let role = role.to_string();
+        Self {
+            messages: metrics::counter!("pyipcd_messages_total", "role" => role.clone()),
+            bytes_in: metrics::counter!("pyipcd_bytes_total", "role" => role.clone(), "direction" => "in"),
+            bytes_out: metrics::counter!("pyipcd_bytes_total", "role" => role.clone(), "direction" => "out"),
+            errors: metrics::counter!("pyipcd_errors_total", "role" => role.clone()),
+            latency: metrics::histogram!("pyipcd_handler_seconds", "role" => role),
+        }
+    }
+
+    fn received(&self, messages: usize, bytes: usize) {
+        self.messages.increment(messages as u64);
+        self.bytes_in.increment(bytes as u64);
+    }
+}
+
 /// Writes the replies in order (flushing when nothing else is in flight).
 async fn write_replies(
     writer: &mut FramedWrite<tokio::net::tcp::OwnedWriteHalf, FrameCodec>,
     replies: Replies,
     flush: bool,
+    m: &ConnMetrics,
 ) -> Result<(), super::framing::FrameError> {
-    let feed = |r: Reply| match r {
-        Ok(reply) => reply,
-        Err(CallError::Handler(_)) => None, // logged with its traceback by the pool
-        Err(e) => {
-            tracing::warn!("no reply: {e}");
-            None
-        }
-    };
     match replies {
-        Replies::One(r) => {
-            if let Some(reply) = feed(r) {
-                writer.feed(reply).await?;
-            }
-        }
+        Replies::One(r) => put(writer, r, m).await?,
         Replies::Many(v) => {
             for r in v {
-                if let Some(reply) = feed(r) {
-                    writer.feed(reply).await?;
-                }
+                put(writer, r, m).await?;
             }
         }
     }
@@ -349,4 +376,28 @@ async fn write_replies(
         writer.flush().await?;
     }
     Ok(())
+}
+
+/// Queues one reply; a failed call is counted (and has been logged) and sends nothing.
+async fn put(
+    writer: &mut FramedWrite<tokio::net::tcp::OwnedWriteHalf, FrameCodec>,
+    r: Reply,
+    m: &ConnMetrics,
+) -> Result<(), super::framing::FrameError> {
+    match r {
+        Ok(Some(reply)) => {
+            m.bytes_out.increment(reply.len() as u64);
+            writer.feed(reply).await
+        }
+        Ok(None) => Ok(()),
+        Err(CallError::Handler(_)) => {
+            m.errors.increment(1); // the pool logged the traceback
+            Ok(())
+        }
+        Err(e) => {
+            m.errors.increment(1);
+            tracing::warn!("no reply: {e}");
+            Ok(())
+        }
+    }
 }

@@ -1,0 +1,163 @@
+//! The admin endpoint (`[admin] listen`, off unless configured):
+//! `GET /health` is 200 when every role is up and the GIL pool answers a
+//! probe, else 503 with a JSON reason; `GET /metrics` is Prometheus text.
+//!
+//! Roles report up/down into [`Health`]; counters and histograms go through
+//! the `metrics` facade into a Prometheus recorder installed once per process.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::py::pool::GilPool;
+
+/// How long `/health` waits for the pool probe.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Which roles are up, by name.
+#[derive(Debug, Default)]
+pub struct Health {
+    roles: Mutex<BTreeMap<String, bool>>,
+}
+
+impl Health {
+    /// Records whether `role` is up.
+    pub fn set(&self, role: &str, up: bool) {
+        self.roles
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(role.to_string(), up);
+    }
+
+    /// Roles that are down.
+    pub fn down(&self) -> Vec<String> {
+        self.roles
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|(_, up)| !**up)
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+}
+
+/// The process-wide role health table.
+pub fn health() -> &'static Health {
+    static HEALTH: OnceLock<Health> = OnceLock::new();
+    HEALTH.get_or_init(Health::default)
+}
+
+/// Runs a role's future, marking it up while it runs and down when it ends.
+pub async fn tracked<F: std::future::Future<Output = ()>>(role: String, fut: F) {
+    health().set(&role, true);
+    fut.await;
+    health().set(&role, false);
+}
+
+/// The process-wide Prometheus recorder (installed on first use).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics may be empty");
+            }
+            handle
+        })
+        .clone()
+}
+
+#[derive(Clone)]
+struct AdminState {
+    pool: Arc<GilPool>,
+    metrics: PrometheusHandle,
+}
+
+/// Serves `/health` and `/metrics` on `listener` until `token` is cancelled.
+pub async fn serve(listener: TcpListener, pool: Arc<GilPool>, token: CancellationToken) {
+    let state = AdminState {
+        pool,
+        metrics: metrics_handle(),
+    };
+    let app = Router::new()
+        .route("/health", get(health_route))
+        .route("/metrics", get(metrics_route))
+        .with_state(state);
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "admin endpoint listening (/health, /metrics)");
+    }
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { token.cancelled().await })
+        .await;
+    if let Err(e) = served {
+        tracing::warn!("admin endpoint stopped: {e}");
+    }
+}
+
+async fn health_route(State(s): State<AdminState>) -> (StatusCode, String) {
+    let mut reasons = Vec::new();
+    match tokio::time::timeout(PROBE_TIMEOUT, s.pool.run(|_py| ())).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => reasons.push(format!("GIL pool: {e}")),
+        Err(_) => reasons.push(format!("GIL pool did not answer within {PROBE_TIMEOUT:?}")),
+    }
+    for role in health().down() {
+        reasons.push(format!("role {role} is down"));
+    }
+    if reasons.is_empty() {
+        (StatusCode::OK, "{\"status\":\"ok\"}\n".into())
+    } else {
+        let reasons: Vec<String> = reasons.iter().map(|r| format!("{r:?}")).collect();
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "{{\"status\":\"unhealthy\",\"reasons\":[{}]}}\n",
+                reasons.join(",")
+            ),
+        )
+    }
+}
+
+async fn metrics_route(State(s): State<AdminState>) -> String {
+    let stats = s.pool.stats();
+    let load =
+        |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed) as f64;
+    metrics::gauge!("pyipcd_pool_queue_depth").set(s.pool.queued() as f64);
+    metrics::gauge!("pyipcd_pool_busy_threads").set(s.pool.busy() as f64);
+    metrics::gauge!("pyipcd_pool_calls").set(load(&stats.calls));
+    metrics::gauge!("pyipcd_pool_errors").set(load(&stats.errors));
+    metrics::gauge!("pyipcd_pool_queue_full_waits").set(load(&stats.queue_full_waits));
+    metrics::gauge!("pyipcd_pool_timeouts").set(load(&stats.timeouts));
+    s.metrics.render()
+}
+
+/// `pyipcd health`: GET /health on `addr`; returns (ok, body).
+///
+/// # Errors
+/// If the endpoint cannot be reached.
+pub fn probe(addr: &str) -> std::io::Result<(bool, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: pyipcd\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let ok = text.starts_with("HTTP/1.1 200");
+    let body = text
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    Ok((ok, body))
+}
