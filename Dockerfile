@@ -25,6 +25,9 @@ COPY python/ /opt/pyipcd/python/
 COPY config/ /opt/pyipcd/config/
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 USER 10001:10001
+EXPOSE 50007
 STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=30s --timeout=3s --start-period=10s \
+  CMD ["/usr/local/bin/pyipcd", "health", "--config", "/opt/pyipcd/config/container.toml"]
 ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/pyipcd"]
-CMD ["run", "--config", "/opt/pyipcd/config/pyipcd.toml"]
+CMD ["run", "--config", "/opt/pyipcd/config/container.toml"]
