@@ -37,6 +37,14 @@ impl Health {
             .insert(role.to_string(), up);
     }
 
+    /// Forgets a role that was removed.
+    pub fn remove(&self, role: &str) {
+        self.roles
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(role);
+    }
+
     /// Roles that are down.
     pub fn down(&self) -> Vec<String> {
         self.roles

@@ -1,29 +1,37 @@
-//! The daemon's life: start the interpreter, the GIL pool and the tasks from a
-//! [`Config`], report readiness, wait for a stop request, then shut down in
-//! order within `daemon.shutdown_grace`.
+//! The daemon's life: start the interpreter, the GIL pool, the roles and the
+//! tasks from a [`Config`], report readiness, reload on request, then shut
+//! down in order within `daemon.shutdown_grace`.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sd_notify::NotifyState;
+use tokio::sync::mpsc;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::config::ShmMode;
 use crate::py::pool::{GilPool, PoolConfig};
 use crate::py::task::{RunningTask, StopFlag};
-use crate::shm::channel::{ChannelError, ShmChannel};
-use crate::shm::watch::{ShmWatcher, WatchError};
+use crate::shutdown::SignalEvent;
+use crate::supervisor::{self, Role, RoleConfig, Running};
 use crate::systemd::notify;
-use crate::tcp::client::TcpClient;
-use crate::tcp::server::TcpServer;
 use crate::{Error, py};
 
 /// How long tasks get, after `SystemExit` was raised in them, to end.
 const FORCED_STOP_WAIT: Duration = Duration::from_secs(1);
+
+/// What the daemon is asked to do while it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Re-read the config file and restart the roles that changed.
+    Reload,
+    /// Stop (gracefully).
+    Stop,
+}
 
 /// A started daemon.
 pub struct Daemon {
@@ -31,10 +39,8 @@ pub struct Daemon {
     pool: Arc<GilPool>,
     tasks: Vec<RunningTask>,
     stop: Arc<StopFlag>,
-    servers: Vec<TcpServer>,
-    clients: Vec<TcpClient>,
-    watchers: Vec<ShmWatcher>,
-    channels: Vec<ShmChannel>,
+    pending: Vec<(String, Role, RoleConfig)>,
+    running: BTreeMap<String, Running>,
     roles: TaskTracker,
     token: CancellationToken,
 }
@@ -72,7 +78,7 @@ impl Daemon {
                 .unwrap_or(usize::MAX),
         };
         py::init(&config.python.paths, &settings)?;
-        let (servers, clients, (watchers, channels)) = resolve_roles(&config)?;
+        let pending = resolve_roles(&config)?;
         let mut pool_config = PoolConfig::new(
             config.python.workers,
             config.python.queue,
@@ -88,10 +94,8 @@ impl Daemon {
             pool,
             tasks,
             stop,
-            servers,
-            clients,
-            watchers,
-            channels,
+            pending,
+            running: BTreeMap::new(),
             roles: TaskTracker::new(),
             token: CancellationToken::new(),
         })
@@ -104,39 +108,13 @@ impl Daemon {
     /// [`Error::Startup`] naming the role whose address cannot be bound.
     pub async fn start_roles(&mut self) -> Result<Vec<(String, std::net::SocketAddr)>, Error> {
         let mut bound = Vec::new();
-        for server in std::mem::take(&mut self.servers) {
-            let name = server.name().to_string();
-            let listening = server
-                .bind()
-                .await
-                .map_err(|e| Error::Startup(format!("tcp server `{name}` cannot listen: {e}")))?;
-            bound.push((name, listening.local_addr()?));
-            self.roles.spawn(crate::admin::tracked(
-                name_of(&bound),
-                listening.run(self.pool.clone(), self.token.child_token()),
-            ));
-        }
-        for client in std::mem::take(&mut self.clients) {
-            client.register_route();
-            // Down until connected: the client marks itself up and down.
-            crate::admin::health().set(client.name(), false);
-            self.roles
-                .spawn(client.run(self.pool.clone(), self.token.child_token()));
-        }
-        for channel in std::mem::take(&mut self.channels) {
-            let name = channel.name().to_string();
-            self.roles.spawn(crate::admin::tracked(
-                name,
-                channel.run(self.token.child_token()),
-            ));
-        }
-        for watcher in std::mem::take(&mut self.watchers) {
-            watcher.register_route();
-            let name = watcher.name().to_string();
-            self.roles.spawn(crate::admin::tracked(
-                name,
-                watcher.run(self.pool.clone(), self.token.child_token()),
-            ));
+        for (name, role, config) in std::mem::take(&mut self.pending) {
+            let (running, addr) =
+                supervisor::start(role, config, &self.pool, &self.token, &self.roles).await?;
+            if let Some(addr) = addr {
+                bound.push((name.clone(), addr));
+            }
+            self.running.insert(name, running);
         }
         if let Some(listen) = &self.config.admin.listen {
             let addr = crate::tcp::parse_listen(listen).map_err(Error::Startup)?;
@@ -166,7 +144,10 @@ impl Daemon {
     ///
     /// # Errors
     /// If a role cannot start (nothing is left running then).
-    pub async fn run_until(mut self, shutdown: impl Future<Output = ()>) -> Result<Outcome, Error> {
+    pub async fn run_until(
+        mut self,
+        mut control: mpsc::Receiver<Control>,
+    ) -> Result<Outcome, Error> {
         if let Err(e) = self.start_roles().await {
             self.token.cancel();
             self.stop.set();
@@ -189,8 +170,62 @@ impl Daemon {
             ));
         }
         notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
-        shutdown.await;
+        while let Some(Control::Reload) = control.recv().await {
+            self.reload().await;
+        }
         Ok(self.shutdown().await)
+    }
+
+    /// Re-reads the config file. On an error the running config stays and the
+    /// reason is logged; otherwise only roles whose configuration changed are
+    /// restarted. Python settings, tasks, logging and the admin endpoint need
+    /// a restart (a warning says so).
+    pub async fn reload(&mut self) {
+        notify(&[
+            NotifyState::Reloading,
+            NotifyState::monotonic_usec_now().unwrap_or(NotifyState::Status("reloading")),
+        ]);
+        let path = self.config.source.clone();
+        tracing::info!(config = %path.display(), "SIGHUP: reloading");
+        let new = match crate::config::load(&path) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("reload failed; still serving the previous configuration: {e}");
+                notify(&[
+                    NotifyState::Ready,
+                    NotifyState::Status("reload failed; previous configuration kept"),
+                ]);
+                return;
+            }
+        };
+        if new.python != self.config.python
+            || new.log != self.config.log
+            || new.daemon != self.config.daemon
+            || new.admin != self.config.admin
+        {
+            tracing::warn!(
+                "reload: [python], [log], [daemon] and [admin] changes need a restart; keeping the running values"
+            );
+        }
+        let (started, stopped, failed) = supervisor::apply(
+            &mut self.running,
+            supervisor::role_configs(&new),
+            &self.pool,
+            &self.token,
+            &self.roles,
+            self.config.daemon.shutdown_grace,
+        )
+        .await;
+        self.config.tcp = new.tcp;
+        self.config.shm = new.shm;
+        let status =
+            format!("reloaded: started {started:?}, stopped {stopped:?}, failed {failed:?}");
+        if failed.is_empty() {
+            tracing::info!("{status}");
+        } else {
+            tracing::error!("{status}");
+        }
+        notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
     }
 
     async fn shutdown(&mut self) -> Outcome {
@@ -249,10 +284,6 @@ impl Daemon {
     }
 }
 
-fn name_of(bound: &[(String, std::net::SocketAddr)]) -> String {
-    bound.last().map(|(n, _)| n.clone()).unwrap_or_default()
-}
-
 /// Awaits every future (they are few; no extra dependency needed).
 async fn futures_join<F: Future<Output = ()>>(futs: impl Iterator<Item = F>) {
     for f in futs {
@@ -260,67 +291,13 @@ async fn futures_join<F: Future<Output = ()>>(futs: impl Iterator<Item = F>) {
     }
 }
 
-type Roles = (
-    Vec<TcpServer>,
-    Vec<TcpClient>,
-    (Vec<ShmWatcher>, Vec<ShmChannel>),
-);
-
-fn resolve_roles(config: &Config) -> Result<Roles, Error> {
+fn resolve_roles(config: &Config) -> Result<Vec<(String, Role, RoleConfig)>, Error> {
     pyo3::Python::attach(|py| {
-        let servers = resolve_all(
-            py,
-            "tcp server",
-            &config.tcp.server,
-            |c| &c.name,
-            TcpServer::resolve,
-        )?;
-        let clients = resolve_all(
-            py,
-            "tcp client",
-            &config.tcp.client,
-            |c| &c.name,
-            TcpClient::resolve,
-        )?;
-        let mut watchers = Vec::new();
-        let mut channels = Vec::new();
-        for r in &config.shm.region {
-            let named = |e: String| format!("shm region `{}`: {}", r.name, e.trim_end());
-            match r.mode {
-                ShmMode::Watch => watchers.push(ShmWatcher::open(py, r).map_err(|e| match e {
-                    WatchError::Shm(e) => Error::Startup(named(e.to_string())),
-                    WatchError::Handler(tb) => Error::Target(named(tb)),
-                })?),
-                ShmMode::Channel => {
-                    channels.push(ShmChannel::open(py, r).map_err(|e| match e {
-                        ChannelError::Handler(tb) => Error::Target(named(tb)),
-                        e => Error::Startup(named(e.to_string())),
-                    })?)
-                }
-            }
-        }
-        Ok((servers, clients, (watchers, channels)))
+        supervisor::role_configs(config)
+            .into_iter()
+            .map(|(name, cfg)| Ok((name.clone(), supervisor::resolve(py, &name, &cfg)?, cfg)))
+            .collect()
     })
-}
-
-/// Resolves every role of one kind; the first failure names the role and
-/// carries the Python traceback.
-fn resolve_all<'py, C, R>(
-    py: pyo3::Python<'py>,
-    kind: &str,
-    configs: &[C],
-    name: impl Fn(&C) -> &str,
-    resolve: impl Fn(pyo3::Python<'py>, &C) -> pyo3::PyResult<R>,
-) -> Result<Vec<R>, Error> {
-    configs
-        .iter()
-        .map(|c| {
-            resolve(py, c).map_err(|e| {
-                let tb = py::handler::format_exception(py, &e);
-                Error::Target(format!("{kind} `{}`: {}", name(c), tb.trim_end()))
-            })
-        })
-        .collect()
 }
 
 /// Runs the daemon for `config` on a runtime of its own until SIGINT/SIGTERM,
@@ -337,10 +314,24 @@ pub fn run(config: Config, python_log_level: u32) -> Result<i32, Error> {
         .build()?;
     let mut signals = runtime.block_on(async { crate::shutdown::Signals::register() })?;
     let daemon = Daemon::start(config, python_log_level)?;
-    let outcome = runtime.block_on(daemon.run_until(async move {
-        let (name, _) = signals.stop_requested().await;
-        tracing::info!("{name} received");
-        signals.exit_on_second();
-    }))?;
+    let outcome = runtime.block_on(async move {
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            loop {
+                match signals.next().await {
+                    SignalEvent::Reload => {
+                        let _ = tx.send(Control::Reload).await;
+                    }
+                    SignalEvent::Stop(name, _) => {
+                        tracing::info!("{name} received");
+                        let _ = tx.send(Control::Stop).await;
+                        signals.exit_on_second();
+                        return;
+                    }
+                }
+            }
+        });
+        daemon.run_until(rx).await
+    })?;
     Ok(outcome.exit_code())
 }

@@ -8,7 +8,8 @@
 //! - [`shutdown`]: signal handling (tokio only).
 //! - [`admin`]: `/health` and `/metrics`.
 //! - [`systemd`]: readiness, status, stopping and watchdog notices.
-//! - [`daemon`]: start-up, readiness, ordered shutdown.
+//! - [`daemon`]: start-up, readiness, reload, ordered shutdown.
+//! - [`supervisor`]: roles built from the config, started, and diffed on reload.
 //! - [`tcp`]: TCP server and client roles.
 //! - [`shm`]: shared-memory regions (the only `unsafe` code).
 //! - [`py`]: the embedded interpreter: GIL pool, handlers, asyncio loop, tasks,
@@ -30,6 +31,7 @@ pub mod py;
 #[allow(unsafe_code)]
 pub mod shm;
 pub mod shutdown;
+pub mod supervisor;
 pub mod systemd;
 pub mod tcp;
 pub mod telemetry;

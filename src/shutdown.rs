@@ -1,7 +1,16 @@
 //! Signals, handled in tokio only: SIGINT/SIGTERM begin a graceful stop, a
-//! second one exits at once; SIGHUP is logged (reload comes with the service work).
+//! second one exits at once; SIGHUP asks for a configuration reload.
 
 use tokio::signal::unix::{Signal, SignalKind, signal};
+
+/// What a signal asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignalEvent {
+    /// Stop (signal name and number).
+    Stop(&'static str, i32),
+    /// Reload the configuration (SIGHUP).
+    Reload,
+}
 
 /// The process's signal streams, registered at start-up (before the
 /// interpreter, so Python never installs its own SIGINT handler).
@@ -24,15 +33,20 @@ impl Signals {
         })
     }
 
-    /// Waits for SIGINT or SIGTERM and returns its name and number.
+    /// Waits for the next signal.
+    pub async fn next(&mut self) -> SignalEvent {
+        tokio::select! {
+            _ = self.int.recv() => SignalEvent::Stop("SIGINT", 2),
+            _ = self.term.recv() => SignalEvent::Stop("SIGTERM", 15),
+            _ = self.hup.recv() => SignalEvent::Reload,
+        }
+    }
+
+    /// Waits for SIGINT or SIGTERM and returns its name and number (SIGHUP is ignored here).
     pub async fn stop_requested(&mut self) -> (&'static str, i32) {
         loop {
-            tokio::select! {
-                _ = self.int.recv() => return ("SIGINT", 2),
-                _ = self.term.recv() => return ("SIGTERM", 15),
-                _ = self.hup.recv() => {
-                    tracing::warn!("SIGHUP received: configuration reload is not supported yet; ignoring");
-                }
+            if let SignalEvent::Stop(name, num) = self.next().await {
+                return (name, num);
             }
         }
     }
