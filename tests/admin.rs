@@ -106,6 +106,10 @@ fn metrics_move_with_traffic_and_health_follows_the_pool() {
         metric(&body, "pyipcd_handler_seconds_count{role=\"srv\"}") >= 6.0,
         "{body}"
     );
+    assert!(
+        body.contains("pyipcd_handler_seconds_bucket{role=\"srv\",le=\"0.001\"}"),
+        "{body}"
+    );
     assert_eq!(metric(&body, "pyipcd_pool_queue_depth"), 0.0);
 
     // Wedge the only pool thread: /health turns 503 and says why.

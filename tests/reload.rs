@@ -100,3 +100,43 @@ fn sighup_moves_a_changed_listener_and_keeps_the_rest() {
     assert!(notes.iter().any(|(_, l)| l == "STOPPING=1"), "{notes:?}");
     assert_eq!(d.wait_exit(T).code(), Some(0));
 }
+
+#[test]
+fn notify_sees_ready_watchdog_reloading_ready_stopping_in_order() {
+    let s = Scenario::new();
+    s.write("h.py", "def echo(data):\n    return data\n");
+    let cfg = s.write("pyipcd.toml", &config(free_port(), free_port()));
+    let mut d = Daemon::start(&cfg, &[("WATCHDOG_USEC", "200000")]);
+    let mut seen: Vec<String> = Vec::new();
+    let mut take = |d: &Daemon, window: u64| {
+        for (_, l) in d.notify_lines(Duration::from_millis(window)) {
+            if ["READY=1", "WATCHDOG=1", "RELOADING=1", "STOPPING=1"].contains(&l.as_str())
+                && seen.last() != Some(&l)
+            {
+                seen.push(l);
+            }
+        }
+    };
+    take(&d, 600);
+    d.signal("HUP");
+    take(&d, 400);
+    d.signal("TERM");
+    take(&d, 400);
+    assert_eq!(d.wait_exit(T).code(), Some(0));
+    // Pings may land between the others; the order of the milestones is fixed.
+    let milestones: Vec<&str> = seen
+        .iter()
+        .map(String::as_str)
+        .filter(|l| *l != "WATCHDOG=1")
+        .collect();
+    assert_eq!(
+        milestones,
+        ["READY=1", "RELOADING=1", "READY=1", "STOPPING=1"],
+        "{seen:?}"
+    );
+    assert_eq!(
+        seen.get(1).map(String::as_str),
+        Some("WATCHDOG=1"),
+        "{seen:?}"
+    );
+}
