@@ -1,0 +1,363 @@
+//! Role sections of the configuration: `[[tcp.server]]`, `[[tcp.client]]`,
+//! `[[shm.region]]` and `[admin]`, with their defaults and validation.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::Deserialize;
+
+use super::{Config, default_backoff_max};
+use crate::py::target::Target;
+
+/// `[tcp]`: `[[tcp.server]]` and `[[tcp.client]]` roles.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TcpConfig {
+    /// Listening roles.
+    pub server: Vec<TcpServerConfig>,
+    /// Connecting roles.
+    pub client: Vec<TcpClientConfig>,
+}
+
+/// How messages are delimited on a TCP stream.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Framing {
+    /// Each read is a message and a reply is written as is (classic socket code).
+    Raw,
+    /// Newline-delimited; the newline is stripped on input and added on output.
+    #[default]
+    Line,
+    /// A 4-byte big-endian length prefix, both ways.
+    Len32,
+}
+
+/// `[[tcp.server]]`: accept connections and answer each message with a Python handler.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TcpServerConfig {
+    /// Unique role name.
+    pub name: String,
+    /// `host:port`, `:port` or `port` (host defaults to 127.0.0.1).
+    pub listen: String,
+    /// Message framing.
+    #[serde(default)]
+    pub framing: Framing,
+    /// `module:function` or `module:Class.method`: `handler(data) -> bytes | None`.
+    pub handler: String,
+    /// Connections beyond this are refused (closed at once, logged).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// A longer message closes its connection.
+    #[serde(default = "default_max_message")]
+    pub max_message: ByteSize,
+    /// A connection silent this long is closed.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Requests per connection being handled at once (pipelining depth).
+    #[serde(default = "default_pipeline")]
+    pub pipeline: usize,
+    /// Called as `on_connect(conn_id, peer)` when a connection opens.
+    #[serde(default)]
+    pub on_connect: Option<String>,
+    /// Called as `on_close(conn_id, peer)` when it closes.
+    #[serde(default)]
+    pub on_close: Option<String>,
+}
+
+/// `[[tcp.client]]`: connect out, send scripted or produced messages, hand replies to Python.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TcpClientConfig {
+    /// Unique role name.
+    pub name: String,
+    /// `host:port` to connect to.
+    pub connect: String,
+    /// Message framing.
+    #[serde(default)]
+    pub framing: Framing,
+    /// Scripted messages (TOML escapes give bytes: `"\u0000"`).
+    #[serde(default)]
+    pub send: Vec<String>,
+    /// Pause between scripted or produced messages.
+    #[serde(default = "default_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// How many times the `send` list is sent; 0 = forever.
+    #[serde(default = "default_repeat")]
+    pub repeat: u64,
+    /// A generator function (`module:function`) whose yielded messages are sent.
+    #[serde(default)]
+    pub producer: Option<String>,
+    /// Handler for each reply; without one, replies are logged.
+    #[serde(default)]
+    pub on_reply: Option<String>,
+    /// Give up one connection attempt after this long.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// First reconnect delay; doubles per failed attempt.
+    #[serde(default = "default_reconnect_min", with = "humantime_serde")]
+    pub backoff_min: Duration,
+    /// Longest reconnect delay.
+    #[serde(default = "default_backoff_max", with = "humantime_serde")]
+    pub backoff_max: Duration,
+    /// A longer reply closes the connection (it is then re-established).
+    #[serde(default = "default_max_message")]
+    pub max_message: ByteSize,
+    /// Messages waiting to be sent (from `pyipcd.send` and the producer) before senders wait.
+    #[serde(default = "default_outbox")]
+    pub outbox: usize,
+}
+
+fn default_max_connections() -> usize {
+    1024
+}
+fn default_max_message() -> ByteSize {
+    ByteSize::mib(1)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_pipeline() -> usize {
+    64
+}
+fn default_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_repeat() -> u64 {
+    1
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_reconnect_min() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_outbox() -> usize {
+    1024
+}
+
+/// `[admin]`: the HTTP endpoint for health checks and metrics.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// `host:port` (or `:port`, host 127.0.0.1) to serve `/health` and `/metrics`; off when unset.
+    pub listen: Option<String>,
+}
+
+/// `[shm]`: `[[shm.region]]` roles.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShmConfig {
+    /// Memory-mapped files.
+    pub region: Vec<ShmRegionConfig>,
+}
+
+/// How a region is used.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ShmMode {
+    /// Poll the mapping and hand every change to `on_change` (the classic demo).
+    #[default]
+    Watch,
+    /// A synchronised request/response channel (docs/shm-protocol.md) served by `handler`.
+    Channel,
+}
+
+/// `[[shm.region]]`: a memory-mapped file watched for changes.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ShmRegionConfig {
+    /// Unique role name.
+    pub name: String,
+    /// The file, relative to the config file's folder.
+    pub path: PathBuf,
+    /// Watch mode: bytes mapped; the file must be at least this long (or
+    /// `create` it). Channel mode derives the size from `ring_size`.
+    #[serde(default)]
+    pub size: Option<ByteSize>,
+    /// Create the file (mode 0600) and size it if missing.
+    #[serde(default)]
+    pub create: bool,
+    /// What the region is for.
+    #[serde(default)]
+    pub mode: ShmMode,
+    /// How often the mapping is compared with its last contents.
+    #[serde(default = "default_poll", with = "humantime_serde")]
+    pub poll: Duration,
+    /// `module:function` called with the new contents as `bytes` on every
+    /// change; bytes it returns are written back at offset 0.
+    #[serde(default)]
+    pub on_change: Option<String>,
+    /// Scripted writer: each value in turn replaces the region's contents
+    /// (zeroed, then the value at offset 0). TOML escapes give bytes.
+    #[serde(default)]
+    pub write: Vec<String>,
+    /// Pause between scripted writes.
+    #[serde(default = "default_interval", with = "humantime_serde")]
+    pub write_interval: Duration,
+    /// Channel mode: `module:function` answering each request (`bytes -> bytes | None`).
+    #[serde(default)]
+    pub handler: Option<String>,
+    /// Channel mode: data bytes per ring (a power of two ≥ 4 KiB).
+    #[serde(default = "default_ring_size")]
+    pub ring_size: ByteSize,
+    /// Channel mode: largest request or reply (at most half a ring, minus 16 B).
+    #[serde(default = "default_shm_max_message")]
+    pub max_message: ByteSize,
+}
+
+fn default_ring_size() -> ByteSize {
+    ByteSize::mib(1)
+}
+
+fn default_shm_max_message() -> ByteSize {
+    ByteSize::kib(64)
+}
+
+fn default_poll() -> Duration {
+    Duration::from_millis(100)
+}
+
+/// Largest region a watcher copies per poll.
+pub const MAX_WATCH_SIZE: u64 = 16 * 1024 * 1024;
+
+impl Config {
+    pub(super) fn validate_shm(&self, problems: &mut Vec<String>) {
+        let mut names: HashSet<&str> = self.tcp.server.iter().map(|s| s.name.as_str()).collect();
+        names.extend(self.tcp.client.iter().map(|c| c.name.as_str()));
+        for (i, r) in self.shm.region.iter().enumerate() {
+            let key = format!("shm.region[{i}]");
+            if !names.insert(r.name.as_str()) || r.name.trim().is_empty() {
+                problems.push(format!("{key}.name `{}` is empty or used twice", r.name));
+            }
+            let size = r.size.map_or(0, |s| s.as_u64());
+            match r.mode {
+                ShmMode::Watch => {
+                    if size == 0 || size > MAX_WATCH_SIZE {
+                        problems.push(format!("{key}.size must be between 1 B and 16 MiB"));
+                    }
+                    if r.handler.is_some() {
+                        problems.push(format!(
+                            "{key}.handler is for mode = \"channel\"; watch uses on_change"
+                        ));
+                    }
+                }
+                ShmMode::Channel => {
+                    let ring = r.ring_size.as_u64();
+                    if !ring.is_power_of_two() || !(4096..=1 << 30).contains(&ring) {
+                        problems.push(format!(
+                            "{key}.ring_size must be a power of two between 4 KiB and 1 GiB"
+                        ));
+                    }
+                    let max = r.max_message.as_u64();
+                    if max == 0 || 16 + max.next_multiple_of(8) > ring / 2 {
+                        problems.push(format!("{key}.max_message must be ≥ 1 B and at most half of ring_size minus 16 B"));
+                    }
+                    if r.handler.is_none() {
+                        problems.push(format!("{key}.handler is required in channel mode"));
+                    }
+                    if r.size.is_some() || r.on_change.is_some() || !r.write.is_empty() {
+                        problems.push(format!(
+                            "{key}: size, on_change and write are for mode = \"watch\""
+                        ));
+                    }
+                }
+            }
+            if r.poll.is_zero() || r.write_interval.is_zero() {
+                problems.push(format!(
+                    "{key}: poll and write_interval must be greater than 0"
+                ));
+            }
+            if let Some(w) = r.write.iter().find(|w| w.len() as u64 > size) {
+                problems.push(format!(
+                    "{key}.write: `{}` is longer than the region",
+                    w.escape_debug()
+                ));
+            }
+            for (k, spec) in [("on_change", &r.on_change), ("handler", &r.handler)] {
+                if let Some(spec) = spec
+                    && let Err(e) = Target::parse(spec)
+                {
+                    problems.push(format!("{key}.{k}: {e}"));
+                }
+            }
+            if r.mode == ShmMode::Watch && !r.create && !r.path.exists() {
+                problems.push(format!(
+                    "{key}.path: {} does not exist (set create = true to create it)",
+                    r.path.display()
+                ));
+            }
+        }
+    }
+
+    pub(super) fn validate_tcp(&self, problems: &mut Vec<String>) {
+        let mut roles: HashSet<&str> = HashSet::new();
+        let target = |problems: &mut Vec<String>, key: String, spec: &str| match Target::parse(spec)
+        {
+            Ok(t) if t.attr == crate::py::target::TargetAttr::None => problems.push(format!(
+                "{key}: `{spec}` names a module; use module:function"
+            )),
+            Ok(_) => {}
+            Err(e) => problems.push(format!("{key}: {e}")),
+        };
+        for (i, s) in self.tcp.server.iter().enumerate() {
+            let key = format!("tcp.server[{i}]");
+            if !roles.insert(s.name.as_str()) || s.name.trim().is_empty() {
+                problems.push(format!("{key}.name `{}` is empty or used twice", s.name));
+            }
+            if let Err(e) = crate::tcp::parse_listen(&s.listen) {
+                problems.push(format!("{key}.listen: {e}"));
+            }
+            target(problems, format!("{key}.handler"), &s.handler);
+            for (k, v) in [("on_connect", &s.on_connect), ("on_close", &s.on_close)] {
+                if let Some(v) = v {
+                    target(problems, format!("{key}.{k}"), v);
+                }
+            }
+            if s.max_connections == 0 || s.pipeline == 0 {
+                problems.push(format!(
+                    "{key}: max_connections and pipeline must be at least 1"
+                ));
+            }
+            if s.max_message.as_u64() == 0 || s.max_message.as_u64() > u64::from(u32::MAX) {
+                problems.push(format!("{key}.max_message must be between 1 B and 4 GiB"));
+            }
+        }
+        for (i, c) in self.tcp.client.iter().enumerate() {
+            let key = format!("tcp.client[{i}]");
+            if !roles.insert(c.name.as_str()) || c.name.trim().is_empty() {
+                problems.push(format!("{key}.name `{}` is empty or used twice", c.name));
+            }
+            if c.connect
+                .rsplit_once(':')
+                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+            {
+                problems.push(format!("{key}.connect: `{}` is not host:port", c.connect));
+            }
+            for (k, v) in [("producer", &c.producer), ("on_reply", &c.on_reply)] {
+                if let Some(v) = v {
+                    target(problems, format!("{key}.{k}"), v);
+                }
+            }
+            if c.backoff_min.is_zero() || c.backoff_max < c.backoff_min {
+                problems.push(format!("{key}: need 0 < backoff_min <= backoff_max"));
+            }
+            if c.outbox == 0 {
+                problems.push(format!("{key}.outbox must be at least 1"));
+            }
+            if c.max_message.as_u64() == 0 || c.max_message.as_u64() > u64::from(u32::MAX) {
+                problems.push(format!("{key}.max_message must be between 1 B and 4 GiB"));
+            }
+        }
+        for t in &self.python.task {
+            if roles.contains(t.name.as_str()) {
+                problems.push(format!(
+                    "python.task `{}`: a role has the same name",
+                    t.name
+                ));
+            }
+        }
+    }
+}
