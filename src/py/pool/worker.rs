@@ -200,6 +200,15 @@ pub(crate) fn worker_main(shared: &Shared, idx: usize) {
     });
 }
 
+/// Tags this thread's Python output and the monitor's slot with the
+/// handler's role; a pointer comparison when it has not changed (the usual case).
+fn note_role(slot: &WorkerSlot, handler: &Handler) {
+    if !output::thread_role_is(handler.role()) {
+        output::set_thread_role(Some(handler.role()));
+        *slot.role.lock().expect("slot lock") = Some(handler.role().clone());
+    }
+}
+
 fn run_job(py: Python<'_>, shared: &Shared, slot: &WorkerSlot, seq: u64, job: Job) {
     slot.current.store(seq, Ordering::Release);
     match job {
@@ -209,16 +218,7 @@ fn run_job(py: Python<'_>, shared: &Shared, slot: &WorkerSlot, seq: u64, job: Jo
             ctx,
             reply,
         } => {
-            output::set_thread_role(Some(handler.role()));
-            {
-                let mut role = slot.role.lock().expect("slot lock");
-                if !role
-                    .as_ref()
-                    .is_some_and(|r| Arc::ptr_eq(r, handler.role()))
-                {
-                    *role = Some(handler.role().clone());
-                }
-            }
+            note_role(slot, &handler);
             let invoked = handler.invoke(py, &payload, ctx.as_deref(), shared.locals.as_ref());
             if matches!(invoked, Invoked::Done(Err(_))) {
                 shared.stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -233,10 +233,7 @@ fn run_job(py: Python<'_>, shared: &Shared, slot: &WorkerSlot, seq: u64, job: Jo
             ctx,
             reply,
         } => {
-            if !output::thread_role_is(handler.role()) {
-                output::set_thread_role(Some(handler.role()));
-                *slot.role.lock().expect("slot lock") = Some(handler.role().clone());
-            }
+            note_role(slot, &handler);
             let results: Vec<Invoked> = payloads
                 .iter()
                 .map(|p| handler.invoke(py, p, ctx.as_deref(), shared.locals.as_ref()))
