@@ -8,17 +8,9 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::{Daemon, Scenario, run_to_end};
+use common::{Daemon, Scenario, free_port, run_to_end};
 
 const T: Duration = Duration::from_secs(15);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn get(port: u16, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -63,16 +55,7 @@ fn metrics_move_with_traffic_and_health_follows_the_pool() {
     let mut d = Daemon::start(&cfg, &[]);
     d.wait_ready();
     d.lines.wait_for(&["admin endpoint listening"], T);
-    let line = d.lines.wait_for(&["listening", "role=srv"], T);
-    let port: u16 = line
-        .split("addr=127.0.0.1:")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let port = d.listening_port("srv");
 
     assert_eq!(get(admin, "/health").0, 200);
     let (code, out, _) = run_to_end(&["health", "-c", cfg.to_str().unwrap()], &[]);

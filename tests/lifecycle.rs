@@ -147,16 +147,7 @@ fn watchdog_pings_only_while_the_gil_pool_answers() {
     let pings = healthy.iter().filter(|(_, l)| l == "WATCHDOG=1").count();
     assert!(pings >= 3, "too few pings while healthy: {healthy:?}");
     // Wedge the only pool thread for 1.5 s with a request.
-    let line = d.lines.wait_for(&["listening", "role=srv"], T);
-    let port: u16 = line
-        .split("127.0.0.1:")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let port = d.listening_port("srv");
     let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     std::io::Write::write_all(&mut conn, b"wedge\n").unwrap();
     let wedged_at = Instant::now();

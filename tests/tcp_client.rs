@@ -8,17 +8,9 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
-use common::{Daemon, Scenario};
+use common::{Daemon, Scenario, free_port};
 
 const T: Duration = Duration::from_secs(15);
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn accept(listener: &TcpListener) -> BufReader<TcpStream> {
     let (s, _) = listener.accept().unwrap();

@@ -48,13 +48,7 @@ fn server(framing: &str, handler: &str, extra: &str) -> (Scenario, Daemon, u16) 
     ));
     let mut d = Daemon::start(&cfg, &[]);
     d.wait_ready();
-    let line = d.lines.wait_for(&["listening", "role=srv"], T);
-    let port = line
-        .split("addr=127.0.0.1:")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .expect("port in the listening line");
+    let port = d.listening_port("srv");
     (s, d, port)
 }
 

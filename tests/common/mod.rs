@@ -272,3 +272,27 @@ pub fn gcc(src: &str, out: &Path) {
         .expect("gcc");
     assert!(ok.success(), "gcc {src} failed");
 }
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Daemon {
+    /// The port a `[[tcp.server]]` role bound (from its "listening" log line).
+    pub fn listening_port(&self, role: &str) -> u16 {
+        let line = self.lines.wait_for(
+            &["listening", &format!("role={role}")],
+            Duration::from_secs(15),
+        );
+        line.split("addr=127.0.0.1:")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|p| p.parse().ok())
+            .expect("port in the listening line")
+    }
+}
