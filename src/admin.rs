@@ -37,6 +37,14 @@ impl Health {
             .insert(role.to_string(), up);
     }
 
+    /// Forgets every role not in `keep` (roles removed from the config).
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        self.roles
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|name, _| keep(name));
+    }
+
     /// Forgets a role that was removed.
     pub fn remove(&self, role: &str) {
         self.roles

@@ -153,7 +153,8 @@ pub async fn start(
 /// Applies a new set of role configs to the running ones: stops roles that
 /// were removed or changed (waiting up to `grace` for each), then resolves
 /// (on the GIL pool) and starts the changed and new ones. Unchanged roles are
-/// not touched. Returns the names started, stopped and failed.
+/// not touched. A role that fails to start is reported down by `/health`.
+/// Returns the names started, stopped and failed.
 pub async fn apply(
     running: &mut BTreeMap<String, Running>,
     wanted: BTreeMap<String, RoleConfig>,
@@ -163,6 +164,9 @@ pub async fn apply(
     grace: Duration,
 ) -> (Vec<String>, Vec<String>, Vec<String>) {
     let (mut started, mut stopped, mut failed) = (Vec::new(), Vec::new(), Vec::new());
+    // Roles gone from the config (including ones that failed to start earlier)
+    // no longer count for /health.
+    crate::admin::health().retain(|name| wanted.contains_key(name));
     let stale: Vec<String> = running
         .iter()
         .filter(|(name, r)| wanted.get(*name) != Some(&r.config))
@@ -189,11 +193,13 @@ pub async fn apply(
             Ok(Ok(role)) => role,
             Ok(Err(e)) => {
                 tracing::error!(role = %name, "not started: {e}");
+                crate::admin::health().set(&name, false);
                 failed.push(name);
                 continue;
             }
             Err(e) => {
                 tracing::error!(role = %name, "not started: {e}");
+                crate::admin::health().set(&name, false);
                 failed.push(name);
                 continue;
             }
@@ -205,6 +211,7 @@ pub async fn apply(
             }
             Err(e) => {
                 tracing::error!(role = %name, "not started: {e}");
+                crate::admin::health().set(&name, false);
                 failed.push(name);
             }
         }
