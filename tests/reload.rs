@@ -132,3 +132,34 @@ fn notify_sees_ready_watchdog_reloading_ready_stopping_in_order() {
         "{seen:?}"
     );
 }
+
+#[test]
+fn a_role_that_fails_to_restart_shows_as_down_until_fixed() {
+    let s = Scenario::new();
+    s.write("h.py", "def echo(data):\n    return data\n");
+    let (admin, a) = (free_port(), free_port());
+    let good = format!(
+        "[admin]\nlisten = \"127.0.0.1:{admin}\"\n[python]\npaths = [\".\"]\n\
+         [[tcp.server]]\nname = \"a\"\nlisten = \"127.0.0.1:{a}\"\nframing = \"line\"\nhandler = \"h:echo\"\n"
+    );
+    let cfg = s.write("pyipcd.toml", &good);
+    let mut d = Daemon::start(&cfg, &[]);
+    d.wait_ready();
+    let health = || common::run_to_end(&["health", "-c", cfg.to_str().unwrap()], &[]).0;
+    assert_eq!(health(), 0);
+    std::fs::write(&cfg, good.replace("h:echo", "h:missing")).unwrap();
+    d.signal("HUP");
+    d.lines.wait_for(
+        &["reloaded: started [], stopped [\"a\"], failed [\"a\"]"],
+        T,
+    );
+    assert_eq!(health(), 1, "a role that failed to start must show as down");
+    std::fs::write(&cfg, &good).unwrap();
+    d.signal("HUP");
+    d.lines
+        .wait_for(&["reloaded: started [\"a\"], stopped [], failed []"], T);
+    assert_eq!(health(), 0);
+    assert_eq!(Line::open(a).echo("back"), "back");
+    d.signal("TERM");
+    assert_eq!(d.wait_exit(T).code(), Some(0));
+}
