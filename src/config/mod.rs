@@ -350,6 +350,7 @@ impl Config {
                 problems.push(format!("{key}: need 0 < backoff_min <= backoff_max"));
             }
         }
+        self.validate_role_names(&mut problems);
         self.validate_tcp(&mut problems);
         self.validate_shm(&mut problems);
         if let Some(listen) = &self.admin.listen
@@ -474,5 +475,29 @@ mod tests {
         assert!(problems[0].starts_with("python.workers"));
         assert!(problems[1].starts_with("python.task[0].run"));
         assert!(problems[2].starts_with("python.task[1].name"));
+    }
+
+    #[test]
+    fn role_names_are_unique_across_kinds_and_tasks() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = "[[tcp.server]]\nname = \"x\"\nlisten = \"1\"\nhandler = \"m:f\"\n\
+                    [[shm.region]]\nname = \"x\"\npath = \"r\"\nsize = \"1KiB\"\ncreate = true\n\
+                    [[shm.region]]\nname = \"y\"\npath = \"s\"\nsize = \"1KiB\"\ncreate = true\n\
+                    [[python.task]]\nname = \"y\"\nrun = \"m\"\n";
+        let p = write(dir.path(), "a.toml", text);
+        let ConfigError::Invalid { problems, .. } =
+            load_with_env(&p, Some(BTreeMap::new())).unwrap_err()
+        else {
+            panic!("expected validation errors")
+        };
+        assert!(
+            problems.contains(&"shm.region[0].name `x` is empty or used twice".to_string()),
+            "{problems:?}"
+        );
+        // A task named like a shm region (not only like a TCP role) is caught.
+        assert!(
+            problems.contains(&"python.task `y`: a role has the same name".to_string()),
+            "{problems:?}"
+        );
     }
 }

@@ -224,14 +224,45 @@ fn default_poll() -> Duration {
 pub const MAX_WATCH_SIZE: u64 = 16 * 1024 * 1024;
 
 impl Config {
+    /// Role names are unique across every kind, and no task shares one.
+    pub(super) fn validate_role_names(&self, problems: &mut Vec<String>) {
+        let servers = self
+            .tcp
+            .server
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (format!("tcp.server[{i}]"), &s.name));
+        let clients = self
+            .tcp
+            .client
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (format!("tcp.client[{i}]"), &c.name));
+        let regions = self
+            .shm
+            .region
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (format!("shm.region[{i}]"), &r.name));
+        let mut names: HashSet<&str> = HashSet::new();
+        for (key, name) in servers.chain(clients).chain(regions) {
+            if !names.insert(name.as_str()) || name.trim().is_empty() {
+                problems.push(format!("{key}.name `{name}` is empty or used twice"));
+            }
+        }
+        for t in &self.python.task {
+            if names.contains(t.name.as_str()) {
+                problems.push(format!(
+                    "python.task `{}`: a role has the same name",
+                    t.name
+                ));
+            }
+        }
+    }
+
     pub(super) fn validate_shm(&self, problems: &mut Vec<String>) {
-        let mut names: HashSet<&str> = self.tcp.server.iter().map(|s| s.name.as_str()).collect();
-        names.extend(self.tcp.client.iter().map(|c| c.name.as_str()));
         for (i, r) in self.shm.region.iter().enumerate() {
             let key = format!("shm.region[{i}]");
-            if !names.insert(r.name.as_str()) || r.name.trim().is_empty() {
-                problems.push(format!("{key}.name `{}` is empty or used twice", r.name));
-            }
             let size = r.size.map_or(0, |s| s.as_u64());
             match r.mode {
                 ShmMode::Watch => {
@@ -293,7 +324,11 @@ impl Config {
     }
 
     pub(super) fn validate_tcp(&self, problems: &mut Vec<String>) {
-        let mut roles: HashSet<&str> = HashSet::new();
+        let max_message = |problems: &mut Vec<String>, key: &str, size: ByteSize| {
+            if size.as_u64() == 0 || size.as_u64() > u64::from(u32::MAX) {
+                problems.push(format!("{key}.max_message must be between 1 B and 4 GiB"));
+            }
+        };
         let target = |problems: &mut Vec<String>, key: String, spec: &str| match Target::parse(spec)
         {
             Ok(t) if t.attr == crate::py::target::TargetAttr::None => problems.push(format!(
@@ -304,9 +339,6 @@ impl Config {
         };
         for (i, s) in self.tcp.server.iter().enumerate() {
             let key = format!("tcp.server[{i}]");
-            if !roles.insert(s.name.as_str()) || s.name.trim().is_empty() {
-                problems.push(format!("{key}.name `{}` is empty or used twice", s.name));
-            }
             if let Err(e) = crate::tcp::parse_listen(&s.listen) {
                 problems.push(format!("{key}.listen: {e}"));
             }
@@ -321,15 +353,10 @@ impl Config {
                     "{key}: max_connections and pipeline must be at least 1"
                 ));
             }
-            if s.max_message.as_u64() == 0 || s.max_message.as_u64() > u64::from(u32::MAX) {
-                problems.push(format!("{key}.max_message must be between 1 B and 4 GiB"));
-            }
+            max_message(problems, &key, s.max_message);
         }
         for (i, c) in self.tcp.client.iter().enumerate() {
             let key = format!("tcp.client[{i}]");
-            if !roles.insert(c.name.as_str()) || c.name.trim().is_empty() {
-                problems.push(format!("{key}.name `{}` is empty or used twice", c.name));
-            }
             if c.connect
                 .rsplit_once(':')
                 .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
@@ -347,17 +374,7 @@ impl Config {
             if c.outbox == 0 {
                 problems.push(format!("{key}.outbox must be at least 1"));
             }
-            if c.max_message.as_u64() == 0 || c.max_message.as_u64() > u64::from(u32::MAX) {
-                problems.push(format!("{key}.max_message must be between 1 B and 4 GiB"));
-            }
-        }
-        for t in &self.python.task {
-            if roles.contains(t.name.as_str()) {
-                problems.push(format!(
-                    "python.task `{}`: a role has the same name",
-                    t.name
-                ));
-            }
+            max_message(problems, &key, c.max_message);
         }
     }
 }

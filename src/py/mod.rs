@@ -80,6 +80,15 @@ pub fn init(paths: &[PathBuf], settings: &PySettings) -> Result<(), crate::Error
     .map_err(|e| crate::Error::Startup(format!("cannot set up sys.path: {e}")))
 }
 
+/// `threading.get_ident()` of the calling thread (for stack dumps and
+/// `SystemExit` injection), if Python can tell.
+pub(crate) fn thread_ident(py: Python<'_>) -> Option<u64> {
+    py.import("threading")
+        .and_then(|t| t.call_method0("get_ident"))
+        .and_then(|i| i.extract::<u64>())
+        .ok()
+}
+
 /// Checks that every target can be imported and names something that exists,
 /// without running tasks or instantiating classes. Returns one problem per bad target.
 pub fn check_targets<'a>(targets: impl IntoIterator<Item = (String, &'a str)>) -> Vec<String> {

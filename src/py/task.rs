@@ -137,11 +137,7 @@ fn supervise(name: &str, target: &Target, cfg: &TaskConfig, stop: &StopFlag, ide
         tracing::info!(task = %name, run = runs, "task starting: {target}");
         let started = Instant::now();
         let end = Python::attach(|py| {
-            if let Ok(id) = py
-                .import("threading")
-                .and_then(|t| t.call_method0("get_ident"))
-                .and_then(|i| i.extract::<u64>())
-            {
+            if let Some(id) = super::thread_ident(py) {
                 ident.store(id, Ordering::SeqCst);
             }
             let end = match run_once(py, target) {

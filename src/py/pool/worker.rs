@@ -176,11 +176,7 @@ impl Shared {
 pub(crate) fn worker_main(shared: &Shared, idx: usize) {
     let slot = &shared.slots[idx];
     Python::attach(|py| {
-        if let Ok(ident) = py
-            .import("threading")
-            .and_then(|t| t.call_method0("get_ident"))
-            .and_then(|i| i.extract::<u64>())
-        {
+        if let Some(ident) = crate::py::thread_ident(py) {
             slot.py_ident.store(ident, Ordering::Relaxed);
         }
         let mut seq = 0u64;
