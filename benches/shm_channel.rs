@@ -23,6 +23,8 @@ use pyipcd::shm::ring::{Channel, Dir, file_size, flags};
 
 #[path = "common/args.rs"]
 mod args;
+#[path = "common/daemon.rs"]
+mod daemon;
 use args::arg;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -99,18 +101,8 @@ fn daemon(dir: &std::path::Path) -> (Kill, std::path::PathBuf, u16) {
         ),
     )
     .unwrap();
-    let child = Command::new(format!("{ROOT}/target/release/pyipcd"))
-        .args(["run", "-c"])
-        .arg(&cfg)
-        .env_clear()
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("cargo build --release first");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "daemon did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let child = daemon::spawn_release(&cfg);
+    daemon::wait_listening(([127, 0, 0, 1], port).into());
     (Kill(child), shm, port)
 }
 

@@ -21,6 +21,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 #[path = "common/args.rs"]
 mod args;
+#[path = "common/daemon.rs"]
+mod daemon;
 use args::arg;
 
 fn free_port() -> u16 {
@@ -46,14 +48,6 @@ impl Drop for Server {
     }
 }
 
-fn wait_listening(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "server on {addr} never came up");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn pyipcd_server(dir: &std::path::Path) -> Server {
     let port = free_port();
     let root = env!("CARGO_MANIFEST_DIR");
@@ -71,15 +65,9 @@ fn pyipcd_server(dir: &std::path::Path) -> Server {
         ),
     )
     .unwrap();
-    let child = Command::new(format!("{root}/target/release/pyipcd"))
-        .args(["run", "-c"])
-        .arg(&cfg)
-        .env_clear()
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("build the release binary first: cargo build --release");
+    let child = daemon::spawn_release(&cfg);
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    wait_listening(addr);
+    daemon::wait_listening(addr);
     Server {
         name: format!(
             "pyipcd ({} io + {} GIL thread)",
@@ -114,7 +102,7 @@ fn python_server(uvloop: bool) -> Option<Server> {
     }
     let child = cmd.spawn().unwrap();
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    wait_listening(addr);
+    daemon::wait_listening(addr);
     Some(Server {
         name: if uvloop {
             "uvloop Protocol + Python echo".into()

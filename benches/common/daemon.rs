@@ -1,0 +1,35 @@
+//! Starting the release binary for the bench binaries.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Starts `target/release/pyipcd run -c config` with an empty environment.
+///
+/// # Panics
+/// If the release binary has not been built.
+pub fn spawn_release(config: &Path) -> Child {
+    Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/target/release/pyipcd"
+    ))
+    .args(["run", "-c"])
+    .arg(config)
+    .env_clear()
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("build the release binary first: cargo build --release")
+}
+
+/// Waits (up to 20 s) until something accepts connections on `addr`.
+///
+/// # Panics
+/// If nothing does.
+pub fn wait_listening(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "server on {addr} never came up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
