@@ -1,6 +1,7 @@
 //! TCP echo benchmark, side by side in one run, on loopback: messages/s and
 //! p50/p99 round-trip latency through a trivial Python echo for
 //! - pyipcd (the release binary, a len32 `[[tcp.server]]`, `handlers:echo`),
+//!   with `dispatch = "pool"` and with `dispatch = "inline"`,
 //! - a stdlib asyncio `Protocol` calling the same Python function,
 //! - the same on uvloop (skipped when `import uvloop` fails),
 //! - a Rust-only tokio len32 echo (the ceiling).
@@ -9,7 +10,8 @@
 //! C=16 ping-pong 16 KiB. Every server is warmed up before each row.
 //!
 //! Run: `cargo build --release && cargo bench --bench tcp_echo -- --seconds 2`
-//! (`--io-threads N --workers N` set pyipcd's `daemon.io_threads` / `python.workers`).
+//! (`--io-threads N --workers N` set pyipcd's `daemon.io_threads` / `python.workers`;
+//! `--only A,B` / `--row TEXT` keep the servers / rows whose name contains one of them).
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -23,7 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 mod args;
 #[path = "common/daemon.rs"]
 mod daemon;
-use args::arg;
+use args::{arg, arg_text};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -48,16 +50,17 @@ impl Drop for Server {
     }
 }
 
-fn pyipcd_server(dir: &std::path::Path) -> Server {
+/// pyipcd with `dispatch = "pool"` (the default) or `"inline"`.
+fn pyipcd_server(dir: &std::path::Path, dispatch: &str) -> Server {
     let port = free_port();
     let root = env!("CARGO_MANIFEST_DIR");
-    let cfg = dir.join("bench.toml");
+    let cfg = dir.join(format!("bench-{dispatch}.toml"));
     std::fs::write(
         &cfg,
         format!(
             "[log]\nlevel = \"warn\"\n[daemon]\nio_threads = {}\n[python]\npaths = [\"{root}/python\"]\nworkers = {}\nspin = \"{}us\"\ncaller_polls = {}\n\
              [[tcp.server]]\nname = \"bench\"\nlisten = \"127.0.0.1:{port}\"\nframing = \"len32\"\nhandler = \"handlers:echo\"\n\
-             max_message = \"1MiB\"\npipeline = 64\n",
+             max_message = \"1MiB\"\npipeline = 64\ndispatch = \"{dispatch}\"\n",
             arg("--io-threads", 1.0) as usize,
             arg("--workers", 1.0) as usize,
             arg("--spin-us", 50.0) as u64,
@@ -69,11 +72,15 @@ fn pyipcd_server(dir: &std::path::Path) -> Server {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     daemon::wait_listening(addr);
     Server {
-        name: format!(
-            "pyipcd ({} io + {} GIL thread)",
-            arg("--io-threads", 1.0),
-            arg("--workers", 1.0)
-        ),
+        name: if dispatch == "inline" {
+            "pyipcd inline (role's own GIL thread)".to_string()
+        } else {
+            format!(
+                "pyipcd pool ({} io + {} GIL thread)",
+                arg("--io-threads", 1.0),
+                arg("--workers", 1.0)
+            )
+        },
         addr,
         child: Some(child),
     }
@@ -218,7 +225,10 @@ fn main() {
     let rust_addr = rust_listener.local_addr().unwrap();
     rust_rt.spawn(rust_echo(rust_listener));
 
-    let mut servers = vec![pyipcd_server(dir.path())];
+    let mut servers = vec![
+        pyipcd_server(dir.path(), "pool"),
+        pyipcd_server(dir.path(), "inline"),
+    ];
     servers.extend(python_server(false));
     servers.extend(python_server(true));
     servers.push(Server {
@@ -252,9 +262,14 @@ fn main() {
             size: 16 * 1024,
         },
     ];
+    // `--only A,B` / `--row TEXT`: keep servers whose name contains A or B /
+    // rows whose label contains TEXT.
+    let only = arg_text("--only").unwrap_or_default();
+    let row_filter = arg_text("--row").unwrap_or_default();
+    servers.retain(|s| only.split(',').any(|o| s.name.contains(o)));
     println!("| workload | server | msg/s | p50 µs | p99 µs |");
     println!("| --- | --- | ---: | ---: | ---: |");
-    for row in &rows {
+    for row in rows.iter().filter(|r| r.label.contains(&row_filter)) {
         for server in &servers {
             let (rate, hist) = load.block_on(drive(server.addr, row, seconds));
             println!(

@@ -78,9 +78,16 @@ pub async fn tracked<F: std::future::Future<Output = ()>>(role: String, fut: F) 
     health().set(&role, false);
 }
 
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Whether the Prometheus recorder is installed (`[admin]` is configured):
+/// without it, hot paths skip the clock reads that only feed histograms.
+pub fn metrics_enabled() -> bool {
+    HANDLE.get().is_some()
+}
+
 /// The process-wide Prometheus recorder (installed on first use).
 pub fn metrics_handle() -> PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
             // A real histogram (buckets from 10 µs to 10 s) for hand-off latency.

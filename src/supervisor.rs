@@ -118,7 +118,7 @@ pub async fn start(
             addr = Some(listening.local_addr()?);
             tracker.spawn(crate::admin::tracked(
                 name,
-                listening.run(pool.clone(), token.clone()),
+                listening.serve(pool.clone(), token.clone()),
             ))
         }
         Role::Client(client) => {

@@ -1,6 +1,7 @@
 //! `[[tcp.server]]` through the real binary with real peers: a C client built
 //! by gcc, a Python socket client, 200 concurrent connections, pipelining,
-//! split frames, truncated and oversize frames, connection limits, exceptions.
+//! split frames, truncated and oversize frames, connection limits, exceptions;
+//! and the same guarantees with `dispatch = "inline"` (the role's own thread).
 
 mod common;
 
@@ -14,7 +15,7 @@ use common::{Daemon, Scenario};
 const T: Duration = Duration::from_secs(15);
 
 const HANDLERS: &str = r#"
-import asyncio, random
+import asyncio, random, time
 
 def echo(data):
     return data
@@ -32,6 +33,11 @@ def opened(conn_id, peer):
 
 def closed(conn_id, peer):
     print(f"hook close {conn_id} {peer}")
+
+def slow(data):
+    if data == b"hang":
+        time.sleep(1.5)
+    return data
 
 async def jitter(data):
     await asyncio.sleep(random.random() * 0.005)
@@ -114,7 +120,18 @@ fn a_python_socket_client_gets_its_echo() {
 
 #[test]
 fn two_hundred_connections_interleave_messages_byte_for_byte() {
-    let (_s, d, port) = server("len32", "echo", "max_connections = 300");
+    for dispatch in ["pool", "inline"] {
+        let (_s, d, port) = server(
+            "len32",
+            "echo",
+            &format!("max_connections = 300\ndispatch = \"{dispatch}\""),
+        );
+        interleave_200_connections(port);
+        assert_eq!(d.lines.count(&["refusing connection"]), 0);
+    }
+}
+
+fn interleave_200_connections(port: u16) {
     let threads: Vec<_> = (0..200)
         .map(|c| {
             std::thread::spawn(move || {
@@ -133,7 +150,6 @@ fn two_hundred_connections_interleave_messages_byte_for_byte() {
     for t in threads {
         t.join().unwrap();
     }
-    assert_eq!(d.lines.count(&["refusing connection"]), 0);
 }
 
 #[test]
@@ -292,4 +308,95 @@ fn idle_connections_are_closed_and_hooks_see_open_and_close() {
     d.lines.wait_for(&["idle for 300ms, closing"], T);
     d.lines
         .wait_for(&[&format!("hook close 1 {local}"), "role=srv"], T);
+}
+
+#[test]
+fn inline_dispatch_keeps_order_across_pipelined_and_split_frames() {
+    let (_s, d, port) = server("len32", "upper", "dispatch = \"inline\"");
+    d.lines.wait_for(&["listening", "role=srv"], T);
+    let mut s = connect(port);
+    // 200 pipelined requests in one write, then one frame byte by byte.
+    let mut batch = Vec::new();
+    for i in 0..200u32 {
+        batch.extend(frame(format!("request {i}").as_bytes()));
+    }
+    s.write_all(&batch).unwrap();
+    for i in 0..200u32 {
+        assert_eq!(read_frame(&mut s), format!("REQUEST {i}").as_bytes());
+    }
+    for byte in frame(b"split") {
+        s.write_all(&[byte]).unwrap();
+    }
+    assert_eq!(read_frame(&mut s), b"SPLIT");
+    // A handler exception skips that reply; the connection carries on.
+    s.write_all(&[frame(b"boom"), frame(b"after")].concat())
+        .unwrap();
+    assert_eq!(read_frame(&mut s), b"AFTER");
+    d.lines
+        .wait_for(&["handler raised ValueError: handler exploded"], T);
+    // A bad length prefix closes only that connection.
+    let mut bad = connect(port);
+    bad.write_all(&[0xFF; 4]).unwrap();
+    assert_closed(&mut bad);
+    s.write_all(&frame(b"still here")).unwrap();
+    assert_eq!(read_frame(&mut s), b"STILL HERE");
+}
+
+#[test]
+fn inline_dispatch_runs_hooks_and_tags_output_on_its_own_thread() {
+    let (_s, d, port) = server(
+        "line",
+        "whoami",
+        "dispatch = \"inline\"\non_connect = \"h:opened\"\non_close = \"h:closed\"",
+    );
+    let mut s = connect(port);
+    let local = s.local_addr().unwrap().to_string();
+    s.write_all(b"x\n").unwrap();
+    let mut got = vec![0u8; format!("1@{local}:x\n").len()];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(got, format!("1@{local}:x\n").as_bytes());
+    drop(s);
+    d.lines
+        .wait_for(&[&format!("hook open 1 {local}"), "role=srv"], T);
+    d.lines
+        .wait_for(&[&format!("hook close 1 {local}"), "role=srv"], T);
+}
+
+#[test]
+fn inline_dispatch_refuses_an_async_handler_at_start_up() {
+    let s = Scenario::new();
+    s.write("h.py", HANDLERS);
+    let cfg = s.config(
+        "[python]\npaths = [\".\"]\n[[tcp.server]]\nname = \"srv\"\nlisten = \"127.0.0.1:0\"\n\
+         handler = \"h:jitter\"\ndispatch = \"inline\"\n",
+    );
+    for cmd in ["run", "check"] {
+        let (code, _, err) = common::run_to_end(&[cmd, "-c", cfg.to_str().unwrap()], &[]);
+        assert_eq!(code, 78, "{cmd}: {err}");
+        assert!(err.contains("plain def handlers only"), "{cmd}: {err}");
+    }
+}
+
+#[test]
+fn a_hung_inline_handler_is_reported_with_its_stack_and_still_answers() {
+    let s = Scenario::new();
+    s.write("h.py", HANDLERS);
+    let cfg = s.config(
+        "[python]\npaths = [\".\"]\ncall_timeout = \"300ms\"\n[[tcp.server]]\nname = \"srv\"\n\
+         listen = \"127.0.0.1:0\"\nhandler = \"h:slow\"\ndispatch = \"inline\"\n",
+    );
+    let mut d = Daemon::start(&cfg, &[]);
+    d.wait_ready();
+    let mut s = connect(d.listening_port("srv"));
+    s.write_all(b"hang\nnext\n").unwrap();
+    // One multi-line event: the message, the stack, the thread's name.
+    d.lines.wait_for(&["call running for at least"], T);
+    d.lines.wait_for(&["in slow"], T);
+    d.lines.wait_for(&["py-tcp-srv"], T);
+    // Nothing is lost: both replies arrive, in order, once the handler returns.
+    let mut buf = [0u8; 10];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"hang\nnext\n");
+    d.signal("TERM");
+    assert_eq!(d.wait_exit(T).code(), Some(0));
 }

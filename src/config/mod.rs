@@ -361,31 +361,41 @@ impl Config {
         problems
     }
 
-    /// Every Python target the config names, with its dotted key.
-    pub fn python_targets(&self) -> Vec<(String, &str)> {
+    /// Every Python target the config names, with its dotted key and whether
+    /// it must be a plain `def` (it runs on a role's own thread, without asyncio).
+    pub fn python_targets(&self) -> Vec<(String, &str, bool)> {
         let mut out = Vec::new();
         for (i, t) in self.python.task.iter().enumerate() {
-            out.push((format!("python.task[{i}].run"), t.run.as_str()));
+            out.push((format!("python.task[{i}].run"), t.run.as_str(), false));
         }
         for (i, s) in self.tcp.server.iter().enumerate() {
-            out.push((format!("tcp.server[{i}].handler"), s.handler.as_str()));
+            let inline = s.dispatch == Dispatch::Inline;
+            out.push((
+                format!("tcp.server[{i}].handler"),
+                s.handler.as_str(),
+                inline,
+            ));
             for (k, v) in [("on_connect", &s.on_connect), ("on_close", &s.on_close)] {
                 if let Some(v) = v {
-                    out.push((format!("tcp.server[{i}].{k}"), v.as_str()));
+                    out.push((format!("tcp.server[{i}].{k}"), v.as_str(), false));
                 }
             }
         }
         for (i, c) in self.tcp.client.iter().enumerate() {
             for (k, v) in [("producer", &c.producer), ("on_reply", &c.on_reply)] {
                 if let Some(v) = v {
-                    out.push((format!("tcp.client[{i}].{k}"), v.as_str()));
+                    out.push((format!("tcp.client[{i}].{k}"), v.as_str(), false));
                 }
             }
         }
         for (i, r) in self.shm.region.iter().enumerate() {
-            for (k, v) in [("on_change", &r.on_change), ("handler", &r.handler)] {
+            let channel = r.mode == ShmMode::Channel;
+            for (k, v, sync) in [
+                ("on_change", &r.on_change, false),
+                ("handler", &r.handler, channel),
+            ] {
                 if let Some(v) = v {
-                    out.push((format!("shm.region[{i}].{k}"), v.as_str()));
+                    out.push((format!("shm.region[{i}].{k}"), v.as_str(), sync));
                 }
             }
         }

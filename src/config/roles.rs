@@ -34,6 +34,22 @@ pub enum Framing {
     Len32,
 }
 
+/// Where a TCP server role runs its handler calls.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Dispatch {
+    /// Connections are served by the tokio I/O threads and each message is
+    /// handed to the GIL pool: a handler that blocks holds up only its own
+    /// connection's replies, and several pool workers can share the load.
+    #[default]
+    Pool,
+    /// The role gets one dedicated interpreter thread that does its sockets'
+    /// I/O and calls the handler itself, with no thread hand-off (the uvloop
+    /// model): the most messages per CPU second, but a handler that blocks
+    /// stalls every connection of the role. Plain `def` handlers only.
+    Inline,
+}
+
 /// `[[tcp.server]]`: accept connections and answer each message with a Python handler.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -56,6 +72,9 @@ pub struct TcpServerConfig {
     /// A connection silent this long is closed.
     #[serde(default = "default_idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Where handler calls run: `pool` (default) or `inline`.
+    #[serde(default)]
+    pub dispatch: Dispatch,
     /// Requests per connection being handled at once (pipelining depth).
     #[serde(default = "default_pipeline")]
     pub pipeline: usize,

@@ -157,6 +157,22 @@ impl Handler {
         }
     }
 
+    /// Calls a plain `def` handler right here, on the calling thread (no
+    /// asyncio loop: an `async def` handler is an error).
+    pub(crate) fn call_here(
+        &self,
+        py: Python<'_>,
+        payload: &[u8],
+        ctx: Option<&CallContext>,
+    ) -> HandlerResult {
+        match self.invoke(py, payload, ctx, None) {
+            Invoked::Done(result) => result,
+            Invoked::Pending(_) => {
+                Err(self.failure("RuntimeError: an async handler cannot run on this thread".into()))
+            }
+        }
+    }
+
     fn call_with_context<'py>(
         &self,
         py: Python<'py>,

@@ -90,17 +90,20 @@ pub(crate) fn thread_ident(py: Python<'_>) -> Option<u64> {
 }
 
 /// Checks that every target can be imported and names something that exists,
-/// without running tasks or instantiating classes. Returns one problem per bad target.
-pub fn check_targets<'a>(targets: impl IntoIterator<Item = (String, &'a str)>) -> Vec<String> {
+/// without running tasks or instantiating classes; a target flagged `true`
+/// must also be a plain `def`. Returns one problem per bad target.
+pub fn check_targets<'a>(
+    targets: impl IntoIterator<Item = (String, &'a str, bool)>,
+) -> Vec<String> {
     Python::attach(|py| {
         targets
             .into_iter()
-            .filter_map(|(key, spec)| {
+            .filter_map(|(key, spec, sync_only)| {
                 let target = match Target::parse(spec) {
                     Ok(t) => t,
                     Err(e) => return Some(format!("{key}: {e}")),
                 };
-                check_one(py, &target)
+                check_one(py, &target, sync_only)
                     .err()
                     .map(|e| format!("{key}: `{target}`: {}", e.to_string().trim_end()))
             })
@@ -108,7 +111,7 @@ pub fn check_targets<'a>(targets: impl IntoIterator<Item = (String, &'a str)>) -
     })
 }
 
-fn check_one(py: Python<'_>, target: &Target) -> PyResult<()> {
+fn check_one(py: Python<'_>, target: &Target, sync_only: bool) -> PyResult<()> {
     use target::TargetAttr;
     let (owner, attr) = match &target.attr {
         TargetAttr::None => return target.resolve(py).map(|_| ()),
@@ -119,11 +122,20 @@ fn check_one(py: Python<'_>, target: &Target) -> PyResult<()> {
         ),
     };
     let found = owner.getattr(attr.as_str())?;
-    if found.is_callable() {
-        Ok(())
-    } else {
+    let is_async = || -> PyResult<bool> {
+        py.import("inspect")?
+            .call_method1("iscoroutinefunction", (&found,))?
+            .is_truthy()
+    };
+    if !found.is_callable() {
         Err(pyo3::exceptions::PyTypeError::new_err(format!(
             "`{attr}` is not callable"
         )))
+    } else if sync_only && is_async()? {
+        Err(pyo3::exceptions::PyTypeError::new_err(format!(
+            "`{attr}` is an async def; this role runs it on its own thread: plain def handlers only"
+        )))
+    } else {
+        Ok(())
     }
 }

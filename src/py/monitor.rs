@@ -1,15 +1,17 @@
-//! The stuck-call monitor: a low-frequency thread that notices pool calls
+//! The stuck-call monitor: a low-frequency thread that notices calls on pool
+//! threads and on watched dedicated threads ([`super::pool::GilPool::watch`])
 //! running past `python.call_timeout` and logs the Python stack of the thread
 //! running them (once per call). It holds only a weak reference to the pool
 //! and ends when the pool is dropped.
 
-use std::sync::Weak;
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
 
-use super::pool::Shared;
+use super::pool::{Shared, WorkerSlot};
 
 /// Starts the monitor thread.
 ///
@@ -29,16 +31,38 @@ fn monitor(pool: Weak<Shared>) {
     else {
         return;
     };
-    // Per worker: the call seen running, since when, and whether it was reported.
-    let mut seen: Vec<(u64, Instant, bool)> = Vec::new();
+    // Per watched thread (keyed by its slot's address): the call seen
+    // running, since when, and whether it was reported.
+    let mut seen: HashMap<usize, (u64, Instant, bool)> = HashMap::new();
     loop {
         std::thread::sleep(interval);
         let Some(shared) = pool.upgrade() else { return };
         let now = Instant::now();
-        seen.resize(shared.slots.len(), (0, now, false));
-        for (i, slot) in shared.slots.iter().enumerate() {
+        let dedicated: Vec<(String, Arc<WorkerSlot>)> = {
+            let mut list = shared.dedicated.lock().expect("monitor lock");
+            list.retain(|(_, slot)| slot.strong_count() > 0);
+            list.iter()
+                .filter_map(|(name, slot)| Some((name.clone(), slot.upgrade()?)))
+                .collect()
+        };
+        let pool_threads = shared
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(i, slot)| (format!("py-pool-{i}"), &**slot));
+        let watched: Vec<(String, &WorkerSlot)> = pool_threads
+            .chain(dedicated.iter().map(|(name, slot)| (name.clone(), &**slot)))
+            .collect();
+        seen.retain(|key, _| {
+            watched
+                .iter()
+                .any(|(_, s)| std::ptr::addr_of!(**s) as usize == *key)
+        });
+        for (thread, slot) in watched {
             let current = slot.current.load(Ordering::Acquire);
-            let (seq, since, reported) = &mut seen[i];
+            let (seq, since, reported) = seen
+                .entry(std::ptr::addr_of!(*slot) as usize)
+                .or_insert((0, now, false));
             if current != *seq {
                 // A new call (or idle): it started at most one interval ago.
                 *seq = current;
@@ -65,7 +89,7 @@ fn monitor(pool: Weak<Shared>) {
                 .unwrap_or_else(|e| format!("<stack unavailable: {e}>"));
             tracing::warn!(
                 role = %role,
-                thread = format!("py-pool-{i}"),
+                thread,
                 "call running for at least {:.1}s (call_timeout {:?}); Python stack:\n{}",
                 running.as_secs_f64(),
                 shared.call_timeout,

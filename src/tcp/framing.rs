@@ -8,6 +8,23 @@ use tokio_util::codec::{AnyDelimiterCodec, BytesCodec, Decoder, Encoder, LengthD
 
 use crate::config::Framing;
 
+/// Spare room kept in a read buffer: reads into less than this are likely
+/// to stop short of the next message (a second `read` for one message).
+const MIN_SPARE: usize = 8 * 1024;
+/// What a read buffer grows by when it is short of room.
+const READ_CHUNK: usize = 32 * 1024;
+
+/// Call after taking a message of `wire_len` bytes out of `buf`: makes sure the
+/// next read has room for at least one more message that size. Without this a
+/// split-off buffer shrinks message by message until a message takes two
+/// reads and a copy (a 16 KiB message in a 32 KiB buffer did, every time).
+pub fn keep_room(buf: &mut BytesMut, wire_len: usize) {
+    let want = wire_len.max(MIN_SPARE);
+    if buf.capacity() - buf.len() < want {
+        buf.reserve(want.max(READ_CHUNK));
+    }
+}
+
 /// Why a stream cannot be decoded any further.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {

@@ -1,10 +1,11 @@
 //! TCP roles: [`server`] (accept, hand each message to a Python handler, reply
 //! in request order) and [`client`] (connect out with reconnect, send scripted,
 //! produced or `pyipcd.send` messages, hand replies to Python). [`framing`]
-//! owns the wire formats.
+//! owns the wire formats; [`inline`] runs a server role on its own interpreter thread.
 
 pub mod client;
 pub mod framing;
+mod inline;
 pub mod server;
 
 use std::net::SocketAddr;

@@ -1,8 +1,9 @@
 //! `[[tcp.server]]`: accepts connections (at most `max_connections`; more are
 //! refused), decodes messages with the role's framing and hands each to the
-//! Python handler on the GIL pool. Up to `pipeline` requests per connection
-//! are handled at once; replies are written in request order, and reading
-//! goes on while earlier replies are pending.
+//! Python handler: on the GIL pool (`dispatch = "pool"`), or directly on the
+//! role's own interpreter thread (`dispatch = "inline"`, see [`super::inline`]).
+//! Up to `pipeline` requests per connection are handled at once; replies are
+//! written in request order, and reading goes on while earlier replies are pending.
 //!
 //! Errors never stop the server: an over-size or malformed message closes
 //! its connection; a handler exception (logged with its traceback) means no
@@ -26,14 +27,24 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::framing::FrameCodec;
-use crate::config::TcpServerConfig;
+use crate::config::{Dispatch, TcpServerConfig};
 use crate::py::handler::{CallContext, Handler, format_exception};
-use crate::py::pool::{CallError, GilPool};
+use crate::py::pool::{CallError, GilPool, Watched};
 use crate::py::target::Target;
 
 /// Initial read buffer per connection: a typical message (and several
 /// pipelined ones) arrives in one read instead of several.
 const READ_BUFFER: usize = 32 * 1024;
+
+/// How a server's connections reach Python.
+#[derive(Clone)]
+pub enum Calls {
+    /// Each message (or pipelined batch) is handed to the GIL pool.
+    Pool(Arc<GilPool>),
+    /// Handlers are called on the current thread, a dedicated interpreter
+    /// thread watched by the stuck-call monitor.
+    Inline(Arc<Watched>),
+}
 
 /// A Python callable run for connection events: `f(conn_id, peer)`.
 #[derive(Debug, Clone)]
@@ -59,23 +70,34 @@ impl Hook {
         })
     }
 
-    async fn fire(&self, pool: &GilPool, role: &str, ctx: &CallContext) {
-        let (callable, ctx2, label) = (self.callable.clone(), ctx.clone(), self.label.clone());
-        let role2: Arc<str> = Arc::from(role);
-        let result = pool
-            .run(move |py| {
-                crate::py::output::set_thread_role(Some(&role2));
+    async fn fire(&self, calls: &Calls, role: &str, ctx: &CallContext) {
+        let call = {
+            let (callable, ctx) = (self.callable.clone(), ctx.clone());
+            move |py: Python<'_>| {
                 callable
                     .bind(py)
-                    .call1((ctx2.conn_id, ctx2.peer.as_str()))
+                    .call1((ctx.conn_id, ctx.peer.as_str()))
                     .map(|_| ())
                     .map_err(|e| format_exception(py, &e))
-            })
-            .await;
+            }
+        };
+        let result = match calls {
+            Calls::Pool(pool) => {
+                let role: Arc<str> = Arc::from(role);
+                pool.run(move |py| {
+                    crate::py::output::set_thread_role(Some(&role));
+                    call(py)
+                })
+                .await
+            }
+            Calls::Inline(watched) => Ok(Python::attach(|py| watched.call(|| call(py)))),
+        };
         match result {
             Ok(Ok(())) => {}
-            Ok(Err(tb)) => tracing::error!(role, hook = %label, "hook raised\n{}", tb.trim_end()),
-            Err(e) => tracing::warn!(role, hook = %label, "hook not run: {e}"),
+            Ok(Err(tb)) => {
+                tracing::error!(role, hook = %self.label, "hook raised\n{}", tb.trim_end())
+            }
+            Err(e) => tracing::warn!(role, hook = %self.label, "hook not run: {e}"),
         }
     }
 }
@@ -102,8 +124,14 @@ impl TcpServer {
     pub fn resolve(py: Python<'_>, config: &TcpServerConfig) -> PyResult<Self> {
         let target = Target::parse(&config.handler)
             .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
+        let handler = Handler::resolve(py, &config.name, &target)?;
+        if config.dispatch == Dispatch::Inline && handler.is_async() {
+            return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+                "`{target}` is an async def; dispatch = \"inline\" calls plain def handlers only (use dispatch = \"pool\")"
+            )));
+        }
         Ok(Self {
-            handler: Arc::new(Handler::resolve(py, &config.name, &target)?),
+            handler: Arc::new(handler),
             on_connect: config
                 .on_connect
                 .as_deref()
@@ -143,9 +171,39 @@ impl ListeningServer {
         self.listener.local_addr()
     }
 
+    /// Serves as the role's `dispatch` says: [`ListeningServer::run`] with the
+    /// pool, or on a dedicated interpreter thread of its own.
+    pub async fn serve(self, pool: Arc<GilPool>, token: CancellationToken) {
+        match self.server.config.dispatch {
+            Dispatch::Pool => self.run(Calls::Pool(pool), token).await,
+            Dispatch::Inline => {
+                let ListeningServer { server, listener } = self;
+                let name = server.config.name.clone();
+                let listener = match listener.into_std() {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(role = %name, "cannot hand the listener to its thread: {e}");
+                        return;
+                    }
+                };
+                super::inline::on_own_thread(&name, pool, move |watched| async move {
+                    match TcpListener::from_std(listener) {
+                        Ok(listener) => {
+                            ListeningServer { server, listener }
+                                .run(Calls::Inline(watched), token)
+                                .await;
+                        }
+                        Err(e) => tracing::error!(role = %server.config.name, "cannot listen: {e}"),
+                    }
+                })
+                .await;
+            }
+        }
+    }
+
     /// Accepts until `token` is cancelled, then lets open connections finish
     /// their in-flight requests (they stop reading at once).
-    pub async fn run(self, pool: Arc<GilPool>, token: CancellationToken) {
+    pub async fn run(self, calls: Calls, token: CancellationToken) {
         let ListeningServer { server, listener } = self;
         let cfg = &server.config;
         let limit = Arc::new(Semaphore::new(cfg.max_connections));
@@ -180,16 +238,16 @@ impl ListeningServer {
                 peer: peer.to_string(),
             });
             let span = tracing::info_span!("conn", role = %cfg.name, conn_id, %peer);
-            let (server, pool, token) = (server.clone(), pool.clone(), token.clone());
+            let (server, calls, token) = (server.clone(), calls.clone(), token.clone());
             connections.spawn(
                 async move {
                     let _ = stream.set_nodelay(true);
                     if let Some(h) = &server.on_connect {
-                        h.fire(&pool, &server.config.name, &ctx).await;
+                        h.fire(&calls, &server.config.name, &ctx).await;
                     }
-                    serve(&server, stream, &ctx, &pool, &token).await;
+                    serve(&server, stream, &ctx, &calls, &token).await;
                     if let Some(h) = &server.on_close {
-                        h.fire(&pool, &server.config.name, &ctx).await;
+                        h.fire(&calls, &server.config.name, &ctx).await;
                     }
                     drop(permit);
                     metrics::gauge!("pyipcd_connections", "role" => server.config.name.clone())
@@ -208,7 +266,7 @@ async fn serve(
     server: &TcpServer,
     stream: TcpStream,
     ctx: &Arc<CallContext>,
-    pool: &Arc<GilPool>,
+    calls: &Calls,
     token: &CancellationToken,
 ) {
     let cfg = &server.config;
@@ -260,6 +318,7 @@ async fn serve(
                 match frame {
                     None => reading = false,
                     Some(Ok(msg)) => {
+                        super::framing::keep_room(reader.read_buffer_mut(), msg.len() + 4);
                         // Take every message already decoded or readable without
                         // waiting: pipelined requests cross to the pool together.
                         let mut batch = Vec::new();
@@ -278,25 +337,47 @@ async fn serve(
                                 None => break,
                             }
                         }
-                        let (pool, handler, ctx) = (pool.clone(), server.handler.clone(), ctx.clone());
-                        let (latency, started) = (m.latency.clone(), Instant::now());
-                        if batch.is_empty() {
-                            pending_msgs += 1;
-                            m.received(1, msg.len());
-                            in_flight.push_back(Either::Left(async move {
-                                let r = pool.call_with(&handler, msg, Some(ctx)).await;
-                                latency.record(started.elapsed());
-                                Replies::One(r)
-                            }));
-                        } else {
-                            batch.insert(0, msg);
-                            pending_msgs += batch.len();
-                            m.received(batch.len(), batch.iter().map(Bytes::len).sum());
-                            in_flight.push_back(Either::Right(async move {
-                                let r = pool.call_batch(&handler, batch, Some(ctx)).await;
-                                latency.record(started.elapsed());
-                                Replies::Many(r)
-                            }));
+                        let (handler, ctx) = (server.handler.clone(), ctx.clone());
+                        let (latency, started) = (m.latency.clone(), m.timed.then(Instant::now));
+                        match calls {
+                            Calls::Inline(watched) => {
+                                batch.insert(0, msg);
+                                pending_msgs += batch.len();
+                                m.received(batch.len(), batch.iter().map(Bytes::len).sum());
+                                let r = call_inline(watched, &handler, &batch, &ctx);
+                                record(&latency, started);
+                                if in_flight.is_empty() {
+                                    // Nothing earlier to wait for: write now.
+                                    pending_msgs -= r.len();
+                                    if let Err(e) = write_replies(&mut writer, r, true, &m).await {
+                                        tracing::info!("write failed, closing: {e}");
+                                        break;
+                                    }
+                                } else {
+                                    in_flight.push_back(Either::Right(futures::future::ready(r)));
+                                }
+                            }
+                            Calls::Pool(pool) if batch.is_empty() => {
+                                let pool = pool.clone();
+                                pending_msgs += 1;
+                                m.received(1, msg.len());
+                                in_flight.push_back(Either::Left(Either::Left(async move {
+                                    let r = pool.call_with(&handler, msg, Some(ctx)).await;
+                                    record(&latency, started);
+                                    Replies::One(r)
+                                })));
+                            }
+                            Calls::Pool(pool) => {
+                                let pool = pool.clone();
+                                batch.insert(0, msg);
+                                pending_msgs += batch.len();
+                                m.received(batch.len(), batch.iter().map(Bytes::len).sum());
+                                in_flight.push_back(Either::Left(Either::Right(async move {
+                                    let r = pool.call_batch(&handler, batch, Some(ctx)).await;
+                                    record(&latency, started);
+                                    Replies::Many(r)
+                                })));
+                            }
                         }
                     }
                     Some(Err(e)) => {
@@ -315,6 +396,32 @@ async fn serve(
 
 type Reply = Result<Option<Bytes>, CallError>;
 
+/// Calls the handler for each message here, on the role's own thread.
+fn call_inline(
+    watched: &Watched,
+    handler: &Handler,
+    batch: &[Bytes],
+    ctx: &CallContext,
+) -> Replies {
+    let mut replies = Python::attach(|py| {
+        watched.call(|| {
+            batch
+                .iter()
+                .map(|msg| {
+                    handler
+                        .call_here(py, msg, Some(ctx))
+                        .map_err(CallError::from)
+                })
+                .collect::<Vec<_>>()
+        })
+    });
+    if replies.len() == 1 {
+        Replies::One(replies.pop().expect("one reply"))
+    } else {
+        Replies::Many(replies)
+    }
+}
+
 /// The results of one hand-off: a lone message (no allocation) or a batch.
 enum Replies {
     One(Reply),
@@ -330,8 +437,16 @@ impl Replies {
     }
 }
 
+fn record(latency: &metrics::Histogram, started: Option<Instant>) {
+    if let Some(t) = started {
+        latency.record(t.elapsed());
+    }
+}
+
 /// Per-connection handles on the role's metrics (labels resolved once).
 struct ConnMetrics {
+    /// Whether hand-offs are timed (only when a recorder is installed).
+    timed: bool,
     messages: metrics::Counter,
     bytes_in: metrics::Counter,
     bytes_out: metrics::Counter,
@@ -343,6 +458,7 @@ impl ConnMetrics {
     fn new(role: &str) -> Self {
         let role = role.to_string();
         Self {
+            timed: crate::admin::metrics_enabled(),
             messages: metrics::counter!("pyipcd_messages_total", "role" => role.clone()),
             bytes_in: metrics::counter!("pyipcd_bytes_total", "role" => role.clone(), "direction" => "in"),
             bytes_out: metrics::counter!("pyipcd_bytes_total", "role" => role.clone(), "direction" => "out"),

@@ -145,6 +145,7 @@ impl GilPool {
             closed: AtomicBool::new(false),
             progress: CachePadded::new(AtomicU64::new(0)),
             slots,
+            dedicated: Mutex::new(Vec::new()),
             call_timeout: config.call_timeout,
             caller_spin_polls: config.caller_spin_polls,
             spin: config.spin,
@@ -300,6 +301,26 @@ impl GilPool {
     pub(crate) fn run_detached(&self, f: impl FnOnce(Python<'_>) + Send + 'static) {
         if self.shared.queue.push(Job::Run(Box::new(f))).is_ok() {
             self.shared.notify_workers();
+        }
+    }
+
+    /// Registers the calling thread, a dedicated interpreter thread of `role`
+    /// named `thread`, with the stuck-call monitor; calls made through the
+    /// returned [`Watched`] are timed like pool calls.
+    pub fn watch(&self, py: Python<'_>, thread: &str, role: &Arc<str>) -> Watched {
+        let slot = Arc::new(WorkerSlot {
+            current: AtomicU64::new(0),
+            py_ident: AtomicU64::new(crate::py::thread_ident(py).unwrap_or(0)),
+            role: Mutex::new(Some(role.clone())),
+        });
+        self.shared
+            .dedicated
+            .lock()
+            .expect("monitor lock")
+            .push((thread.to_string(), Arc::downgrade(&slot)));
+        Watched {
+            slot,
+            seq: AtomicU64::new(0),
         }
     }
 
@@ -460,6 +481,25 @@ impl GilPool {
             self.shared.stats.errors.fetch_add(1, Ordering::Relaxed);
         }
         Ok(result?)
+    }
+}
+
+/// A dedicated interpreter thread's handle on the stuck-call monitor (from
+/// [`GilPool::watch`]); it unregisters when dropped.
+pub struct Watched {
+    slot: Arc<WorkerSlot>,
+    seq: AtomicU64,
+}
+
+impl Watched {
+    /// Runs `f` (one Python call or a batch of them) as a watched call.
+    pub fn call<R>(&self, f: impl FnOnce() -> R) -> R {
+        // Only the owning thread counts; atomics just make this `Sync`.
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        self.slot.current.store(seq, Ordering::Release);
+        let r = f();
+        self.slot.current.store(0, Ordering::Release);
+        r
     }
 }
 

@@ -63,6 +63,8 @@ pub(crate) struct Shared {
     pub(crate) closed: AtomicBool,
     pub(crate) progress: CachePadded<AtomicU64>,
     pub(crate) slots: Box<[CachePadded<WorkerSlot>]>,
+    /// Dedicated interpreter threads outside the pool, also watched by the monitor.
+    pub(crate) dedicated: Mutex<Vec<(String, std::sync::Weak<WorkerSlot>)>>,
     pub(crate) call_timeout: Duration,
     pub(crate) caller_spin_polls: u32,
     pub(crate) spin: Duration,
