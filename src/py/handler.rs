@@ -134,14 +134,7 @@ impl Handler {
         ctx: Option<&CallContext>,
         locals: Option<&TaskLocals>,
     ) -> Invoked {
-        let arg = PyBytes::new(py, payload);
-        let called = match ctx {
-            Some(ctx) if self.wants_peer || self.wants_conn_id => {
-                self.call_with_context(py, arg, ctx)
-            }
-            _ => self.callable.bind(py).call1((arg,)),
-        };
-        let result = match called {
+        let result = match self.call_raw(py, payload, ctx) {
             Ok(r) => r,
             Err(e) => return Invoked::Done(Err(self.error(py, &e))),
         };
@@ -157,19 +150,40 @@ impl Handler {
         }
     }
 
-    /// Calls a plain `def` handler right here, on the calling thread (no
-    /// asyncio loop: an `async def` handler is an error).
-    pub(crate) fn call_here(
+    /// Calls a plain `def` handler right here, on the calling thread, and
+    /// hands its reply's bytes to `use_reply` while they are still Python's
+    /// (no copy). An `async def` handler is an error: there is no asyncio loop here.
+    pub(crate) fn call_here<R>(
         &self,
         py: Python<'_>,
         payload: &[u8],
         ctx: Option<&CallContext>,
-    ) -> HandlerResult {
-        match self.invoke(py, payload, ctx, None) {
-            Invoked::Done(result) => result,
-            Invoked::Pending(_) => {
-                Err(self.failure("RuntimeError: an async handler cannot run on this thread".into()))
+        use_reply: impl FnOnce(&[u8]) -> R,
+    ) -> Result<Option<R>, HandlerError> {
+        if self.is_async {
+            return Err(
+                self.failure("RuntimeError: an async handler cannot run on this thread".into())
+            );
+        }
+        let obj = self
+            .call_raw(py, payload, ctx)
+            .map_err(|e| self.error(py, &e))?;
+        with_reply_bytes(&obj, use_reply).map_err(|e| self.error(py, &e))
+    }
+
+    /// `handler(payload)`, with `peer`/`conn_id` keywords if it declares them.
+    fn call_raw<'py>(
+        &self,
+        py: Python<'py>,
+        payload: &[u8],
+        ctx: Option<&CallContext>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let arg = PyBytes::new(py, payload);
+        match ctx {
+            Some(ctx) if self.wants_peer || self.wants_conn_id => {
+                self.call_with_context(py, arg, ctx)
             }
+            _ => self.callable.bind(py).call1((arg,)),
         }
     }
 
@@ -235,19 +249,29 @@ impl fmt::Debug for Handler {
 
 /// `bytes`, `bytearray`, `memoryview` and `str` (UTF-8) become a reply; `None` is no reply.
 pub(crate) fn to_bytes(obj: &Bound<'_, PyAny>) -> PyResult<Option<Bytes>> {
+    with_reply_bytes(obj, Bytes::copy_from_slice)
+}
+
+/// Hands the bytes of a handler's return value to `f` (`None` for `None`);
+/// `bytes` and `str` are lent without a copy.
+///
+/// # Errors
+/// A `TypeError` for any other type.
+pub(crate) fn with_reply_bytes<R>(
+    obj: &Bound<'_, PyAny>,
+    f: impl FnOnce(&[u8]) -> R,
+) -> PyResult<Option<R>> {
     if obj.is_none() {
         Ok(None)
     } else if let Ok(b) = obj.cast::<PyBytes>() {
-        Ok(Some(Bytes::copy_from_slice(b.as_bytes())))
+        Ok(Some(f(b.as_bytes())))
     } else if let Ok(b) = obj.cast::<PyByteArray>() {
-        Ok(Some(Bytes::from(b.to_vec())))
+        Ok(Some(f(&b.to_vec())))
     } else if let Ok(s) = obj.cast::<PyString>() {
-        Ok(Some(Bytes::copy_from_slice(s.to_str()?.as_bytes())))
+        Ok(Some(f(s.to_str()?.as_bytes())))
     } else if obj.cast::<PyMemoryView>().is_ok() {
         let b = obj.call_method0("tobytes")?;
-        Ok(Some(Bytes::copy_from_slice(
-            b.cast::<PyBytes>()?.as_bytes(),
-        )))
+        Ok(Some(f(b.cast::<PyBytes>()?.as_bytes())))
     } else {
         Err(pyo3::exceptions::PyTypeError::new_err(format!(
             "handler must return bytes, bytearray, memoryview, str or None, not {}",

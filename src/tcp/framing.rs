@@ -129,23 +129,39 @@ fn line_err(e: tokio_util::codec::AnyDelimiterCodecError, max: usize) -> FrameEr
     }
 }
 
+impl FrameCodec {
+    /// Appends `item` to `dst` as one framed message.
+    ///
+    /// # Errors
+    /// [`FrameError::TooLarge`] for a `len32` message over the limit (or 4 GiB).
+    pub fn encode_slice(&mut self, item: &[u8], dst: &mut BytesMut) -> Result<(), FrameError> {
+        match self {
+            FrameCodec::Raw(..) => dst.extend_from_slice(item),
+            FrameCodec::Line(_) => {
+                dst.reserve(item.len() + 1);
+                dst.extend_from_slice(item);
+                dst.extend_from_slice(b"\n");
+            }
+            FrameCodec::Len32(c) => {
+                let max = c.max_frame_length();
+                let len = u32::try_from(item.len())
+                    .ok()
+                    .filter(|_| item.len() <= max)
+                    .ok_or(FrameError::TooLarge(max))?;
+                dst.reserve(4 + item.len());
+                dst.extend_from_slice(&len.to_be_bytes());
+                dst.extend_from_slice(item);
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Encoder<Bytes> for FrameCodec {
     type Error = FrameError;
 
     fn encode(&mut self, item: Bytes, dst: &mut BytesMut) -> Result<(), FrameError> {
-        match self {
-            FrameCodec::Raw(c, _) => Ok(c.encode(item, dst)?),
-            FrameCodec::Line(_) => {
-                dst.reserve(item.len() + 1);
-                dst.extend_from_slice(&item);
-                dst.extend_from_slice(b"\n");
-                Ok(())
-            }
-            FrameCodec::Len32(c) => {
-                let r = c.encode(item, dst);
-                r.map_err(|e| self.map_err(e))
-            }
-        }
+        self.encode_slice(&item, dst)
     }
 }
 
@@ -186,5 +202,37 @@ mod tests {
         assert_eq!(&out[..], b"x\n");
         let mut buf = BytesMut::from(&b"toolong"[..]);
         assert!(matches!(c.decode(&mut buf), Err(FrameError::TooLarge(4))));
+    }
+
+    #[test]
+    fn len32_replies_carry_their_prefix_and_respect_the_limit() {
+        let mut c = FrameCodec::new(Framing::Len32, 4);
+        let mut out = BytesMut::new();
+        c.encode_slice(b"abcd", &mut out).unwrap();
+        assert_eq!(&out[..], b"\0\0\0\x04abcd");
+        assert!(matches!(
+            c.encode_slice(b"abcde", &mut out),
+            Err(FrameError::TooLarge(4))
+        ));
+        assert_eq!(out.len(), 8, "a refused reply writes nothing");
+    }
+
+    #[test]
+    fn taking_a_large_message_leaves_room_to_read_the_next_in_one_go() {
+        let wire = 4 + 16 * 1024;
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        buf.resize(wire, 7);
+        let taken = buf.split_to(wire).freeze(); // still alive, as if in flight
+        assert!(buf.capacity() - buf.len() < wire);
+        keep_room(&mut buf, wire);
+        assert!(buf.capacity() - buf.len() >= wire);
+        drop(taken);
+        // Small messages do not reallocate every time.
+        let mut small = BytesMut::with_capacity(READ_CHUNK);
+        small.resize(68, 0);
+        let _ = small.split_to(68);
+        let before = small.capacity();
+        keep_room(&mut small, 68);
+        assert_eq!(small.capacity(), before);
     }
 }

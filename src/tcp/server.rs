@@ -256,6 +256,9 @@ impl ListeningServer {
                 .instrument(span),
             );
         }
+        // Free the port now: a replacement (reload) may bind it while these
+        // connections finish.
+        drop(listener);
         connections.close();
         connections.wait().await;
         tracing::info!(role = %cfg.name, "stopped listening");
@@ -274,6 +277,7 @@ async fn serve(
     let (r, w) = stream.into_split();
     let mut reader = FramedRead::with_capacity(r, FrameCodec::new(cfg.framing, max), READ_BUFFER);
     let mut writer = FramedWrite::new(w, FrameCodec::new(cfg.framing, max));
+    let mut inline_codec = FrameCodec::new(cfg.framing, max);
     let m = ConnMetrics::new(&cfg.name);
     let mut in_flight = FuturesOrdered::new();
     let mut pending_msgs = 0usize;
@@ -341,42 +345,45 @@ async fn serve(
                         let (latency, started) = (m.latency.clone(), m.timed.then(Instant::now));
                         match calls {
                             Calls::Inline(watched) => {
+                                // Nothing is ever in flight here: calls finish
+                                // before the next read, so replies go straight
+                                // into the write buffer, in order.
                                 batch.insert(0, msg);
-                                pending_msgs += batch.len();
                                 m.received(batch.len(), batch.iter().map(Bytes::len).sum());
-                                let r = call_inline(watched, &handler, &batch, &ctx);
+                                let answered = answer_inline(
+                                    watched, &handler, &batch, &ctx,
+                                    &mut inline_codec, writer.write_buffer_mut(), &m,
+                                );
                                 record(&latency, started);
-                                if in_flight.is_empty() {
-                                    // Nothing earlier to wait for: write now.
-                                    pending_msgs -= r.len();
-                                    if let Err(e) = write_replies(&mut writer, r, true, &m).await {
-                                        tracing::info!("write failed, closing: {e}");
-                                        break;
-                                    }
-                                } else {
-                                    in_flight.push_back(Either::Right(futures::future::ready(r)));
+                                let written = match answered {
+                                    Ok(()) => writer.flush().await,
+                                    Err(e) => Err(e),
+                                };
+                                if let Err(e) = written {
+                                    tracing::info!("write failed, closing: {e}");
+                                    break;
                                 }
                             }
                             Calls::Pool(pool) if batch.is_empty() => {
                                 let pool = pool.clone();
                                 pending_msgs += 1;
                                 m.received(1, msg.len());
-                                in_flight.push_back(Either::Left(Either::Left(async move {
+                                in_flight.push_back(Either::Left(async move {
                                     let r = pool.call_with(&handler, msg, Some(ctx)).await;
                                     record(&latency, started);
                                     Replies::One(r)
-                                })));
+                                }));
                             }
                             Calls::Pool(pool) => {
                                 let pool = pool.clone();
                                 batch.insert(0, msg);
                                 pending_msgs += batch.len();
                                 m.received(batch.len(), batch.iter().map(Bytes::len).sum());
-                                in_flight.push_back(Either::Left(Either::Right(async move {
+                                in_flight.push_back(Either::Right(async move {
                                     let r = pool.call_batch(&handler, batch, Some(ctx)).await;
                                     record(&latency, started);
                                     Replies::Many(r)
-                                })));
+                                }));
                             }
                         }
                     }
@@ -396,30 +403,35 @@ async fn serve(
 
 type Reply = Result<Option<Bytes>, CallError>;
 
-/// Calls the handler for each message here, on the role's own thread.
-fn call_inline(
+/// Calls the handler for each message here, on the role's own thread, and
+/// frames each reply straight from Python's bytes into `out`. A handler
+/// exception (logged by the handler) skips that reply.
+fn answer_inline(
     watched: &Watched,
     handler: &Handler,
     batch: &[Bytes],
     ctx: &CallContext,
-) -> Replies {
-    let mut replies = Python::attach(|py| {
+    codec: &mut FrameCodec,
+    out: &mut bytes::BytesMut,
+    m: &ConnMetrics,
+) -> Result<(), super::framing::FrameError> {
+    Python::attach(|py| {
         watched.call(|| {
-            batch
-                .iter()
-                .map(|msg| {
-                    handler
-                        .call_here(py, msg, Some(ctx))
-                        .map_err(CallError::from)
-                })
-                .collect::<Vec<_>>()
+            for msg in batch {
+                let framed = handler.call_here(py, msg, Some(ctx), |reply| {
+                    codec
+                        .encode_slice(reply, out)
+                        .map(|()| m.bytes_out.increment(reply.len() as u64))
+                });
+                match framed {
+                    Ok(Some(result)) => result?,
+                    Ok(None) => {}
+                    Err(_) => m.errors.increment(1),
+                }
+            }
+            Ok(())
         })
-    });
-    if replies.len() == 1 {
-        Replies::One(replies.pop().expect("one reply"))
-    } else {
-        Replies::Many(replies)
-    }
+    })
 }
 
 /// The results of one hand-off: a lone message (no allocation) or a batch.
