@@ -163,3 +163,34 @@ fn a_role_that_fails_to_restart_shows_as_down_until_fixed() {
     d.signal("TERM");
     assert_eq!(d.wait_exit(T).code(), Some(0));
 }
+
+#[test]
+fn sighup_switches_a_role_to_inline_dispatch_on_the_same_port() {
+    let s = Scenario::new();
+    s.write("h.py", "def echo(data):\n    return data\n");
+    let (a, b) = (free_port(), free_port());
+    let pool = config(a, b);
+    let cfg = s.write("pyipcd.toml", &pool);
+    let mut d = Daemon::start(&cfg, &[]);
+    d.wait_ready();
+    let mut on_b = Line::open(b);
+    assert_eq!(Line::open(a).echo("pool"), "pool");
+    // Only role a changes; it must get its port back at once.
+    let inline = pool.replacen(
+        "handler = \"h:echo\"\n",
+        "handler = \"h:echo\"\ndispatch = \"inline\"\n",
+        1,
+    );
+    std::fs::write(&cfg, inline).unwrap();
+    d.signal("HUP");
+    d.lines.wait_for(
+        &["reloaded: started [\"a\"], stopped [\"a\"], failed []"],
+        T,
+    );
+    // Log lines carry thread names: role a now listens from its own thread.
+    d.lines.wait_for(&["py-tcp-a", "listening", "role=a"], T);
+    assert_eq!(Line::open(a).echo("inline"), "inline");
+    assert_eq!(on_b.echo("b untouched"), "b untouched");
+    d.signal("TERM");
+    assert_eq!(d.wait_exit(T).code(), Some(0));
+}
