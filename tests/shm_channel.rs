@@ -237,3 +237,18 @@ fn a_daemon_restart_is_noticed_by_a_waiting_client() {
         other => panic!("expected DaemonRestarted, got {other:?}"),
     }
 }
+
+#[test]
+fn an_async_channel_handler_is_refused_by_run_and_check() {
+    let s = Scenario::new();
+    s.write("h.py", "async def upper(data):\n    return data.upper()\n");
+    let cfg = s.config(
+        "[python]\npaths = [\".\"]\n[[shm.region]]\nname = \"ch\"\nmode = \"channel\"\n\
+         path = \"ch.shm\"\nhandler = \"h:upper\"\n",
+    );
+    for cmd in ["run", "check"] {
+        let (code, _, err) = common::run_to_end(&[cmd, "-c", cfg.to_str().unwrap()], &[]);
+        assert_eq!(code, 78, "{cmd}: {err}");
+        assert!(err.contains("async def"), "{cmd}: {err}");
+    }
+}
