@@ -156,14 +156,16 @@ fn interleave_200_connections(port: u16) {
 fn pipelined_requests_get_replies_in_request_order() {
     // The async handler finishes requests in random order; replies must not.
     let (_s, _d, port) = server("len32", "jitter", "pipeline = 32");
-    let mut s = connect(port);
-    let mut batch = Vec::new();
-    for i in 0..200u32 {
-        batch.extend(frame(format!("request {i}").as_bytes()));
-    }
+    pipeline_200(&mut connect(port), |m| m.to_vec());
+}
+
+/// Sends 200 requests in one write; checks the replies arrive in order.
+fn pipeline_200(s: &mut TcpStream, expect: impl Fn(&[u8]) -> Vec<u8>) {
+    let requests: Vec<String> = (0..200).map(|i| format!("request {i}")).collect();
+    let batch: Vec<u8> = requests.iter().flat_map(|r| frame(r.as_bytes())).collect();
     s.write_all(&batch).unwrap();
-    for i in 0..200u32 {
-        assert_eq!(read_frame(&mut s), format!("request {i}").as_bytes());
+    for r in &requests {
+        assert_eq!(read_frame(s), expect(r.as_bytes()));
     }
 }
 
@@ -316,14 +318,7 @@ fn inline_dispatch_keeps_order_across_pipelined_and_split_frames() {
     d.lines.wait_for(&["listening", "role=srv"], T);
     let mut s = connect(port);
     // 200 pipelined requests in one write, then one frame byte by byte.
-    let mut batch = Vec::new();
-    for i in 0..200u32 {
-        batch.extend(frame(format!("request {i}").as_bytes()));
-    }
-    s.write_all(&batch).unwrap();
-    for i in 0..200u32 {
-        assert_eq!(read_frame(&mut s), format!("REQUEST {i}").as_bytes());
-    }
+    pipeline_200(&mut s, <[u8]>::to_ascii_uppercase);
     for byte in frame(b"split") {
         s.write_all(&[byte]).unwrap();
     }
