@@ -7,10 +7,10 @@
 Pure Python over `mmap`. Ordering: a record's bytes are written before the
 ring's `tail` is stored, and read before `head` is stored, each as a separate
 copy into the mapping. This relies on x86-64's total store order and on
-`tail`/`head` being read and written with single aligned 8-byte accesses:
-struct's native "Q" format (no "<" prefix; "<Q" packs byte by byte and a
-concurrent reader can see a torn value). On a weakly ordered CPU (ARM) use
-the C or Rust client, which use real acquire/release atomics.
+`tail`/`head` being read and written with single aligned 8-byte accesses,
+which is what indexing a `memoryview` cast to "Q" does (see `_Words`). On a
+weakly ordered CPU (ARM) use the C or Rust client, which use real
+acquire/release atomics.
 
 One client at a time: the client holds an exclusive `flock` on the file for
 its lifetime; the kernel drops it if the process dies, so a new client can
@@ -45,6 +45,39 @@ class DaemonRestarted(ChannelError):
     """The daemon restarted: reconnect (requests in flight are lost)."""
 
 
+class _Words:
+    """The aligned 4- and 8-byte words of a shared mapping, each read and
+    written with one machine load or store (a memoryview item is copied with
+    a single fixed-size memcpy).
+
+    Not `struct.pack_into`: it zeroes the destination before packing the
+    value, so a reader in another process can catch a position at 0 between
+    the two stores (the daemon saw `tail = 0` behind a large `head` that way).
+    Not "<Q" either: that packs byte by byte, and a reader can see it torn.
+    """
+
+    def __init__(self, mm):
+        self._w32 = memoryview(mm).cast("I")
+        self._w64 = memoryview(mm).cast("Q")
+
+    def u32(self, off):
+        return self._w32[off >> 2]
+
+    def set_u32(self, off, value):
+        self._w32[off >> 2] = value
+
+    def u64(self, off):
+        return self._w64[off >> 3]
+
+    def set_u64(self, off, value):
+        self._w64[off >> 3] = value
+
+    def release(self):
+        """Drops the views (the mapping cannot be closed while they exist)."""
+        self._w32.release()
+        self._w64.release()
+
+
 class Client:
     def __init__(self, path, timeout=10.0):
         self.timeout = timeout
@@ -58,6 +91,7 @@ class Client:
         if size < PAGE:
             raise ChannelError(f"{path}: {size} bytes is too small for a channel")
         self._mm = mm = mmap.mmap(self._fd, size)
+        self._words = _Words(mm)
         if mm[0:8] != MAGIC:
             raise ChannelError(f"{path}: bad magic {mm[0:8]!r} (not a pyipcd channel)")
         version, header, ring, max_record = struct.unpack_from("<IIII", mm, 8)
@@ -76,7 +110,7 @@ class Client:
             if time.monotonic() > deadline:
                 raise ChannelError(f"{path}: the daemon is not serving this channel")
             time.sleep(0.001)
-        struct.pack_into("I", mm, 40, os.getpid())
+        self._words.set_u32(40, os.getpid())
         self._generation = self._u64(24)
         # Wait until the previous client's requests are answered, then drop their replies.
         while self._u64(self._req_ctl + 64) != self._u64(self._req_ctl):
@@ -88,6 +122,7 @@ class Client:
 
     def close(self):
         if self._mm is not None:
+            self._words.release()
             self._mm.close()
             self._mm = None
             os.close(self._fd)
@@ -135,18 +170,19 @@ class Client:
 
     # -- internals ---------------------------------------------------------
 
-    # Shared words use struct's *native* formats ("I", "Q", no prefix): CPython
-    # copies those with one memcpy (a single aligned load or store on x86-64),
-    # while "<Q" is packed byte by byte, and a reader racing it would see a
-    # torn position. The layout is little-endian, like the hosts this runs on.
+    # Words the daemon reads or writes concurrently go through `_Words`
+    # (single loads and stores, native byte order: little-endian, like the
+    # layout and the hosts this runs on). Record headers and payloads are
+    # written with struct/slices before `tail` publishes them, so nobody
+    # reads them mid-write.
     def _u32(self, off):
-        return struct.unpack_from("I", self._mm, off)[0]
+        return self._words.u32(off)
 
     def _u64(self, off):
-        return struct.unpack_from("Q", self._mm, off)[0]
+        return self._words.u64(off)
 
     def _set_u64(self, off, value):
-        struct.pack_into("Q", self._mm, off, value)
+        self._words.set_u64(off, value)
 
     def _waiter(self):
         start = time.monotonic()

@@ -252,3 +252,85 @@ fn an_async_channel_handler_is_refused_by_run_and_check() {
         assert!(err.contains("async def"), "{cmd}: {err}");
     }
 }
+
+/// Counts how often this process reads 0 from the 8-byte word at offset 64
+/// of a file while a Python process stores non-zero values there with
+/// `store` (a statement using `mm`, `words` and `v`), until this side has
+/// seen `want` changes (the two really raced) or 30 s pass.
+/// Returns (zeros, changes seen).
+fn race_python_stores(store: &str, want: u64) -> (u64, u64) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let s = Scenario::new();
+    let path = s.path("words.bin");
+    let mut start = vec![0u8; 4096];
+    start[64..72].copy_from_slice(&1u64.to_ne_bytes());
+    std::fs::write(&path, start).unwrap();
+    // The writer stops when the word at offset 128 turns non-zero (or after 60 s).
+    let script = format!(
+        "import sys, time, mmap, struct; sys.path.insert(0, {:?})\nimport pyipcd_shm\n\
+         f = open({:?}, 'r+b'); mm = mmap.mmap(f.fileno(), 4096); words = pyipcd_shm._Words(mm)\n\
+         print('go', flush=True)\nend = time.monotonic() + 60\ni = 0\n\
+         while words.u64(128) == 0 and time.monotonic() < end:\n    for _ in range(1024):\n        \
+         i += 1\n        v = (1 << 40) | (i & 0xFFFF) | 1\n        {store}\n",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/python"),
+        path.to_str().unwrap()
+    );
+    let mut child = Command::new("python3")
+        .args(["-c", &script])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "go");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let map = memmap2::MmapRaw::map_raw(&file).unwrap();
+    // SAFETY: offsets 64 and 128 are 8-aligned and inside the 4 KiB mapping,
+    // which lives until the end of this function; both words are only
+    // accessed atomically here.
+    let (word, stop) = unsafe {
+        (
+            &*(map.as_ptr().add(64).cast::<AtomicU64>()),
+            &*(map.as_ptr().add(128).cast::<AtomicU64>()),
+        )
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let (mut zeros, mut changes, mut last) = (0u64, 0u64, 1u64);
+    for i in 0u64.. {
+        let v = word.load(Ordering::Acquire);
+        if v == 0 {
+            zeros += 1;
+        } else if v != last {
+            changes += 1;
+            last = v;
+        }
+        if i % 4096 == 0 && (changes >= want || std::time::Instant::now() > deadline) {
+            break;
+        }
+    }
+    stop.store(1, Ordering::Release);
+    assert!(child.wait().unwrap().success());
+    (zeros, changes)
+}
+
+#[test]
+fn the_python_clients_position_stores_are_never_seen_half_done() {
+    let want = 200_000;
+    let (zeros, changes) = race_python_stores("words.set_u64(64, v)", want);
+    assert!(
+        changes >= want,
+        "the reader never raced the writer ({changes} changes seen)"
+    );
+    assert_eq!(
+        zeros, 0,
+        "a position read as 0 mid-store ({changes} changes seen)"
+    );
+}

@@ -303,7 +303,8 @@ impl Channel {
             }
             if tail.wrapping_sub(head) > self.ring_size as u64 {
                 // Positions that cannot both be right: nothing readable now
-                // (a torn moment, or a peer writing nonsense). Touch nothing.
+                // (a peer mid-store with a non-atomic write, as Python's
+                // struct.pack_into is, or writing nonsense). Touch nothing.
                 return None;
             }
             let pos = (head % self.ring_size as u64) as usize;
