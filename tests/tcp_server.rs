@@ -90,23 +90,26 @@ fn assert_closed(s: &mut TcpStream) {
 
 #[test]
 fn the_classic_c_client_gets_its_echo() {
-    let (s, mut d, port) = server("raw", "echo", "");
-    let exe = s.path("classic_client");
-    common::gcc("tests/fixtures/c/classic_client.c", &exe);
-    for _ in 0..3 {
-        let out = Command::new(&exe).arg(port.to_string()).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(
-            String::from_utf8_lossy(&out.stdout),
-            "Client read from Server Hello, Server!\n"
-        );
+    for dispatch in ["pool", "inline"] {
+        let (s, mut d, port) = server("raw", "echo", &format!("dispatch = \"{dispatch}\""));
+        let exe = s.path("classic_client");
+        common::gcc("tests/fixtures/c/classic_client.c", &exe);
+        for _ in 0..3 {
+            let out = Command::new(&exe).arg(port.to_string()).output().unwrap();
+            assert!(
+                out.status.success(),
+                "{dispatch}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                "Client read from Server Hello, Server!\n",
+                "{dispatch}"
+            );
+        }
+        d.signal("TERM");
+        assert_eq!(d.wait_exit(T).code(), Some(0), "{dispatch}");
     }
-    d.signal("TERM");
-    assert_eq!(d.wait_exit(T).code(), Some(0));
 }
 
 #[test]
