@@ -1,9 +1,12 @@
-//! TCP roles: [`server`] (accept, hand each message to a Python handler, reply
-//! in request order) and [`client`] (connect out with reconnect, send scripted,
-//! produced or `pyipcd.send` messages, hand replies to Python). [`framing`]
-//! owns the wire formats; [`inline`] runs a server role on its own interpreter thread.
+//! TCP roles: [`server`] accepts; the private `connection` module serves each
+//! connection (hand each message to a Python handler, reply in request
+//! order), and the private `inline` module runs a server role on its own
+//! interpreter thread. [`client`] connects out with reconnect, sends scripted,
+//! produced or `pyipcd.send` messages and hands replies to Python.
+//! [`framing`] owns the wire formats.
 
 pub mod client;
+mod connection;
 pub mod framing;
 mod inline;
 pub mod server;

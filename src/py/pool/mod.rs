@@ -2,7 +2,7 @@
 //! whole life, that run Python calls submitted by tokio tasks.
 //!
 //! # Hand-off
-//! Callers push a [`Job`] into a bounded lock-free queue and await a oneshot.
+//! Callers push a `Job` into a bounded lock-free queue and await a oneshot.
 //! A worker drains every queued job per GIL acquisition and detaches only to
 //! wait for more. Waiting is tiered because a futex wake-up costs tens of
 //! microseconds on small VMs:
@@ -21,7 +21,7 @@
 //! # Limits
 //! The queue is bounded (`python.queue`): a full queue makes callers wait
 //! (counted in [`PoolStats::queue_full_waits`]). Calls have a timeout: the
-//! caller stops waiting and the [`monitor`](super::monitor) logs the stuck
+//! caller stops waiting and the stuck-call monitor logs the stuck
 //! thread's Python stack; the thread itself stays busy until Python returns.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
