@@ -36,7 +36,7 @@ def closed(conn_id, peer):
 
 def slow(data):
     if data == b"hang":
-        time.sleep(1.5)
+        time.sleep(2.5)
     return data
 
 async def jitter(data):
@@ -379,22 +379,33 @@ fn inline_dispatch_refuses_an_async_handler_at_start_up() {
 fn a_hung_inline_handler_is_reported_with_its_stack_and_still_answers() {
     let s = Scenario::new();
     s.write("h.py", HANDLERS);
-    let cfg = s.config(
-        "[python]\npaths = [\".\"]\ncall_timeout = \"300ms\"\n[[tcp.server]]\nname = \"srv\"\n\
-         listen = \"127.0.0.1:0\"\nhandler = \"h:slow\"\ndispatch = \"inline\"\n",
-    );
+    let admin = common::free_port();
+    let cfg = s.config(&format!(
+        "[admin]\nlisten = \"127.0.0.1:{admin}\"\n[python]\npaths = [\".\"]\ncall_timeout = \"300ms\"\n\
+         [[tcp.server]]\nname = \"srv\"\nlisten = \"127.0.0.1:0\"\nhandler = \"h:slow\"\ndispatch = \"inline\"\n"
+    ));
+    let health = || common::run_to_end(&["health", "-c", cfg.to_str().unwrap()], &[]).0;
     let mut d = Daemon::start(&cfg, &[]);
     d.wait_ready();
+    assert_eq!(health(), 0);
     let mut s = connect(d.listening_port("srv"));
     s.write_all(b"hang\nnext\n").unwrap();
     // One multi-line event: the message, the stack, the thread's name.
     d.lines.wait_for(&["call running for at least"], T);
     d.lines.wait_for(&["in slow"], T);
     d.lines.wait_for(&["py-tcp-srv"], T);
+    // Its only thread is busy: the role is down meanwhile.
+    assert_eq!(
+        health(),
+        1,
+        "a role whose thread is stuck must show as down"
+    );
     // Nothing is lost: both replies arrive, in order, once the handler returns.
     let mut buf = [0u8; 10];
     s.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"hang\nnext\n");
+    d.lines.wait_for(&["stuck call returned", "role=srv"], T);
+    assert_eq!(health(), 0);
     d.signal("TERM");
     assert_eq!(d.wait_exit(T).code(), Some(0));
 }

@@ -1,8 +1,9 @@
 //! The stuck-call monitor: a low-frequency thread that notices calls on pool
 //! threads and on watched dedicated threads ([`super::pool::GilPool::watch`])
 //! running past `python.call_timeout` and logs the Python stack of the thread
-//! running them (once per call). It holds only a weak reference to the pool
-//! and ends when the pool is dropped.
+//! running them (once per call). A role served by a dedicated thread is
+//! reported down in `/health` until its stuck call returns. The monitor holds
+//! only a weak reference to the pool and ends when the pool is dropped.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -49,21 +50,31 @@ fn monitor(pool: Weak<Shared>) {
             .slots
             .iter()
             .enumerate()
-            .map(|(i, slot)| (format!("py-pool-{i}"), &**slot));
-        let watched: Vec<(String, &WorkerSlot)> = pool_threads
-            .chain(dedicated.iter().map(|(name, slot)| (name.clone(), &**slot)))
+            .map(|(i, slot)| (format!("py-pool-{i}"), &**slot, false));
+        let watched: Vec<(String, &WorkerSlot, bool)> = pool_threads
+            .chain(
+                dedicated
+                    .iter()
+                    .map(|(name, slot)| (name.clone(), &**slot, true)),
+            )
             .collect();
         seen.retain(|key, _| {
             watched
                 .iter()
-                .any(|(_, s)| std::ptr::addr_of!(**s) as usize == *key)
+                .any(|(_, s, _)| std::ptr::addr_of!(**s) as usize == *key)
         });
-        for (thread, slot) in watched {
+        for (thread, slot, own_thread) in watched {
             let current = slot.current.load(Ordering::Acquire);
             let (seq, since, reported) = seen
                 .entry(std::ptr::addr_of!(*slot) as usize)
                 .or_insert((0, now, false));
             if current != *seq {
+                if *reported && own_thread {
+                    // The stuck call returned: its role serves again.
+                    let role = role_of(slot);
+                    crate::admin::health().set(&role, true);
+                    tracing::info!(role = %role, thread, "stuck call returned after {:.1}s; role up again", (now - *since).as_secs_f64());
+                }
                 // A new call (or idle): it started at most one interval ago.
                 *seq = current;
                 *since = now;
@@ -76,12 +87,11 @@ fn monitor(pool: Weak<Shared>) {
             *reported = true;
             let running = now - *since;
             shared.stats.stuck_reports.fetch_add(1, Ordering::Relaxed);
-            let role = slot
-                .role
-                .lock()
-                .ok()
-                .and_then(|r| r.clone())
-                .unwrap_or_else(|| "-".into());
+            let role = role_of(slot);
+            if own_thread {
+                // A role served by this one thread answers nobody meanwhile.
+                crate::admin::health().set(&role, false);
+            }
             let ident = slot.py_ident.load(Ordering::Relaxed);
             // Taking the GIL here waits for the stuck thread's next switch
             // interval; this thread exists so nothing else has to.
@@ -97,6 +107,14 @@ fn monitor(pool: Weak<Shared>) {
             );
         }
     }
+}
+
+fn role_of(slot: &WorkerSlot) -> Arc<str> {
+    slot.role
+        .lock()
+        .ok()
+        .and_then(|r| r.clone())
+        .unwrap_or_else(|| "-".into())
 }
 
 /// The formatted stack of the Python thread `ident`.
