@@ -137,7 +137,10 @@ pub async fn start(
         }
         Role::Channel(channel) => {
             let name = channel.name().to_string();
-            tracker.spawn(crate::admin::tracked(name, channel.run(token.clone())))
+            tracker.spawn(crate::admin::tracked(
+                name,
+                channel.run(pool.clone(), token.clone()),
+            ))
         }
     };
     Ok((

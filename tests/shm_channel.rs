@@ -334,3 +334,24 @@ fn the_python_clients_position_stores_are_never_seen_half_done() {
         "a position read as 0 mid-store ({changes} changes seen)"
     );
 }
+
+#[test]
+fn a_stuck_channel_handler_is_reported_and_its_reply_still_arrives() {
+    let s = Scenario::new();
+    s.write("h.py", HANDLERS);
+    let cfg = s.config(
+        "[python]\npaths = [\".\"]\ncall_timeout = \"300ms\"\n[[shm.region]]\nname = \"ch\"\n\
+         mode = \"channel\"\npath = \"ch.shm\"\nhandler = \"h:very_slow\"\n",
+    );
+    let mut d = Daemon::start(&cfg, &[]);
+    d.wait_ready();
+    d.lines.wait_for(&["channel ready", "role=ch"], T);
+    let mut c = ShmClient::connect(&s.path("ch.shm"), T).unwrap();
+    let waiting = std::thread::spawn(move || c.call(b"slow"));
+    // One multi-line event: the message, the stack, the thread's name.
+    d.lines.wait_for(&["call running for at least"], T);
+    d.lines.wait_for(&["in very_slow"], T);
+    d.lines.wait_for(&["py-shm-ch"], T);
+    assert_eq!(waiting.join().unwrap().unwrap().unwrap(), b"slow");
+    d.lines.wait_for(&["stuck call returned", "role=ch"], T);
+}

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::ring::{Channel, Dir, LayoutError, MAGIC, State, file_size, flags};
 use crate::config::ShmRegionConfig;
 use crate::py::handler::{Handler, format_exception};
+use crate::py::pool::GilPool;
 use crate::py::target::Target;
 
 /// After a short busy spin, yield-spin until this long after the last message.
@@ -114,9 +115,9 @@ impl ShmChannel {
         &self.name
     }
 
-    /// Serves until `token` is cancelled (on a thread of its own), then marks
-    /// the channel stopped.
-    pub async fn run(self, token: CancellationToken) {
+    /// Serves until `token` is cancelled (on a thread of its own, whose calls
+    /// `pool`'s stuck-call monitor watches), then marks the channel stopped.
+    pub async fn run(self, pool: Arc<GilPool>, token: CancellationToken) {
         let stop = Arc::new(AtomicBool::new(false));
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         let name = self.name.clone();
@@ -125,7 +126,7 @@ impl ShmChannel {
             .name(format!("py-shm-{name}"))
             .spawn(move || {
                 crate::py::output::set_thread_role(Some(&self.name));
-                serve(&self, &flag);
+                serve(&self, &pool, &flag);
                 self.channel.set_state(State::Stopped);
                 let _ = done_tx.send(());
             });
@@ -173,7 +174,7 @@ fn previous_generation(file: &std::fs::File, path: &std::path::Path) -> Result<u
     }
 }
 
-fn serve(ch: &ShmChannel, stop: &AtomicBool) {
+fn serve(ch: &ShmChannel, pool: &GilPool, stop: &AtomicBool) {
     let channel = &ch.channel;
     tracing::info!(
         role = %ch.name,
@@ -185,6 +186,7 @@ fn serve(ch: &ShmChannel, stop: &AtomicBool) {
     let messages = metrics::counter!("pyipcd_messages_total", "role" => ch.name.to_string());
     let errors = metrics::counter!("pyipcd_errors_total", "role" => ch.name.to_string());
     Python::attach(|py| {
+        let watched = pool.watch(py, &format!("py-shm-{}", ch.name), &ch.name);
         channel.set_state(State::Ready);
         let mut idle_since = Instant::now();
         loop {
@@ -195,7 +197,7 @@ fn serve(ch: &ShmChannel, stop: &AtomicBool) {
                 py.detach(|| wait(channel, stop, idle_since));
                 continue;
             };
-            let (fl, reply) = answer(py, ch, &request);
+            let (fl, reply) = watched.call(|| answer(py, ch, &request));
             messages.increment(1);
             if fl == flags::ERROR {
                 errors.increment(1);
