@@ -16,6 +16,7 @@ const T: Duration = Duration::from_secs(15);
 
 const HANDLERS: &str = r#"
 import asyncio, random, time
+import pyipcd
 
 def echo(data):
     return data
@@ -33,6 +34,11 @@ def opened(conn_id, peer):
 
 def closed(conn_id, peer):
     print(f"hook close {conn_id} {peer}")
+
+def forward(data):
+    for i in range(3):
+        pyipcd.send("out", data + b" %d" % i)  # waits while the outbox is full
+    return b"forwarded"
 
 def slow(data):
     if data == b"hang":
@@ -408,4 +414,35 @@ fn a_hung_inline_handler_is_reported_with_its_stack_and_still_answers() {
     assert_eq!(health(), 0);
     d.signal("TERM");
     assert_eq!(d.wait_exit(T).code(), Some(0));
+}
+
+#[test]
+fn an_inline_handler_can_wait_on_a_full_outbox_of_another_role() {
+    let s = Scenario::new();
+    s.write("h.py", HANDLERS);
+    let port = common::free_port(); // nothing listens yet: the outbox fills
+    let cfg = s.config(&format!(
+        "[python]\npaths = [\".\"]\n[[tcp.server]]\nname = \"srv\"\nlisten = \"127.0.0.1:0\"\n\
+         framing = \"line\"\nhandler = \"h:forward\"\ndispatch = \"inline\"\n\
+         [[tcp.client]]\nname = \"out\"\nconnect = \"127.0.0.1:{port}\"\nframing = \"line\"\n\
+         outbox = 1\nbackoff_min = \"20ms\"\nbackoff_max = \"50ms\"\n"
+    ));
+    let mut d = Daemon::start(&cfg, &[]);
+    d.wait_ready();
+    let mut s = connect(d.listening_port("srv"));
+    s.write_all(b"msg\n").unwrap();
+    std::thread::sleep(Duration::from_millis(300)); // the handler now waits
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let (peer, _) = listener.accept().unwrap();
+    peer.set_read_timeout(Some(T)).unwrap();
+    let mut lines = std::io::BufReader::new(peer);
+    for i in 0..3 {
+        let mut l = String::new();
+        std::io::BufRead::read_line(&mut lines, &mut l).unwrap();
+        assert_eq!(l, format!("msg {i}\n"));
+    }
+    let mut reply = [0u8; 10];
+    s.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"forwarded\n");
+    assert_eq!(d.lines.count(&["handler raised"]), 0, "{}", d.lines.text());
 }

@@ -129,9 +129,11 @@ fn send(py: Python<'_>, role: &str, data: &[u8]) -> PyResult<()> {
     let data = Bytes::copy_from_slice(data);
     let sent = match sender.try_send(data) {
         Ok(()) => Ok(()),
-        Err(mpsc::error::TrySendError::Full(data)) => {
-            py.detach(|| sender.blocking_send(data)).map_err(|_| ())
-        }
+        // Not `blocking_send`: it panics on a thread that drives a tokio
+        // runtime, which an inline server's own thread does.
+        Err(mpsc::error::TrySendError::Full(data)) => py
+            .detach(|| futures::executor::block_on(sender.send(data)))
+            .map_err(|_| ()),
         Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
     };
     sent.map_err(|()| PyRuntimeError::new_err(format!("role {role:?} has stopped")))

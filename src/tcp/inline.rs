@@ -47,5 +47,7 @@ where
         tracing::error!(role = %role, "cannot start the role's thread: {e}");
         return;
     }
-    let _ = done_rx.await;
+    if done_rx.await.is_err() {
+        tracing::error!(role = %role, "the role's thread died (a panic, logged above); the role is down");
+    }
 }
