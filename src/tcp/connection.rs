@@ -103,7 +103,6 @@ pub(crate) async fn serve(
                                 None => break,
                             }
                         }
-                        let (handler, ctx) = (handler.clone(), ctx.clone());
                         let (latency, started) = (m.latency.clone(), m.timed.then(Instant::now));
                         match calls {
                             Calls::Inline(watched) => {
@@ -113,7 +112,7 @@ pub(crate) async fn serve(
                                 batch.insert(0, msg);
                                 m.received(batch.len(), batch.iter().map(Bytes::len).sum());
                                 let answered = answer_inline(
-                                    watched, &handler, &batch, &ctx,
+                                    watched, handler, &batch, ctx,
                                     &mut inline_codec, writer.write_buffer_mut(), &m,
                                 );
                                 record(&latency, started);
@@ -127,7 +126,7 @@ pub(crate) async fn serve(
                                 }
                             }
                             Calls::Pool(pool) if batch.is_empty() => {
-                                let pool = pool.clone();
+                                let (pool, handler, ctx) = (pool.clone(), handler.clone(), ctx.clone());
                                 pending_msgs += 1;
                                 m.received(1, msg.len());
                                 in_flight.push_back(Either::Left(async move {
@@ -137,7 +136,7 @@ pub(crate) async fn serve(
                                 }));
                             }
                             Calls::Pool(pool) => {
-                                let pool = pool.clone();
+                                let (pool, handler, ctx) = (pool.clone(), handler.clone(), ctx.clone());
                                 batch.insert(0, msg);
                                 pending_msgs += batch.len();
                                 m.received(batch.len(), batch.iter().map(Bytes::len).sum());
