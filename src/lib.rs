@@ -35,6 +35,8 @@ pub mod supervisor;
 pub mod systemd;
 pub mod tcp;
 pub mod telemetry;
+#[cfg(test)]
+mod test_rng;
 
 pub use error::Error;
 

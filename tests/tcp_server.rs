@@ -35,6 +35,9 @@ def opened(conn_id, peer):
 def closed(conn_id, peer):
     print(f"hook close {conn_id} {peer}")
 
+def bracket(data):
+    return b"[" + data + b"]"
+
 def forward(data):
     for i in range(3):
         pyipcd.send("out", data + b" %d" % i)  # waits while the outbox is full
@@ -445,4 +448,36 @@ fn an_inline_handler_can_wait_on_a_full_outbox_of_another_role() {
     s.read_exact(&mut reply).unwrap();
     assert_eq!(&reply, b"forwarded\n");
     assert_eq!(d.lines.count(&["handler raised"]), 0, "{}", d.lines.text());
+}
+
+#[test]
+fn raw_reads_longer_than_max_message_arrive_in_pieces_with_nothing_lost() {
+    let (_s, d, port) = server("raw", "bracket", "max_message = \"4B\"");
+    let mut s = connect(port);
+    let sent = b"abcdefghijklmnopqrstuvwxyz";
+    s.write_all(sent).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    // 26 bytes in pieces of at most 4: every piece comes back bracketed.
+    while got.iter().filter(|b| **b != b'[' && **b != b']').count() < sent.len() {
+        let n = s.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "closed early; got {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8(got).unwrap();
+    let pieces: Vec<&str> = text
+        .split(']')
+        .filter(|p| !p.is_empty())
+        .map(|p| p.strip_prefix('[').unwrap())
+        .collect();
+    assert!(
+        pieces.iter().all(|p| (1..=4).contains(&p.len())),
+        "{pieces:?}"
+    );
+    assert_eq!(pieces.concat().as_bytes(), sent);
+    assert_eq!(d.lines.count(&["closing connection"]), 0);
 }

@@ -253,6 +253,11 @@ impl Channel {
         let tail_ref = self.ctl(dir, off::TAIL);
         let tail = tail_ref.load(Ordering::Relaxed);
         let head = self.ctl(dir, off::HEAD).load(Ordering::Acquire);
+        if tail % 8 != 0 {
+            // Records start 8-aligned; a peer scribbled on our position.
+            // Refuse (reads as "full") rather than write misaligned words.
+            return false;
+        }
         let pos = (tail % self.ring_size as u64) as usize;
         let room_to_end = self.ring_size - pos;
         let skip = if room_to_end < need { room_to_end } else { 0 };
@@ -296,6 +301,11 @@ impl Channel {
                 crc_ok: false,
             })
         };
+        if head % 8 != 0 || tail % 8 != 0 {
+            // Records start 8-aligned: a misaligned position is a peer's
+            // scribble. Nothing readable; touch nothing.
+            return None;
+        }
         let mut skips = 0;
         loop {
             if head == tail {
@@ -546,5 +556,62 @@ mod tests {
             Channel::attach(open()).unwrap_err(),
             LayoutError::Magic(_)
         ));
+    }
+
+    #[test]
+    fn random_contents_and_positions_never_panic_hang_or_overread() {
+        let (_d, ch) = channel(4096, 1000);
+        let mut rng = crate::test_rng::Rng::new(0xC0FF_EE00_D15E_A5E5);
+        let mut popped = 0;
+        for _ in 0..50_000 {
+            match rng.below(6) {
+                // A misbehaving peer scribbles over the data area...
+                0 => ch.write_u32(
+                    ch.data(Dir::Request) + 4 * rng.below(1024),
+                    if rng.below(4) == 0 {
+                        WRAP
+                    } else {
+                        rng.next() as u32
+                    },
+                ),
+                // ...or publishes positions, plausible or wild.
+                1 => {
+                    let mut head = if rng.below(4) == 0 {
+                        rng.next()
+                    } else {
+                        rng.next() % 100_000
+                    };
+                    let mut ahead = if rng.below(4) == 0 {
+                        rng.next()
+                    } else {
+                        rng.below(5000) as u64
+                    };
+                    if rng.below(4) != 0 {
+                        // Mostly aligned, so records get decoded too.
+                        (head, ahead) = (head & !7, ahead & !7);
+                    }
+                    ch.ctl(Dir::Request, off::HEAD)
+                        .store(head, Ordering::Release);
+                    ch.ctl(Dir::Request, off::TAIL)
+                        .store(head.wrapping_add(ahead), Ordering::Release);
+                }
+                2 => ch
+                    .ctl(Dir::Response, off::HEAD)
+                    .store(rng.next() % 1_000_000, Ordering::Release),
+                3 => {
+                    let n = rng.below(1001);
+                    let _ = ch.try_push(Dir::Request, 1, flags::OK, &vec![7u8; n]);
+                }
+                4 => {
+                    let _ = ch.try_push(Dir::Response, 2, flags::OK, &[1u8; 100]);
+                }
+                _ => {}
+            }
+            if let Some(r) = ch.try_pop(Dir::Request) {
+                assert!(r.payload.len() <= 1000);
+                popped += 1;
+            }
+        }
+        assert!(popped > 1000, "only {popped} records decoded");
     }
 }

@@ -1,10 +1,11 @@
-//! Wire framings as one tokio-util codec: `raw` (each read is a message),
+//! Wire framings as one tokio-util codec: `raw` (each read is a message, at
+//! most `max_message` bytes, like `recv(max_message)`),
 //! `line` (newline-delimited) and `len32` (4-byte big-endian length prefix).
 //! Limits are checked before buffering: a `len32` prefix over `max_message`
 //! fails at once, without waiting for (or allocating) the body.
 
 use bytes::{Bytes, BytesMut};
-use tokio_util::codec::{AnyDelimiterCodec, BytesCodec, Decoder, Encoder, LengthDelimitedCodec};
+use tokio_util::codec::{AnyDelimiterCodec, Decoder, Encoder, LengthDelimitedCodec};
 
 use crate::config::Framing;
 
@@ -42,8 +43,8 @@ pub enum FrameError {
 /// A codec for one of the [`Framing`]s.
 #[derive(Debug)]
 pub enum FrameCodec {
-    /// Each read is a message.
-    Raw(BytesCodec, usize),
+    /// Each read is a message, cut at the limit (like `recv(max)`).
+    Raw(usize),
     /// Newline-delimited.
     Line(AnyDelimiterCodec),
     /// Length-prefixed.
@@ -54,7 +55,7 @@ impl FrameCodec {
     /// A codec for `framing` that refuses messages over `max` bytes.
     pub fn new(framing: Framing, max: usize) -> Self {
         match framing {
-            Framing::Raw => FrameCodec::Raw(BytesCodec::new(), max),
+            Framing::Raw => FrameCodec::Raw(max.max(1)),
             Framing::Line => FrameCodec::Line(AnyDelimiterCodec::new_with_max_length(
                 b"\n".to_vec(),
                 b"\n".to_vec(),
@@ -72,7 +73,7 @@ impl FrameCodec {
 
     fn max(&self) -> usize {
         match self {
-            FrameCodec::Raw(_, max) => *max,
+            FrameCodec::Raw(max) => *max,
             FrameCodec::Line(c) => c.max_length(),
             FrameCodec::Len32(c) => c.max_frame_length(),
         }
@@ -96,7 +97,7 @@ impl Decoder for FrameCodec {
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
         match self {
-            FrameCodec::Raw(c, _) => Ok(c.decode(src)?.map(BytesMut::freeze)),
+            FrameCodec::Raw(max) => Ok(take_raw(src, *max)),
             FrameCodec::Line(c) => c.decode(src).map_err(|e| line_err(e, c.max_length())),
             FrameCodec::Len32(c) => {
                 let r = c.decode(src);
@@ -108,7 +109,7 @@ impl Decoder for FrameCodec {
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
         match self {
-            FrameCodec::Raw(c, _) => Ok(c.decode_eof(src)?.map(BytesMut::freeze)),
+            FrameCodec::Raw(max) => Ok(take_raw(src, *max)),
             // A last line without its newline is still a message (as `nc` sends it).
             FrameCodec::Line(c) => c.decode_eof(src).map_err(|e| line_err(e, c.max_length())),
             FrameCodec::Len32(c) => {
@@ -118,6 +119,11 @@ impl Decoder for FrameCodec {
             }
         }
     }
+}
+
+/// A raw message: what the reads delivered, at most `max` bytes of it.
+fn take_raw(src: &mut BytesMut, max: usize) -> Option<Bytes> {
+    (!src.is_empty()).then(|| src.split_to(src.len().min(max)).freeze())
 }
 
 fn line_err(e: tokio_util::codec::AnyDelimiterCodecError, max: usize) -> FrameError {
@@ -234,5 +240,70 @@ mod tests {
         let before = small.capacity();
         keep_room(&mut small, 68);
         assert_eq!(small.capacity(), before);
+    }
+
+    #[test]
+    fn random_streams_in_random_chunks_never_panic_or_pass_the_limit() {
+        let mut rng = crate::test_rng::Rng::new(0x9E37_79B9_7F4A_7C15);
+        for round in 0..3000 {
+            let framing = [Framing::Raw, Framing::Line, Framing::Len32][round % 3];
+            let max = 1 + rng.below(300);
+            let mut c = FrameCodec::new(framing, max);
+            // Random bytes, rich in newlines and zero bytes (short prefixes).
+            let stream: Vec<u8> = (0..rng.below(2000))
+                .map(|_| match rng.below(8) {
+                    0 => b'\n',
+                    1 => 0,
+                    _ => rng.next() as u8,
+                })
+                .collect();
+            let (mut buf, mut fed, mut out) = (BytesMut::new(), 0, Vec::new());
+            'feed: while fed < stream.len() {
+                let n = (1 + rng.below(64)).min(stream.len() - fed);
+                buf.extend_from_slice(&stream[fed..fed + n]);
+                fed += n;
+                loop {
+                    match c.decode(&mut buf) {
+                        Ok(Some(f)) => {
+                            assert!(f.len() <= max, "{framing:?}: {} > {max}", f.len());
+                            out.extend_from_slice(&f);
+                        }
+                        Ok(None) => break,
+                        Err(FrameError::TooLarge(m)) => {
+                            assert_eq!(m, max);
+                            break 'feed;
+                        }
+                        Err(e) => panic!("{framing:?}: unexpected {e}"),
+                    }
+                }
+            }
+            if framing == Framing::Raw {
+                // Raw loses nothing and keeps the order, whatever the chunks.
+                assert_eq!(out, stream);
+            }
+            let _ = c.decode_eof(&mut buf); // a last message, nothing or Truncated
+        }
+    }
+
+    #[test]
+    fn encoded_replies_decode_to_themselves() {
+        let mut rng = crate::test_rng::Rng::new(42);
+        for round in 0..2000 {
+            let framing = [Framing::Raw, Framing::Line, Framing::Len32][round % 3];
+            let mut c = FrameCodec::new(framing, 512);
+            let payload: Vec<u8> = (0..1 + rng.below(512))
+                .map(|_| rng.next() as u8)
+                .filter(|b| framing != Framing::Line || *b != b'\n')
+                .collect();
+            let mut wire = BytesMut::new();
+            c.encode_slice(&payload, &mut wire).unwrap();
+            let got = c.decode(&mut wire).unwrap();
+            assert_eq!(
+                got.as_deref().unwrap_or_default(),
+                &payload[..],
+                "{framing:?}"
+            );
+            assert!(wire.is_empty(), "{framing:?}: bytes left over");
+        }
     }
 }
