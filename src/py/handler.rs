@@ -93,10 +93,7 @@ impl Handler {
         label: &str,
         callable: Bound<'_, PyAny>,
     ) -> PyResult<Self> {
-        let is_async = py
-            .import("inspect")?
-            .call_method1("iscoroutinefunction", (&callable,))?
-            .is_truthy()?;
+        let is_async = is_async_def(&callable)?;
         let (wants_peer, wants_conn_id): (bool, bool) = super::module::runtime(py)?
             .call_method1("_wants_context", (&callable,))?
             .extract()?;
@@ -248,6 +245,17 @@ impl fmt::Debug for Handler {
 }
 
 /// `bytes`, `bytearray`, `memoryview` and `str` (UTF-8) become a reply; `None` is no reply.
+/// Whether `obj` is an `async def` (calling it returns a coroutine).
+///
+/// # Errors
+/// Only if `inspect` cannot be imported.
+pub(crate) fn is_async_def(obj: &Bound<'_, PyAny>) -> PyResult<bool> {
+    obj.py()
+        .import("inspect")?
+        .call_method1("iscoroutinefunction", (obj,))?
+        .is_truthy()
+}
+
 pub(crate) fn to_bytes(obj: &Bound<'_, PyAny>) -> PyResult<Option<Bytes>> {
     with_reply_bytes(obj, Bytes::copy_from_slice)
 }

@@ -122,16 +122,11 @@ fn check_one(py: Python<'_>, target: &Target, sync_only: bool) -> PyResult<()> {
         ),
     };
     let found = owner.getattr(attr.as_str())?;
-    let is_async = || -> PyResult<bool> {
-        py.import("inspect")?
-            .call_method1("iscoroutinefunction", (&found,))?
-            .is_truthy()
-    };
     if !found.is_callable() {
         Err(pyo3::exceptions::PyTypeError::new_err(format!(
             "`{attr}` is not callable"
         )))
-    } else if sync_only && is_async()? {
+    } else if sync_only && handler::is_async_def(&found)? {
         Err(pyo3::exceptions::PyTypeError::new_err(format!(
             "`{attr}` is an async def; this role runs it on its own thread: plain def handlers only"
         )))
