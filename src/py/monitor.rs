@@ -39,31 +39,22 @@ fn monitor(pool: Weak<Shared>) {
         std::thread::sleep(interval);
         let Some(shared) = pool.upgrade() else { return };
         let now = Instant::now();
-        let dedicated: Vec<(String, Arc<WorkerSlot>)> = {
+        let dedicated: Vec<Arc<WorkerSlot>> = {
             let mut list = shared.dedicated.lock().expect("monitor lock");
-            list.retain(|(_, slot)| slot.strong_count() > 0);
-            list.iter()
-                .filter_map(|(name, slot)| Some((name.clone(), slot.upgrade()?)))
-                .collect()
+            list.retain(|slot| slot.strong_count() > 0);
+            list.iter().filter_map(std::sync::Weak::upgrade).collect()
         };
-        let pool_threads = shared
-            .slots
-            .iter()
-            .enumerate()
-            .map(|(i, slot)| (format!("py-pool-{i}"), &**slot, false));
-        let watched: Vec<(String, &WorkerSlot, bool)> = pool_threads
-            .chain(
-                dedicated
-                    .iter()
-                    .map(|(name, slot)| (name.clone(), &**slot, true)),
-            )
+        // (slot, whether it is a role's own thread rather than a pool worker)
+        let watched: Vec<(&WorkerSlot, bool)> = (shared.slots.iter().map(|s| (&**s, false)))
+            .chain(dedicated.iter().map(|s| (&**s, true)))
             .collect();
         seen.retain(|key, _| {
             watched
                 .iter()
-                .any(|(_, s, _)| std::ptr::addr_of!(**s) as usize == *key)
+                .any(|(s, _)| std::ptr::addr_of!(**s) as usize == *key)
         });
-        for (thread, slot, own_thread) in watched {
+        for (slot, own_thread) in watched {
+            let thread = slot.thread.as_str();
             let current = slot.current.load(Ordering::Acquire);
             let (seq, since, reported) = seen
                 .entry(std::ptr::addr_of!(*slot) as usize)

@@ -125,9 +125,10 @@ impl GilPool {
     pub fn start(config: &PoolConfig) -> Result<Arc<Self>, crate::Error> {
         let asyncio = AsyncioLoop::start()?;
         let locals = Python::attach(|py| asyncio.locals(py));
-        let slots = (0..config.workers)
-            .map(|_| {
+        let slots: Box<[_]> = (0..config.workers)
+            .map(|idx| {
                 CachePadded::new(WorkerSlot {
+                    thread: format!("py-pool-{idx}"),
                     current: AtomicU64::new(0),
                     py_ident: AtomicU64::new(0),
                     role: Mutex::new(None),
@@ -157,7 +158,7 @@ impl GilPool {
             let s = shared.clone();
             threads.push(
                 std::thread::Builder::new()
-                    .name(format!("py-pool-{idx}"))
+                    .name(shared.slots[idx].thread.clone())
                     .spawn(move || worker_main(&s, idx))?,
             );
         }
@@ -309,6 +310,7 @@ impl GilPool {
     /// returned [`Watched`] are timed like pool calls.
     pub fn watch(&self, py: Python<'_>, thread: &str, role: &Arc<str>) -> Watched {
         let slot = Arc::new(WorkerSlot {
+            thread: thread.to_string(),
             current: AtomicU64::new(0),
             py_ident: AtomicU64::new(crate::py::thread_ident(py).unwrap_or(0)),
             role: Mutex::new(Some(role.clone())),
@@ -317,7 +319,7 @@ impl GilPool {
             .dedicated
             .lock()
             .expect("monitor lock")
-            .push((thread.to_string(), Arc::downgrade(&slot)));
+            .push(Arc::downgrade(&slot));
         Watched {
             slot,
             seq: AtomicU64::new(0),
@@ -496,10 +498,7 @@ impl Watched {
     pub fn call<R>(&self, f: impl FnOnce() -> R) -> R {
         // Only the owning thread counts; atomics just make this `Sync`.
         let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
-        self.slot.current.store(seq, Ordering::Release);
-        let r = f();
-        self.slot.current.store(0, Ordering::Release);
-        r
+        self.slot.timed(seq, f)
     }
 }
 

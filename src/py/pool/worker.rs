@@ -40,6 +40,8 @@ pub(crate) enum Job {
 
 /// What the monitor needs to know about one worker.
 pub(crate) struct WorkerSlot {
+    /// The OS thread's name, as logs show it.
+    pub(crate) thread: String,
     /// The running call's sequence number (unique per worker, never 0); 0 when idle.
     /// The monitor times calls by watching this; the hot path reads no clock.
     pub(crate) current: AtomicU64,
@@ -47,6 +49,16 @@ pub(crate) struct WorkerSlot {
     pub(crate) py_ident: AtomicU64,
     /// Role of the current or last call.
     pub(crate) role: Mutex<Option<Arc<str>>>,
+}
+
+impl WorkerSlot {
+    /// Runs `f` as call number `seq` (never 0), visible to the monitor meanwhile.
+    pub(crate) fn timed<R>(&self, seq: u64, f: impl FnOnce() -> R) -> R {
+        self.current.store(seq, Ordering::Release);
+        let r = f();
+        self.current.store(0, Ordering::Release);
+        r
+    }
 }
 
 /// Hot fields written by different threads sit on separate cache lines
@@ -64,7 +76,7 @@ pub(crate) struct Shared {
     pub(crate) progress: CachePadded<AtomicU64>,
     pub(crate) slots: Box<[CachePadded<WorkerSlot>]>,
     /// Dedicated interpreter threads outside the pool, also watched by the monitor.
-    pub(crate) dedicated: Mutex<Vec<(String, std::sync::Weak<WorkerSlot>)>>,
+    pub(crate) dedicated: Mutex<Vec<std::sync::Weak<WorkerSlot>>>,
     pub(crate) call_timeout: Duration,
     pub(crate) caller_spin_polls: u32,
     pub(crate) spin: Duration,
@@ -190,7 +202,7 @@ pub(crate) fn worker_main(shared: &Shared, idx: usize) {
             while let Some(job) = shared.queue.pop() {
                 shared.release_space();
                 seq += 1;
-                run_job(py, shared, slot, seq, job);
+                slot.timed(seq, || run_job(py, shared, slot, job));
                 shared.progress.fetch_add(1, Ordering::Release);
             }
             shared.active.fetch_sub(1, Ordering::SeqCst);
@@ -207,8 +219,7 @@ fn note_role(slot: &WorkerSlot, handler: &Handler) {
     }
 }
 
-fn run_job(py: Python<'_>, shared: &Shared, slot: &WorkerSlot, seq: u64, job: Job) {
-    slot.current.store(seq, Ordering::Release);
+fn run_job(py: Python<'_>, shared: &Shared, slot: &WorkerSlot, job: Job) {
     match job {
         Job::Call {
             handler,
@@ -254,5 +265,4 @@ fn run_job(py: Python<'_>, shared: &Shared, slot: &WorkerSlot, seq: u64, job: Jo
             f(py);
         }
     }
-    slot.current.store(0, Ordering::Release);
 }
