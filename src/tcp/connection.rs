@@ -84,7 +84,6 @@ pub(crate) async fn serve(
                 match frame {
                     None => reading = false,
                     Some(Ok(msg)) => {
-                        super::framing::keep_room(reader.read_buffer_mut(), msg.len() + 4);
                         // Take every message already decoded or readable without
                         // waiting: pipelined requests cross to the pool together.
                         let mut batch = Vec::new();

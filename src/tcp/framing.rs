@@ -15,11 +15,12 @@ const MIN_SPARE: usize = 8 * 1024;
 /// What a read buffer grows by when it is short of room.
 const READ_CHUNK: usize = 32 * 1024;
 
-/// Call after taking a message of `wire_len` bytes out of `buf`: makes sure the
-/// next read has room for at least one more message that size. Without this a
-/// split-off buffer shrinks message by message until a message takes two
-/// reads and a copy (a 16 KiB message in a 32 KiB buffer did, every time).
-pub fn keep_room(buf: &mut BytesMut, wire_len: usize) {
+/// Called after a message of `wire_len` bytes was taken out of `buf` (the
+/// reader's buffer): makes sure the next read has room for at least one more
+/// message that size. Without this a split-off buffer shrinks message by
+/// message until a message takes two reads and a copy (a 16 KiB message in a
+/// 32 KiB buffer did, every time).
+fn keep_room(buf: &mut BytesMut, wire_len: usize) {
     let want = wire_len.max(MIN_SPARE);
     if buf.capacity() - buf.len() < want {
         buf.reserve(want.max(READ_CHUNK));
@@ -96,15 +97,22 @@ impl Decoder for FrameCodec {
     type Error = FrameError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
-        match self {
-            FrameCodec::Raw(max) => Ok(take_raw(src, *max)),
-            FrameCodec::Line(c) => c.decode(src).map_err(|e| line_err(e, c.max_length())),
+        let (frame, framing_bytes) = match self {
+            FrameCodec::Raw(max) => (take_raw(src, *max), 0),
+            FrameCodec::Line(c) => (c.decode(src).map_err(|e| line_err(e, c.max_length()))?, 1),
             FrameCodec::Len32(c) => {
                 let r = c.decode(src);
-                r.map(|f| f.map(BytesMut::freeze))
-                    .map_err(|e| self.map_err(e))
+                (
+                    r.map(|f| f.map(BytesMut::freeze))
+                        .map_err(|e| self.map_err(e))?,
+                    4,
+                )
             }
+        };
+        if let Some(f) = &frame {
+            keep_room(src, f.len() + framing_bytes);
         }
+        Ok(frame)
     }
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
