@@ -22,13 +22,18 @@ fn main() {
     std::process::exit(code);
 }
 
+/// The config, or (having said why) the exit code for a bad one.
+fn load(args: &ConfigArg) -> Result<config::Config, i32> {
+    config::load(&args.config).map_err(|e| {
+        eprintln!("pyipcd: configuration error: {e}");
+        EXIT_CONFIG
+    })
+}
+
 fn run(args: &ConfigArg) -> i32 {
-    let cfg = match config::load(&args.config) {
+    let cfg = match load(args) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("pyipcd: configuration error: {e}");
-            return EXIT_CONFIG;
-        }
+        Err(code) => return code,
     };
     let python_level = telemetry::init(&cfg.log);
     match daemon::run(cfg, python_level) {
@@ -75,12 +80,9 @@ fn check(args: &ConfigArg) -> i32 {
 }
 
 fn health(args: &ConfigArg) -> i32 {
-    let cfg = match config::load(&args.config) {
+    let cfg = match load(args) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("pyipcd: configuration error: {e}");
-            return EXIT_CONFIG;
-        }
+        Err(code) => return code,
     };
     let Some(listen) = cfg.admin.listen.as_deref() else {
         eprintln!(
