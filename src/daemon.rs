@@ -73,11 +73,13 @@ impl Daemon {
     /// [`Error::Startup`] if the interpreter, pool or a task thread cannot start.
     pub fn start(config: Config, python_log_level: u32) -> Result<Self, Error> {
         let settings = py::PySettings {
+            interpreter: config.python.interpreter().map_err(Error::Interpreter)?,
             log_level: python_log_level,
             max_output_line: usize::try_from(config.python.max_output_line.as_u64())
                 .unwrap_or(usize::MAX),
         };
-        py::init(&config.python.paths, &settings)?;
+        let python = py::init(&config.python.paths, &settings)?;
+        tracing::info!("embedded {python}");
         let pending = resolve_roles(&config)?;
         let mut pool_config = PoolConfig::new(
             config.python.workers,

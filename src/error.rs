@@ -11,6 +11,10 @@ pub enum Error {
     /// A configured Python target could not be imported or resolved (exit code 78).
     #[error("{0}")]
     Target(String),
+    /// The configured Python installation or virtualenv cannot be used, or
+    /// CPython could not start from it (exit code 78).
+    #[error("{0}")]
+    Interpreter(String),
     /// Something failed while starting up (interpreter, threads, runtime).
     #[error("startup failed: {0}")]
     Startup(String),
@@ -24,7 +28,7 @@ impl Error {
     /// problems, 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Config(_) | Error::Target(_) => crate::EXIT_CONFIG,
+            Error::Config(_) | Error::Target(_) | Error::Interpreter(_) => crate::EXIT_CONFIG,
             _ => crate::EXIT_FAILURE,
         }
     }

@@ -58,17 +58,29 @@ fn check(args: &ConfigArg) -> i32 {
         }
     };
     let _ = telemetry::init(&cfg.log);
+    let interpreter = match cfg.python.interpreter() {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("{path}: {e}");
+            return EXIT_CONFIG;
+        }
+    };
     let settings = py::PySettings {
+        interpreter,
         log_level: 30,
         ..Default::default()
     };
-    if let Err(e) = py::init(&cfg.python.paths, &settings) {
-        eprintln!("{path}: {e}");
-        return EXIT_FAILURE;
-    }
+    let python = match py::init(&cfg.python.paths, &settings) {
+        Ok(python) => python,
+        Err(e) => {
+            eprintln!("{path}: {e}");
+            return e.exit_code();
+        }
+    };
     let problems = py::check_targets(cfg.python_targets());
     if problems.is_empty() {
         println!("OK {path}");
+        println!("{python}");
         EXIT_OK
     } else {
         eprintln!("{path}: {} problem(s)", problems.len());

@@ -118,6 +118,11 @@ impl Default for DaemonConfig {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct PythonConfig {
+    /// The prefix of the Python installation to embed (relative to the config
+    /// file); default: the one pyipcd was built against.
+    pub home: Option<PathBuf>,
+    /// A virtualenv whose packages handlers import (relative to the config file).
+    pub venv: Option<PathBuf>,
     /// Folders prepended to `sys.path`, relative to the config file.
     pub paths: Vec<PathBuf>,
     /// GIL pool threads.
@@ -141,9 +146,21 @@ pub struct PythonConfig {
     pub task: Vec<TaskConfig>,
 }
 
+impl PythonConfig {
+    /// The interpreter `home` and `venv` choose, checked on disk.
+    ///
+    /// # Errors
+    /// What was found and what was expected, prefixed by the dotted key.
+    pub fn interpreter(&self) -> Result<crate::py::interpreter::Interpreter, String> {
+        crate::py::interpreter::Interpreter::choose(self.home.as_deref(), self.venv.as_deref())
+    }
+}
+
 impl Default for PythonConfig {
     fn default() -> Self {
         Self {
+            home: None,
+            venv: None,
             paths: Vec::new(),
             workers: 2,
             queue: 1024,
@@ -265,6 +282,12 @@ pub fn load_with_env(
     cfg.source = path.to_path_buf();
     let base = path.parent().unwrap_or(Path::new("."));
     cfg.python.paths = cfg.python.paths.iter().map(|p| resolve(base, p)).collect();
+    for p in [&mut cfg.python.home, &mut cfg.python.venv]
+        .into_iter()
+        .flatten()
+    {
+        *p = resolve(base, p);
+    }
     for region in &mut cfg.shm.region {
         region.path = resolve(base, &region.path);
     }
@@ -326,6 +349,9 @@ impl Config {
         }
         if py.call_timeout.is_zero() {
             problems.push("python.call_timeout must be greater than 0".into());
+        }
+        if let Err(e) = py.interpreter() {
+            problems.push(e);
         }
         for (i, p) in py.paths.iter().enumerate() {
             if !p.is_dir() {

@@ -3,8 +3,10 @@
 //! (`src/py/` is the Rust side; the top-level `python/` folder holds the
 //! project's Python modules. The different names keep the two apart.)
 //!
-//! - [`init`]: start the interpreter once, prepend `python.paths` to `sys.path`,
-//!   install the `pyipcd` module and redirect Python output into the log.
+//! - [`init`]: start the interpreter once (the installation or venv that
+//!   [`interpreter`] chose), prepend `python.paths` to `sys.path`, install the
+//!   `pyipcd` module and redirect Python output into the log.
+//! - [`interpreter`]: which Python installation is embedded, set through `PyConfig`.
 //! - [`pool`]: the GIL pool that runs handler calls for tokio tasks.
 //! - [`handler`]: handlers, bytes conversion, exceptions as values.
 //! - [`asyncio`]: the event loop thread for `async def` handlers.
@@ -13,6 +15,7 @@
 
 pub mod asyncio;
 pub mod handler;
+pub mod interpreter;
 pub mod module;
 mod monitor;
 pub mod output;
@@ -26,11 +29,14 @@ use std::sync::OnceLock;
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
+use interpreter::{InUse, Interpreter};
 use target::Target;
 
 /// Interpreter-wide settings applied once by [`init`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct PySettings {
+    /// Which installation (or venv) to embed.
+    pub interpreter: Interpreter,
     /// Root `logging` level (e.g. 20 for INFO).
     pub log_level: u32,
     /// Longest line of `print` output logged whole.
@@ -40,24 +46,35 @@ pub struct PySettings {
 impl Default for PySettings {
     fn default() -> Self {
         Self {
+            interpreter: Interpreter::default(),
             log_level: 20,
             max_output_line: 64 * 1024,
         }
     }
 }
 
+static STARTED: OnceLock<Result<(), String>> = OnceLock::new();
 static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
 
 /// Starts the interpreter (once per process), prepends `paths` to `sys.path`
 /// (as `str`: Python ignores `pathlib` entries) and installs the `pyipcd`
 /// module and log redirection. Calling it again only adds missing paths.
+/// Returns what the running interpreter reports about itself.
 ///
 /// The settings apply to the first call only.
 ///
 /// # Errors
-/// A Python error while setting up (the interpreter itself aborts on failure).
-pub fn init(paths: &[PathBuf], settings: &PySettings) -> Result<(), crate::Error> {
-    Python::initialize();
+/// CPython's message if it cannot initialise; a Python error while setting up.
+pub fn init(paths: &[PathBuf], settings: &PySettings) -> Result<InUse, crate::Error> {
+    STARTED
+        .get_or_init(|| settings.interpreter.start())
+        .clone()
+        .map_err(|e| {
+            crate::Error::Interpreter(format!(
+                "cannot start Python from {}: {e}",
+                settings.interpreter
+            ))
+        })?;
     // Installed once, outside any GIL hold: a thread waiting here must not
     // hold the GIL that the installing thread needs.
     INSTALLED
@@ -66,7 +83,7 @@ pub fn init(paths: &[PathBuf], settings: &PySettings) -> Result<(), crate::Error
         })
         .clone()
         .map_err(|e| crate::Error::Startup(format!("cannot set up the interpreter: {e}")))?;
-    Python::attach(|py| -> PyResult<()> {
+    Python::attach(|py| -> PyResult<InUse> {
         let sys_path = py.import("sys")?.getattr("path")?;
         let sys_path = sys_path.cast::<PyList>()?;
         for p in paths.iter().rev() {
@@ -75,7 +92,7 @@ pub fn init(paths: &[PathBuf], settings: &PySettings) -> Result<(), crate::Error
                 sys_path.insert(0, p.as_ref())?;
             }
         }
-        Ok(())
+        InUse::read(py)
     })
     .map_err(|e| crate::Error::Startup(format!("cannot set up sys.path: {e}")))
 }

@@ -1,7 +1,10 @@
 //! The embedded `pyipcd` module. User code never needs it, but may use it:
 //! `pyipcd.log(...)`, `pyipcd.stopping()` (so loops can end cleanly) and
-//! `pyipcd.send(role, data)` (sends through a named role). It also carries the
-//! Python-side runtime (`runtime.py`): output redirection and helpers.
+//! `pyipcd.send(role, data)` (sends through a named role); that is all it
+//! shows (`__all__`), matching the typed stand-in `python/pyipcd/` that users
+//! install to test handlers outside the daemon. The Python-side runtime
+//! (`runtime.py`: output redirection and helpers) lives in a private module,
+//! `_pyipcd`.
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -47,32 +50,43 @@ pub fn unregister_route(name: &str) {
         .remove(name);
 }
 
-/// The `pyipcd` module (it is in `sys.modules` once [`install`] ran).
+/// The private runtime module `_pyipcd` (in `sys.modules` once [`install`] ran).
 pub(crate) fn runtime(py: Python<'_>) -> PyResult<Bound<'_, PyModule>> {
-    py.import("pyipcd")
+    py.import(RUNTIME_MODULE)
 }
 
-/// Creates the module, runs the runtime code in it, registers it in
-/// `sys.modules` and redirects Python output into the log.
+const RUNTIME_MODULE: &str = "_pyipcd";
+
+/// Creates the public `pyipcd` module and the private runtime module, runs
+/// the runtime code, registers both in `sys.modules` (ahead of any installed
+/// `pyipcd` stand-in) and redirects Python output into the log.
 ///
 /// # Errors
 /// Any Python error while doing so (a bug, not a user error).
 pub(crate) fn install(py: Python<'_>, settings: &super::PySettings) -> PyResult<()> {
+    let modules = py.import("sys")?.getattr("modules")?;
+    let modules = modules.cast::<PyDict>()?;
+
+    let rt = PyModule::new(py, RUNTIME_MODULE)?;
+    rt.add_function(wrap_pyfunction!(_emit, &rt)?)?;
+    rt.add_function(wrap_pyfunction!(_log_record, &rt)?)?;
+    let code = CString::new(RUNTIME_SOURCE).expect("runtime.py has no NUL byte");
+    py.run(&code, Some(&rt.dict()), None)?;
+    modules.set_item(RUNTIME_MODULE, &rt)?;
+
     let m = PyModule::new(py, "pyipcd")?;
+    m.add(
+        "__doc__",
+        "The host daemon's API for Python code it runs: log, stopping, send.",
+    )?;
     m.add_function(wrap_pyfunction!(log, &m)?)?;
     m.add_function(wrap_pyfunction!(stopping, &m)?)?;
     m.add_function(wrap_pyfunction!(send, &m)?)?;
-    m.add_function(wrap_pyfunction!(_emit, &m)?)?;
-    m.add_function(wrap_pyfunction!(_log_record, &m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    let code = CString::new(RUNTIME_SOURCE).expect("runtime.py has no NUL byte");
-    let globals = m.dict();
-    py.run(&code, Some(&globals), None)?;
-    py.import("sys")?
-        .getattr("modules")?
-        .cast::<PyDict>()?
-        .set_item("pyipcd", &m)?;
-    m.call_method1("_install", (settings.log_level, settings.max_output_line))?;
+    m.add("__all__", vec!["log", "send", "stopping"])?;
+    modules.set_item("pyipcd", &m)?;
+
+    rt.call_method1("_install", (settings.log_level, settings.max_output_line))?;
     Ok(())
 }
 

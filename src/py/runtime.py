@@ -1,4 +1,4 @@
-"""pyipcd's Python-side runtime, executed once into the embedded `pyipcd` module.
+"""pyipcd's Python-side runtime, executed once into the private `_pyipcd` module.
 
 It redirects sys.stdout/sys.stderr and the logging module into the daemon's
 log (each line tagged with the task or role that wrote it), and holds the small
