@@ -10,14 +10,13 @@ import time
 log = logging.getLogger("demo")
 
 
-def heartbeat(interval=5.0):
+def heartbeat(interval: float = 5.0) -> None:
     """Prints a heartbeat until the host stops (pyipcd.stopping()) or forever."""
     try:
-        import pyipcd
+        from pyipcd import stopping
+    except ImportError:  # outside pyipcd, without its Python package installed
 
-        stopping = pyipcd.stopping
-    except ImportError:  # running outside pyipcd
-        def stopping():
+        def stopping() -> bool:
             return False
 
     beats = 0

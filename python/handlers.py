@@ -1,4 +1,12 @@
-"""Handlers for the shipped configs: `bytes -> bytes | None`, plain Python."""
+"""Handlers for the shipped configs: `bytes -> bytes | None`, plain Python.
+
+Type-checked with `mypy --strict` against the installed `pyipcd` package
+(`pip install ./python`), whose stand-in also lets these run in unit tests.
+"""
+
+from typing import Iterator
+
+import pyipcd
 
 
 def echo(data: bytes) -> bytes:
@@ -26,7 +34,13 @@ def log_reply(data: bytes) -> None:
     print("Client read from Server", data.decode(errors="replace"))
 
 
-def counter():
+def forward(data: bytes) -> bytes:
+    """Passes the message on through the `ticker` client role and acknowledges it."""
+    pyipcd.send("ticker", data)
+    return b"queued"
+
+
+def counter() -> Iterator[bytes]:
     """A producer: yields messages for a client role (a plain generator)."""
     n = 0
     while True:
