@@ -19,6 +19,11 @@ FROM python:${PYTHON_VERSION}-slim-${DEBIAN}
 RUN apt-get update \
  && apt-get install -y --no-install-recommends tini=0.19.* \
  && rm -rf /var/lib/apt/lists/*
+# Handlers' third-party packages: a venv made by this stage's Python (the one
+# the binary links), used through python.venv in config/container.toml.
+COPY requirements.txt /opt/pyipcd/requirements.txt
+RUN python -m venv /opt/venv \
+ && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check -r /opt/pyipcd/requirements.txt
 COPY --from=build /src/target/release/pyipcd /usr/local/bin/pyipcd
 # Same layout as the repository, so the configs' relative paths (../python) hold.
 COPY python/ /opt/pyipcd/python/
