@@ -93,7 +93,7 @@ fn systemd_default_path_uses_the_build_python() {
 }
 
 #[test]
-fn a_decoy_python3_first_on_path_is_ignored() {
+fn a_decoy_python3_first_on_path_and_pythonhome_are_ignored() {
     // A python3 from another prefix whose stdlib cannot even be imported:
     // if CPython took it, the daemon could not start.
     let s = Scenario::new();
@@ -119,6 +119,21 @@ fn a_decoy_python3_first_on_path_is_ignored() {
     assert!(out.contains(&built_line()), "{out}");
     let (reply, _) = ask(&cfg, &env, "hi");
     assert!(reply.starts_with(&format!("{}|", built::PREFIX)), "{reply}");
+    assert!(!reply.contains("decoy"), "{reply}");
+
+    // Nor does a PYTHONHOME in the environment redirect it, with or without a venv.
+    let decoy_home = decoy.to_str().unwrap();
+    let env = [("PATH", path.as_str()), ("PYTHONHOME", decoy_home)];
+    let (reply, _) = ask(&cfg, &env, "hi");
+    assert!(reply.starts_with(&format!("{}|", built::PREFIX)), "{reply}");
+    let venv = make_venv(built::EXECUTABLE, &s.path("venv"), &["--without-pip"]);
+    let cfg = serving(&s, REPORT, "report", "venv = \"venv\"");
+    let (reply, _) = ask(&cfg, &env, "hi");
+    let venv_text = venv.canonicalize().unwrap().display().to_string();
+    assert!(
+        reply.starts_with(&format!("{venv_text}|{}|", built::PREFIX)),
+        "{reply}"
+    );
     assert!(!reply.contains("decoy"), "{reply}");
 }
 

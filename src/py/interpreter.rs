@@ -12,9 +12,10 @@
 //! - `python.home`: the prefix of another installation of the same minor
 //!   (like mod_wsgi's `python-home`);
 //! - `python.venv`: a virtualenv, set up exactly as `venv/bin/python` does:
-//!   `sys.executable` is the venv's interpreter, so CPython reads its
-//!   `pyvenv.cfg`, finds the base stdlib, and `site` makes `sys.prefix` the
-//!   venv and puts its site-packages (with `.pth` files) ahead of the base.
+//!   `home` is the base installation its `pyvenv.cfg` names and
+//!   `sys.executable` the venv's interpreter, so `site` reads that
+//!   `pyvenv.cfg`, makes `sys.prefix` the venv and puts its site-packages
+//!   (with `.pth` files) ahead of the base ones.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -44,9 +45,11 @@ pub struct Interpreter {
     /// `PyConfig.executable`: what `sys.executable` will be, and where CPython
     /// starts looking for `pyvenv.cfg` and the standard library.
     pub executable: PathBuf,
-    /// `PyConfig.home` (`prefix` or `prefix:exec_prefix`); `None` for a venv,
-    /// whose `pyvenv.cfg` names its base installation.
-    pub home: Option<String>,
+    /// `PyConfig.home` (`prefix` or `prefix:exec_prefix`): always set, so a
+    /// `PYTHONHOME` in the environment cannot redirect the daemon. For a venv
+    /// it is the base installation its `pyvenv.cfg` names, found the way
+    /// CPython finds it (upwards from `home` to `lib/python3.X/os.py`).
+    pub home: String,
     /// The virtualenv in use, if any.
     pub venv: Option<PathBuf>,
 }
@@ -61,7 +64,7 @@ impl Default for Interpreter {
         };
         Self {
             executable: PathBuf::from(built::EXECUTABLE),
-            home: Some(home),
+            home,
             venv: None,
         }
     }
@@ -131,7 +134,7 @@ impl Interpreter {
             .unwrap_or_else(|| bin.join(format!("python{}", built::MINOR)));
         Ok(Self {
             executable,
-            home: Some(home.to_string_lossy().into_owned()),
+            home: home.to_string_lossy().into_owned(),
             venv: None,
         })
     }
@@ -188,7 +191,7 @@ impl Interpreter {
                 cfg_path.display()
             ));
         }
-        if !ancestors_hold_stdlib(Path::new(base)) {
+        let Some(base_prefix) = Path::new(base).ancestors().find(|p| stdlib_under(p)) else {
             return Err(format!(
                 "python.venv: its base interpreter folder {base} (`home` in {}) has no Python {} \
                  standard library above it (looked for {})",
@@ -196,7 +199,7 @@ impl Interpreter {
                 built::MINOR,
                 stdlib_landmark()
             ));
-        }
+        };
         let bin = venv.join("bin");
         let executable = ["python", "python3"]
             .iter()
@@ -205,7 +208,7 @@ impl Interpreter {
             .unwrap_or_else(|| bin.join("python"));
         Ok(Self {
             executable,
-            home: None,
+            home: base_prefix.to_string_lossy().into_owned(),
             venv: Some(venv.to_path_buf()),
         })
     }
@@ -222,7 +225,7 @@ impl Interpreter {
         use std::mem::MaybeUninit;
 
         let executable = c_path(&self.executable)?;
-        let home = self.home.as_deref().map(c_string).transpose()?;
+        let home = c_string(&self.home)?;
         // SAFETY: the pre-config and config are initialised by CPython's own
         // Init functions before any field is read or written; strings are
         // copied by PyConfig_SetBytesString from NUL-terminated buffers that
@@ -254,13 +257,12 @@ impl Interpreter {
                 &raw mut (*config).executable,
                 executable.as_ptr(),
             ))
-            .and_then(|()| match &home {
-                Some(home) => status(ffi::PyConfig_SetBytesString(
+            .and_then(|()| {
+                status(ffi::PyConfig_SetBytesString(
                     config,
                     &raw mut (*config).home,
                     home.as_ptr(),
-                )),
-                None => Ok(()),
+                ))
             })
             .and_then(|()| status(ffi::Py_InitializeFromConfig(config)));
             ffi::PyConfig_Clear(config);
@@ -273,11 +275,12 @@ impl Interpreter {
 
 impl fmt::Display for Interpreter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "executable {}", self.executable.display())?;
-        if let Some(home) = &self.home {
-            write!(f, ", home {home}")?;
-        }
-        Ok(())
+        write!(
+            f,
+            "executable {}, home {}",
+            self.executable.display(),
+            self.home
+        )
     }
 }
 
@@ -377,11 +380,6 @@ fn stdlib_under(prefix: &Path) -> bool {
     prefix.join(stdlib_landmark()).is_file()
 }
 
-/// CPython searches upwards from the base executable's folder for the stdlib.
-fn ancestors_hold_stdlib(dir: &Path) -> bool {
-    dir.ancestors().any(stdlib_under)
-}
-
 /// `"; found lib/python3.9"` for the Python folders under `prefix`, if any.
 fn found_stdlibs(prefix: &Path) -> String {
     let lib = prefix.join(built::PLATLIBDIR);
@@ -468,7 +466,7 @@ mod tests {
     #[test]
     fn the_build_prefix_is_a_valid_home() {
         let i = Interpreter::choose(Some(Path::new(built::PREFIX)), None).unwrap();
-        assert_eq!(i.home.as_deref(), Some(built::PREFIX));
+        assert_eq!(i.home, built::PREFIX);
         assert!(i.executable.starts_with(built::PREFIX));
     }
 
@@ -513,7 +511,7 @@ mod tests {
             built::VERSION
         ));
         let i = Interpreter::choose(None, Some(v.path())).unwrap();
-        assert_eq!(i.home, None);
+        assert_eq!(i.home, built::PREFIX);
         assert_eq!(i.executable, v.path().join("bin/python"));
     }
 }
