@@ -12,7 +12,11 @@ print(getattr(sys, '_base_executable', None) or sys.executable)
 print(sys.base_prefix)
 print(sys.base_exec_prefix)
 print(getattr(sys, 'platlibdir', 'lib'))
-print('%d.%d.%d' % sys.version_info[:3])";
+print('%d.%d.%d' % sys.version_info[:3])
+import os, sysconfig
+d = sysconfig.get_config_var('DESTSHARED') or ''
+names = os.listdir(d) if os.path.isdir(d) else []
+print(','.join(sorted({n.split('.')[0] for n in names if n.endswith('.so')})))";
 
 fn main() {
     pyo3_build_config::add_libpython_rpath_link_args();
@@ -33,7 +37,15 @@ fn main() {
     );
     let text = String::from_utf8(out.stdout).expect("UTF-8 paths from the build Python");
     let fields: Vec<&str> = text.lines().collect();
-    let [executable, prefix, exec_prefix, platlibdir, version] = fields[..] else {
+    let [
+        executable,
+        prefix,
+        exec_prefix,
+        platlibdir,
+        version,
+        dynload,
+    ] = fields[..]
+    else {
         panic!("unexpected answer from {python}: {text:?}");
     };
     let minor = format!("{}.{}", config.version().major, config.version().minor);
@@ -48,6 +60,7 @@ fn main() {
         ("PLATLIBDIR", platlibdir),
         ("VERSION", version),
         ("MINOR", minor.as_str()),
+        ("DYNLOAD", dynload),
     ] {
         println!("cargo:rustc-env=PYIPCD_BUILD_PYTHON_{key}={value}");
     }

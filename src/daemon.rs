@@ -80,6 +80,9 @@ impl Daemon {
         };
         let python = py::init(&config.python.paths, &settings)?;
         tracing::info!("embedded {python}");
+        for note in &settings.interpreter.notes {
+            tracing::warn!("{note}");
+        }
         let pending = resolve_roles(&config)?;
         let mut pool_config = PoolConfig::new(
             config.python.workers,

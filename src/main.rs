@@ -65,6 +65,9 @@ fn check(args: &ConfigArg) -> i32 {
             return EXIT_CONFIG;
         }
     };
+    for note in &interpreter.notes {
+        eprintln!("{path}: warning: {note}");
+    }
     let settings = py::PySettings {
         interpreter,
         log_level: 30,

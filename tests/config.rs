@@ -10,12 +10,11 @@ fn every_shipped_config_passes_check() {
     // config/container.toml names the image's /opt/venv: stand in a venv
     // made here, through the environment override.
     let venv = tempfile::tempdir().unwrap();
-    let made = std::process::Command::new(pyipcd::py::interpreter::built::EXECUTABLE)
-        .args(["-m", "venv", "--without-pip"])
-        .arg(venv.path())
-        .status()
-        .unwrap();
-    assert!(made.success());
+    common::make_venv(
+        pyipcd::py::interpreter::built::EXECUTABLE,
+        venv.path(),
+        &["--without-pip"],
+    );
     let venv_env = [("PYIPCD__PYTHON__VENV", venv.path().to_str().unwrap())];
     let mut checked = 0;
     for entry in std::fs::read_dir(dir).unwrap() {

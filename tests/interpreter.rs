@@ -12,11 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Daemon, Scenario, run_to_end};
+use common::{Daemon, SYSTEMD_PATH, Scenario, make_venv, run_to_end};
 use pyipcd::py::interpreter::built;
-
-/// The `PATH` systemd gives every unit.
-const SYSTEMD_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// msgpack ships a C extension (`msgpack._cmsgpack`) in its cp311 wheels.
 const MSGPACK: &str = "msgpack==1.1.2";
@@ -137,19 +134,6 @@ fn a_decoy_python3_first_on_path_and_pythonhome_are_ignored() {
     assert!(!reply.contains("decoy"), "{reply}");
 }
 
-/// `python -m venv` with the build interpreter (or another), returning its folder.
-fn make_venv(python: &str, dir: &Path, extra: &[&str]) -> PathBuf {
-    let ok = Command::new(python)
-        .args(["-m", "venv"])
-        .args(extra)
-        .arg(dir)
-        .env_remove("PYTHONHOME")
-        .status()
-        .expect("python -m venv");
-    assert!(ok.success(), "{python} -m venv {} failed", dir.display());
-    dir.to_path_buf()
-}
-
 /// What the venv's own interpreter has on `sys.path` (after the script's folder).
 fn venv_python_sys_path(venv: &Path) -> String {
     let out = Command::new(venv.join("bin/python"))
@@ -252,17 +236,39 @@ fn the_venv_can_come_from_the_environment_and_system_site_packages_come_after_it
         built::MINOR
     ))
     .expect("venv site-packages on sys.path");
-    let base_site = at(&format!(
-        "{}/lib/python{}/site-packages",
-        built::PREFIX,
-        built::MINOR
-    ))
-    .expect("base site-packages on sys.path (include-system-site-packages = true)");
+    // include-system-site-packages = true: the base's own ones follow.
+    let base_sites = python_lines(
+        built::EXECUTABLE,
+        "import site; print(*site.getsitepackages(), sep='\\n')",
+    );
+    let base_site = base_sites
+        .iter()
+        .filter_map(|p| sys_path.iter().position(|e| e == p))
+        .min()
+        .expect("a base site-packages folder on sys.path");
     assert!(venv_site < base_site, "{sys_path:?}");
     assert_eq!(
         fields[3].split_once(':').unwrap().1,
         venv_python_sys_path(&venv)
     );
+}
+
+/// What `python -I -c script` prints, line by line.
+fn python_lines(python: &str, script: &str) -> Vec<String> {
+    let out = Command::new(python)
+        .args(["-I", "-c", script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{python}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
 }
 
 /// Another installed CPython whose minor differs from the linked one, if this
@@ -368,21 +374,114 @@ fn bad_venvs_and_a_bad_home_exit_78_saying_what_was_found_and_expected() {
         ],
     );
 
-    let cfg = serving(&s, REPORT, "report", "home = \"/usr\"\nvenv = \"other\"");
-    refused(&cfg, &env, &["python.home and python.venv are exclusive"]);
+    // Passes every check (stdlib landmark, the build's lib-dynload), but
+    // CPython cannot start from it (no encodings package): exit 78 too.
+    let stdlib = format!("{}/python{}", built::PLATLIBDIR, built::MINOR);
+    s.write(&format!("husk/{stdlib}/os.py"), "");
+    std::os::unix::fs::symlink(
+        Path::new(built::PREFIX).join(&stdlib).join("lib-dynload"),
+        s.path(&format!("husk/{stdlib}/lib-dynload")),
+    )
+    .unwrap();
+    let cfg = serving(&s, REPORT, "report", "home = \"husk\"");
+    refused(
+        &cfg,
+        &env,
+        &["cannot start Python from", "husk", "filesystem encoding"],
+    );
 }
 
 #[test]
-fn python_home_names_the_installation_explicitly() {
+fn python_home_is_honoured_and_its_own_stdlib_files_are_used() {
+    // An installation at another path: the build one seen through symlinks.
     let s = Scenario::new();
-    let cfg = serving(&s, REPORT, "report", &format!("home = {:?}", built::PREFIX));
+    let alt = s.path("alt");
+    std::fs::create_dir(&alt).unwrap();
+    for dir in [built::PLATLIBDIR, "bin"] {
+        std::os::unix::fs::symlink(Path::new(built::PREFIX).join(dir), alt.join(dir)).unwrap();
+    }
+    let alt = alt.display().to_string();
+    let handlers = format!(
+        "{REPORT}\nimport os\n\ndef os_file(data):\n    return os.__file__.encode() + b'\\n'\n"
+    );
+    let cfg = serving(&s, &handlers, "report", "home = \"alt\"");
     let env = [("PATH", SYSTEMD_PATH)];
     let (code, out, err) = check(&cfg, &env);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains(&format!("prefix {}", built::PREFIX)), "{out}");
+    assert!(out.contains(&format!("prefix {alt}, venv none")), "{out}");
     let (reply, _) = ask(&cfg, &env, "hi");
     assert!(
-        reply.starts_with(&format!("{0}|{0}|", built::PREFIX)),
+        reply.starts_with(&format!("{alt}|{alt}|{alt}/bin/python")),
         "{reply}"
+    );
+    // Not the copy frozen into libpython: the file under the chosen home.
+    let cfg = serving(&s, &handlers, "os_file", "home = \"alt\"");
+    let (reply, _) = ask(&cfg, &env, "hi");
+    assert_eq!(
+        reply,
+        format!("{alt}/{}/python{}/os.py", built::PLATLIBDIR, built::MINOR)
+    );
+    // home and venv together: the venv's packages on that installation.
+    let venv = make_venv(built::EXECUTABLE, &s.path("venv"), &["--without-pip"]);
+    let venv_text = venv.display().to_string();
+    let cfg = serving(&s, &handlers, "report", "home = \"alt\"\nvenv = \"venv\"");
+    let (reply, _) = ask(&cfg, &env, "hi");
+    assert!(
+        reply.starts_with(&format!("{venv_text}|{alt}|{venv_text}/bin/python|")),
+        "{reply}"
+    );
+}
+
+/// Debian's python3 when it is another installation of the linked minor.
+fn distribution_python() -> Option<&'static str> {
+    let python = "/usr/bin/python3";
+    if built::PREFIX == "/usr" || !Path::new(python).exists() {
+        return None;
+    }
+    let minor = python_lines(python, "import sys; print('%d.%d' % sys.version_info[:2])");
+    (minor.first().map(String::as_str) == Some(built::MINOR)).then_some(python)
+}
+
+#[test]
+fn another_build_of_the_same_minor_is_refused_as_home_but_its_venvs_work() {
+    let Some(python) = distribution_python() else {
+        eprintln!(
+            "skipped: no second Python {} installation in /usr here",
+            built::MINOR
+        );
+        return;
+    };
+    let s = Scenario::new();
+    let env = [("PATH", SYSTEMD_PATH)];
+    // Its stdlib does not fit this libpython (Debian compiles _socket and
+    // others into its own libpython; they are not in its lib-dynload).
+    let cfg = serving(&s, REPORT, "report", "home = \"/usr\"");
+    refused(
+        &cfg,
+        &env,
+        &["python.home: /usr lacks extension modules", built::PREFIX],
+    );
+    // A venv it made: its packages, on the stdlib that fits libpython, with a warning.
+    let venv = make_venv(python, &s.path("venv"), &["--without-pip"]);
+    let venv_text = venv.display().to_string();
+    let handlers = format!("{REPORT}\nimport ssl, _socket, json\n");
+    let cfg = serving(&s, &handlers, "report", "venv = \"venv\"");
+    let (code, out, err) = check(&cfg, &env);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("warning: python.venv") && err.contains("made by the Python in /usr/bin"),
+        "{err}"
+    );
+    let (reply, log) = ask(&cfg, &env, "hi");
+    assert!(
+        reply.starts_with(&format!(
+            "{venv_text}|{}|{venv_text}/bin/python|",
+            built::PREFIX
+        )),
+        "{reply}"
+    );
+    assert!(
+        log.contains("WARN") && log.contains("made by the Python in /usr/bin"),
+        "{log}"
     );
 }

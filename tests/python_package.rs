@@ -48,11 +48,7 @@ const SIGNATURES: &str = "import inspect, pyipcd\n\
 fn pip_install_gives_typed_stand_ins_that_match_the_embedded_module() {
     let s = Scenario::new();
     let venv = s.path("venv");
-    run_ok(
-        Path::new(built::EXECUTABLE),
-        &["-m", "venv", venv.to_str().unwrap()],
-        s.dir.path(),
-    );
+    common::make_venv(built::EXECUTABLE, &venv, &[]);
     let python = venv.join("bin/python");
     let package = format!("{ROOT}/python");
     run_ok(

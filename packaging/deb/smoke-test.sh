@@ -10,13 +10,17 @@ deb=${1:?usage: $0 path/to/pyipcd.deb}
 systemd_path=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 as_unit() { env -i PATH="$systemd_path" setpriv --reuid=65534 --regid=65534 --clear-groups "$@"; }
 
-dpkg -i "$deb"
 pid=
+log=$(mktemp)
 cleanup() {
-  [ -n "$pid" ] && kill -KILL "$pid" 2>/dev/null || true
-  dpkg --purge pyipcd >/dev/null
+  status=$?
+  [ -n "$pid" ] && kill -KILL "$pid" 2>/dev/null
+  if [ "$status" -ne 0 ] && [ -s "$log" ]; then echo "-- daemon log:"; cat "$log"; fi
+  rm -f "$log"
+  dpkg --purge pyipcd >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
+dpkg -i "$deb"
 dpkg -L pyipcd | grep -qx /usr/bin/pyipcd
 dpkg -L pyipcd | grep -qx /usr/lib/systemd/system/pyipcd.service
 grep -qx /etc/pyipcd/pyipcd.toml /var/lib/dpkg/info/pyipcd.conffiles
@@ -31,7 +35,6 @@ if command -v systemd-analyze >/dev/null; then
 fi
 
 echo "-- pyipcd run"
-log=$(mktemp)
 # A simple command, so $! is the daemon itself (env and setpriv exec it).
 env -i PATH="$systemd_path" setpriv --reuid=65534 --regid=65534 --clear-groups \
   /usr/bin/pyipcd run -c /etc/pyipcd/pyipcd.toml 2>"$log" &
@@ -43,16 +46,18 @@ done
 as_unit /usr/bin/pyipcd health -c /etc/pyipcd/pyipcd.toml
 exec 3<>/dev/tcp/127.0.0.1/50007
 printf 'hello from the deb\n' >&3
-IFS= read -r -t 10 reply <&3
+IFS= read -r -t 10 reply <&3 || true
 exec 3<&-
-[ "$reply" = "hello from the deb" ] || { echo "echo role answered: '$reply'"; cat "$log"; exit 1; }
+[ "$reply" = "hello from the deb" ] || { echo "echo role answered: '$reply'"; exit 1; }
 echo "echo role answered: $reply"
 kill -TERM "$pid"
-wait "$pid" || { echo "pyipcd run exited $?"; cat "$log"; exit 1; }
+code=0
+wait "$pid" || code=$?
 pid=
+[ "$code" -eq 0 ] || { echo "pyipcd run exited $code after SIGTERM"; exit 1; }
 grep -E 'embedded Python .*executable /usr/bin/python3.*prefix /usr, venv none' "$log"
-rm -f "$log"
 trap - EXIT
+rm -f "$log"
 dpkg --purge pyipcd
 [ ! -e /usr/bin/pyipcd ] && [ ! -e /etc/pyipcd/pyipcd.toml ]
 echo "-- installed, checked, ran and purged: ok"

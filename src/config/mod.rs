@@ -282,11 +282,14 @@ pub fn load_with_env(
     cfg.source = path.to_path_buf();
     let base = path.parent().unwrap_or(Path::new("."));
     cfg.python.paths = cfg.python.paths.iter().map(|p| resolve(base, p)).collect();
-    for p in [&mut cfg.python.home, &mut cfg.python.venv]
-        .into_iter()
-        .flatten()
-    {
-        *p = resolve(base, p);
+    if let Some(home) = &mut cfg.python.home {
+        *home = resolve(base, home);
+    }
+    // Absolute but not canonical: a venv reached through a symlink keeps that
+    // path as sys.prefix, as its bin/python would.
+    if let Some(venv) = &mut cfg.python.venv {
+        let joined = base.join(&*venv);
+        *venv = std::path::absolute(&joined).unwrap_or(joined);
     }
     for region in &mut cfg.shm.region {
         region.path = resolve(base, &region.path);

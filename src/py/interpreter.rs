@@ -8,15 +8,19 @@
 //! environment variables that user code would inherit:
 //!
 //! - by default, the installation pyipcd was built against (recorded by
-//!   `build.rs`): its executable and its prefix as `PyConfig.home`;
-//! - `python.home`: the prefix of another installation of the same minor
-//!   (like mod_wsgi's `python-home`);
-//! - `python.venv`: a virtualenv, set up exactly as `venv/bin/python` does:
-//!   `home` is the base installation its `pyvenv.cfg` names and
-//!   `sys.executable` the venv's interpreter, so `site` reads that
-//!   `pyvenv.cfg`, makes `sys.prefix` the venv and puts its site-packages
-//!   (with `.pth` files) ahead of the base ones.
+//!   `build.rs`): its executable, and its prefix as `PyConfig.home`;
+//! - `python.home`: that same installation at another path (like mod_wsgi's
+//!   `python-home`). Another build of the same minor is refused: builds
+//!   differ in what they compile into libpython, so another build's stdlib
+//!   does not fit (Debian's lacks `lib-dynload/_socket*.so`, which a
+//!   python.org build's libpython needs);
+//! - `python.venv`: a virtualenv's packages on top, set up as its
+//!   `bin/python` would be: `sys.executable` is the venv's interpreter, so
+//!   `site` reads its `pyvenv.cfg`, makes `sys.prefix` the venv and puts its
+//!   site-packages (with `.pth` files) ahead of the base ones. The stdlib
+//!   stays the embedded installation's, whichever Python made the venv.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -37,74 +41,91 @@ pub mod built {
     /// The linked libpython's `major.minor`: every installation or venv used
     /// at run time must be this minor.
     pub const MINOR: &str = env!("PYIPCD_BUILD_PYTHON_MINOR");
+    /// The extension modules its `lib-dynload` holds (comma-separated): the
+    /// ones libpython does not have built in.
+    pub const DYNLOAD: &str = env!("PYIPCD_BUILD_PYTHON_DYNLOAD");
 }
 
 /// How the interpreter is to be set up: the `PyConfig` fields pyipcd sets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Interpreter {
-    /// `PyConfig.executable`: what `sys.executable` will be, and where CPython
-    /// starts looking for `pyvenv.cfg` and the standard library.
+    /// `PyConfig.executable`: what `sys.executable` will be (for a venv, its
+    /// `bin/python`, where `site` looks for `pyvenv.cfg`).
     pub executable: PathBuf,
-    /// `PyConfig.home` (`prefix` or `prefix:exec_prefix`): always set, so a
-    /// `PYTHONHOME` in the environment cannot redirect the daemon. For a venv
-    /// it is the base installation its `pyvenv.cfg` names, found the way
-    /// CPython finds it (upwards from `home` to `lib/python3.X/os.py`).
-    pub home: String,
+    /// `PyConfig.base_executable`: `sys._base_executable`, the installation's
+    /// own interpreter (the same as `executable` outside a venv).
+    pub base_executable: PathBuf,
+    /// `PyConfig.home`: the installation whose standard library is used
+    /// (`prefix`, or `prefix:exec_prefix`): the build one or `python.home`,
+    /// never the one a venv was made by. Always set, so a `PYTHONHOME` in
+    /// the environment cannot redirect the daemon.
+    pub home: PathBuf,
     /// The virtualenv in use, if any.
     pub venv: Option<PathBuf>,
+    /// Things worth a warning that do not stop the daemon.
+    pub notes: Vec<String>,
 }
 
 impl Default for Interpreter {
     /// The installation pyipcd was built against.
     fn default() -> Self {
-        let home = if built::PREFIX == built::EXEC_PREFIX {
-            built::PREFIX.to_string()
-        } else {
-            format!("{}:{}", built::PREFIX, built::EXEC_PREFIX)
-        };
         Self {
             executable: PathBuf::from(built::EXECUTABLE),
-            home,
+            base_executable: PathBuf::from(built::EXECUTABLE),
+            home: PathBuf::from(build_home()),
             venv: None,
+            notes: Vec::new(),
         }
+    }
+}
+
+/// `PyConfig.home` for the build installation.
+fn build_home() -> String {
+    if built::PREFIX == built::EXEC_PREFIX {
+        built::PREFIX.to_string()
+    } else {
+        format!("{}:{}", built::PREFIX, built::EXEC_PREFIX)
     }
 }
 
 impl Interpreter {
     /// Chooses the interpreter from `python.home` and `python.venv` (absolute
-    /// paths), checking on disk that it can work with the linked libpython.
+    /// paths), checking on disk that it can work with the linked libpython:
+    /// the installation (the build one, or `home`) provides the standard
+    /// library that matches libpython; the venv adds its packages.
     ///
     /// # Errors
-    /// One line per problem, each starting with its dotted key, saying what
-    /// was found and what was expected.
+    /// The problem, starting with its dotted key, saying what was found and
+    /// what was expected.
     pub fn choose(home: Option<&Path>, venv: Option<&Path>) -> Result<Self, String> {
-        match (home, venv) {
-            (Some(_), Some(_)) => Err("python.home and python.venv are exclusive: a virtualenv \
-                 names its base installation itself (`home` in its pyvenv.cfg)"
-                .into()),
-            (Some(home), None) => Self::from_home(home),
-            (None, Some(venv)) => Self::from_venv(venv),
-            (None, None) => {
-                let chosen = Self::default();
-                if stdlib_under(Path::new(built::PREFIX)) {
-                    Ok(chosen)
-                } else {
-                    Err(format!(
-                        "python: the Python {} pyipcd was built against is not installed here \
-                         ({} has no {}); set python.home to a Python {} prefix or python.venv",
-                        built::VERSION,
-                        built::PREFIX,
-                        stdlib_landmark(),
-                        built::MINOR
-                    ))
-                }
+        let mut chosen = match home {
+            Some(home) => Self::from_home(home)?,
+            None if stdlib_under(Path::new(built::PREFIX)) => Self::default(),
+            None => {
+                return Err(format!(
+                    "python: the Python {} pyipcd was built against is not installed here \
+                     ({} has no {}); set python.home to the prefix of that build",
+                    built::VERSION,
+                    built::PREFIX,
+                    stdlib_landmark(),
+                ));
             }
+        };
+        if let Some(venv) = venv {
+            chosen.add_venv(venv)?;
         }
+        Ok(chosen)
     }
 
+    /// Another path to the installation libpython belongs to (moved, or
+    /// unpacked elsewhere): it must hold the stdlib of the linked minor and
+    /// every extension module the build installation had in `lib-dynload`
+    /// (installations differ in what they compile into libpython: Debian's
+    /// has `_socket` built in, a python.org build loads it from a file).
     fn from_home(home: &Path) -> Result<Self, String> {
         let expected = format!(
-            "expected the prefix of a Python {} installation, the folder that holds {}",
+            "expected the prefix of the Python {} installation pyipcd was built against, \
+             the folder that holds {}",
             built::MINOR,
             stdlib_landmark()
         );
@@ -126,22 +147,49 @@ impl Interpreter {
                 stdlib_landmark()
             ));
         }
-        let bin = home.join("bin");
-        let executable = [format!("python{}", built::MINOR), "python3".into()]
-            .iter()
-            .map(|name| bin.join(name))
-            .find(|p| p.is_file())
-            .unwrap_or_else(|| bin.join(format!("python{}", built::MINOR)));
+        let dynload = home.join(format!("{}/lib-dynload", stdlib_subdir()));
+        let present: HashSet<String> = module_files(&dynload);
+        let missing: Vec<&str> = built::DYNLOAD
+            .split(',')
+            .filter(|m| !m.is_empty() && !present.contains(*m))
+            .collect();
+        if !missing.is_empty() {
+            return Err(format!(
+                "python.home: {} lacks extension modules the linked libpython {} loads from \
+                 files ({} missing in {}: {}): it is another build of Python {}; use the \
+                 installation pyipcd was built against ({}), or rebuild pyipcd with \
+                 PYO3_PYTHON set to this one's python",
+                home.display(),
+                built::VERSION,
+                missing.len(),
+                dynload.display(),
+                missing
+                    .iter()
+                    .take(5)
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                built::MINOR,
+                built::PREFIX
+            ));
+        }
+        refuse_colon("python.home", home)?;
+        let executable = interpreter_in(&home.join("bin"));
         Ok(Self {
+            base_executable: executable.clone(),
             executable,
-            home: home.to_string_lossy().into_owned(),
+            home: home.to_path_buf(),
             venv: None,
+            notes: Vec::new(),
         })
     }
 
-    fn from_venv(venv: &Path) -> Result<Self, String> {
+    /// Layers a virtualenv on the chosen installation: `sys.executable`
+    /// becomes its `bin/python`, so `site` reads its `pyvenv.cfg`, makes
+    /// `sys.prefix` the venv and puts its site-packages first.
+    fn add_venv(&mut self, venv: &Path) -> Result<(), String> {
         let shown = venv.display();
-        let make = format!("python{} -m venv {shown}", built::MINOR);
+        let make = format!("{} -m venv {shown}", self.base_executable.display());
         if !venv.is_dir() {
             return Err(format!(
                 "python.venv: {shown} is not a directory (expected a virtualenv made by \
@@ -178,39 +226,38 @@ impl Interpreter {
             }
             None => {}
         }
-        let Some(base) = cfg.get("home") else {
-            return Err(format!(
-                "python.venv: {} has no `home = ...` line naming the venv's base interpreter",
-                cfg_path.display()
-            ));
-        };
-        if !Path::new(base).is_dir() {
-            return Err(format!(
-                "python.venv: its base interpreter folder {base} (`home` in {}) does not exist; \
-                 was that Python removed or moved? Recreate the venv with `{make}`",
-                cfg_path.display()
+        // The venv's own base only matters for a warning: the stdlib must be
+        // the one that matches libpython, whichever Python made the venv.
+        let base_prefix = cfg
+            .get("home")
+            .map(Path::new)
+            .filter(|base| base.is_absolute())
+            .and_then(|base| base.ancestors().find(|p| stdlib_under(p)));
+        let same = |p: &Path| p.canonicalize().ok() == Path::new(&self.home).canonicalize().ok();
+        if !base_prefix.is_some_and(same) {
+            self.notes.push(format!(
+                "python.venv: {shown} was made by the Python in {} (pyvenv.cfg `home`), not by \
+                 the installation pyipcd embeds ({}): its packages are used with the latter's \
+                 standard library; recreate it with `{make}` if a package misbehaves",
+                cfg.get("home").unwrap_or("an unnamed folder"),
+                self.home.display()
             ));
         }
-        let Some(base_prefix) = Path::new(base).ancestors().find(|p| stdlib_under(p)) else {
-            return Err(format!(
-                "python.venv: its base interpreter folder {base} (`home` in {}) has no Python {} \
-                 standard library above it (looked for {})",
-                cfg_path.display(),
-                built::MINOR,
-                stdlib_landmark()
-            ));
-        };
-        let bin = venv.join("bin");
-        let executable = ["python", "python3"]
+        self.executable = ["python", "python3"]
             .iter()
-            .map(|name| bin.join(name))
+            .map(|name| venv.join("bin").join(name))
             .find(|p| p.exists())
-            .unwrap_or_else(|| bin.join("python"));
-        Ok(Self {
-            executable,
-            home: base_prefix.to_string_lossy().into_owned(),
-            venv: Some(venv.to_path_buf()),
-        })
+            .unwrap_or_else(|| venv.join("bin/python"));
+        self.venv = Some(venv.to_path_buf());
+        Ok(())
+    }
+
+    /// Whether the standard library is the build installation's, so the
+    /// copies of `os`, `site` and friends frozen into libpython match it.
+    /// For any other installation they are imported from its own files
+    /// (a distribution's `site.py` may be patched, e.g. for dist-packages).
+    pub fn uses_build_stdlib(&self) -> bool {
+        self.home.as_os_str() == build_home().as_str()
     }
 
     /// Starts the interpreter from this choice (once per process; pyo3's own
@@ -224,14 +271,18 @@ impl Interpreter {
         use pyo3::ffi;
         use std::mem::MaybeUninit;
 
-        let executable = c_path(&self.executable)?;
-        let home = c_string(&self.home)?;
+        let strings = [
+            c_path(&self.executable)?,
+            c_path(&self.base_executable)?,
+            c_path(&self.home)?,
+            c_path(Path::new(built::PLATLIBDIR))?,
+        ];
         // SAFETY: the pre-config and config are initialised by CPython's own
         // Init functions before any field is read or written; strings are
         // copied by PyConfig_SetBytesString from NUL-terminated buffers that
         // outlive the calls; the config is cleared once, after use. The
         // caller guarantees this runs once; an interpreter someone else
-        // started is left as it is.
+        // started (a program embedding the library) is left as it is.
         unsafe {
             if ffi::Py_IsInitialized() != 0 {
                 return Ok(());
@@ -252,19 +303,20 @@ impl Interpreter {
             (*config).parse_argv = 0;
             (*config).install_signal_handlers = 0; // tokio owns the signals
             (*config).configure_c_stdio = 0;
-            let result = status(ffi::PyConfig_SetBytesString(
-                config,
+            (*config).use_frozen_modules = i32::from(self.uses_build_stdlib());
+            let fields = [
                 &raw mut (*config).executable,
-                executable.as_ptr(),
-            ))
-            .and_then(|()| {
-                status(ffi::PyConfig_SetBytesString(
-                    config,
-                    &raw mut (*config).home,
-                    home.as_ptr(),
-                ))
-            })
-            .and_then(|()| status(ffi::Py_InitializeFromConfig(config)));
+                &raw mut (*config).base_executable,
+                &raw mut (*config).home,
+                &raw mut (*config).platlibdir, // not PYTHONPLATLIBDIR
+            ];
+            let result = fields
+                .into_iter()
+                .zip(&strings)
+                .try_for_each(|(field, value)| {
+                    status(ffi::PyConfig_SetBytesString(config, field, value.as_ptr()))
+                })
+                .and_then(|()| status(ffi::Py_InitializeFromConfig(config)));
             ffi::PyConfig_Clear(config);
             result?;
             ffi::PyEval_SaveThread();
@@ -279,7 +331,7 @@ impl fmt::Display for Interpreter {
             f,
             "executable {}, home {}",
             self.executable.display(),
-            self.home
+            self.home.display()
         )
     }
 }
@@ -399,8 +451,47 @@ fn found_stdlibs(prefix: &Path) -> String {
     }
 }
 
-fn c_string(s: &str) -> Result<std::ffi::CString, String> {
-    std::ffi::CString::new(s).map_err(|_| format!("{s:?} contains a NUL byte"))
+/// The interpreter in an installation's `bin` folder: `python3.X`, else
+/// `python3`, else `python` (the first name when none exists: CPython only
+/// needs the folder then).
+fn interpreter_in(bin: &Path) -> PathBuf {
+    let names = [
+        format!("python{}", built::MINOR),
+        "python3".into(),
+        "python".into(),
+    ];
+    names
+        .iter()
+        .map(|name| bin.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| bin.join(&names[0]))
+}
+
+/// Module names of the extension files in `dir` (`_socket.cpython-311-….so` → `_socket`).
+fn module_files(dir: &Path) -> HashSet<String> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.ends_with(".so")
+                .then(|| name.split('.').next().unwrap_or_default().to_string())
+        })
+        .collect()
+}
+
+/// CPython reads `home` as `prefix:exec_prefix`: a `:` in a path would split it.
+fn refuse_colon(key: &str, path: &Path) -> Result<(), String> {
+    if path.as_os_str().as_encoded_bytes().contains(&b':') {
+        Err(format!(
+            "{key}: {} contains a `:`, which CPython would read as prefix:exec_prefix; \
+             use a path without one",
+            path.display()
+        ))
+    } else {
+        Ok(())
+    }
 }
 
 fn c_path(p: &Path) -> Result<std::ffi::CString, String> {
@@ -448,12 +539,6 @@ mod tests {
     }
 
     #[test]
-    fn home_and_venv_are_exclusive() {
-        let e = Interpreter::choose(Some(Path::new("/usr")), Some(Path::new("/v"))).unwrap_err();
-        assert!(e.contains("exclusive"), "{e}");
-    }
-
-    #[test]
     fn a_home_without_the_linked_stdlib_names_what_it_found() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("lib/python3.9")).unwrap();
@@ -466,7 +551,7 @@ mod tests {
     #[test]
     fn the_build_prefix_is_a_valid_home() {
         let i = Interpreter::choose(Some(Path::new(built::PREFIX)), None).unwrap();
-        assert_eq!(i.home, built::PREFIX);
+        assert_eq!(i.home, Path::new(built::PREFIX));
         assert!(i.executable.starts_with(built::PREFIX));
     }
 
@@ -493,13 +578,34 @@ mod tests {
     }
 
     #[test]
-    fn a_venv_whose_base_is_gone_is_refused() {
+    fn a_venv_whose_base_is_gone_still_works_on_the_linked_installation_with_a_note() {
         let v = venv_with(&format!(
             "home = /nonexistent/bin\nversion = {}\n",
             built::VERSION
         ));
-        let e = Interpreter::choose(None, Some(v.path())).unwrap_err();
-        assert!(e.contains("/nonexistent/bin"), "{e}");
+        let i = Interpreter::choose(None, Some(v.path())).unwrap();
+        assert_eq!(i.home, Path::new(built::PREFIX));
+        assert_eq!(i.notes.len(), 1);
+        assert!(i.notes[0].contains("/nonexistent/bin"), "{:?}", i.notes);
+    }
+
+    #[test]
+    fn another_build_of_the_same_minor_is_refused_as_home() {
+        // A prefix with the stdlib landmark but an empty lib-dynload.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join(format!("{}/lib-dynload", stdlib_subdir())))
+            .unwrap();
+        std::fs::write(dir.path().join(stdlib_landmark()), "").unwrap();
+        let r = Interpreter::choose(Some(dir.path()), None);
+        if built::DYNLOAD.is_empty() {
+            assert!(r.is_ok());
+        } else {
+            let e = r.unwrap_err();
+            assert!(
+                e.contains("lacks extension modules") && e.contains(built::PREFIX),
+                "{e}"
+            );
+        }
     }
 
     #[test]
@@ -511,7 +617,9 @@ mod tests {
             built::VERSION
         ));
         let i = Interpreter::choose(None, Some(v.path())).unwrap();
-        assert_eq!(i.home, built::PREFIX);
+        assert_eq!(i.home, Path::new(built::PREFIX));
+        assert!(i.uses_build_stdlib());
+        assert!(i.notes.is_empty(), "{:?}", i.notes);
         assert_eq!(i.executable, v.path().join("bin/python"));
     }
 }

@@ -296,3 +296,19 @@ impl Daemon {
             .expect("port in the listening line")
     }
 }
+
+/// The `PATH` systemd gives every unit.
+pub const SYSTEMD_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// `python -m venv [extra] dir` with `python` (a path); panics if it fails.
+pub fn make_venv(python: &str, dir: &Path, extra: &[&str]) -> PathBuf {
+    let ok = Command::new(python)
+        .args(["-m", "venv"])
+        .args(extra)
+        .arg(dir)
+        .env_remove("PYTHONHOME")
+        .status()
+        .expect("python -m venv");
+    assert!(ok.success(), "{python} -m venv {} failed", dir.display());
+    dir.to_path_buf()
+}
