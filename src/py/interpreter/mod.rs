@@ -20,11 +20,19 @@
 //!   site-packages (with `.pth` files) ahead of the base ones. The stdlib
 //!   stays the embedded installation's, whichever Python made the venv.
 
+mod layout;
+mod startup;
+
 use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use pyo3::prelude::*;
+
+use layout::{
+    PyvenvCfg, found_stdlibs, interpreter_in, minor_of, module_files, refuse_colon,
+    stdlib_landmark, stdlib_subdir, stdlib_under,
+};
 
 /// The Python installation pyipcd was built against (from `build.rs`).
 pub mod built {
@@ -259,70 +267,6 @@ impl Interpreter {
     pub fn uses_build_stdlib(&self) -> bool {
         self.home.as_os_str() == build_home().as_str()
     }
-
-    /// Starts the interpreter from this choice (once per process; pyo3's own
-    /// `Python::initialize` then finds it running and does nothing) and
-    /// releases the GIL, as pyo3 would.
-    ///
-    /// # Errors
-    /// CPython's own message if it cannot initialise.
-    #[allow(unsafe_code)]
-    pub(crate) fn start(&self) -> Result<(), String> {
-        use pyo3::ffi;
-        use std::mem::MaybeUninit;
-
-        let strings = [
-            c_path(&self.executable)?,
-            c_path(&self.base_executable)?,
-            c_path(&self.home)?,
-            c_path(Path::new(built::PLATLIBDIR))?,
-        ];
-        // SAFETY: the pre-config and config are initialised by CPython's own
-        // Init functions before any field is read or written; strings are
-        // copied by PyConfig_SetBytesString from NUL-terminated buffers that
-        // outlive the calls; the config is cleared once, after use. The
-        // caller guarantees this runs once; an interpreter someone else
-        // started (a program embedding the library) is left as it is.
-        unsafe {
-            if ffi::Py_IsInitialized() != 0 {
-                return Ok(());
-            }
-            let mut pre = MaybeUninit::<ffi::PyPreConfig>::uninit();
-            ffi::PyPreConfig_InitPythonConfig(pre.as_mut_ptr());
-            let pre = pre.as_mut_ptr();
-            // Read the locale but never rewrite LC_CTYPE in the process
-            // environment: tokio threads are already running.
-            (*pre).coerce_c_locale = 0;
-            (*pre).coerce_c_locale_warn = 0;
-            (*pre).parse_argv = 0;
-            status(ffi::Py_PreInitialize(pre))?;
-
-            let mut config = MaybeUninit::<ffi::PyConfig>::uninit();
-            ffi::PyConfig_InitPythonConfig(config.as_mut_ptr());
-            let config = config.as_mut_ptr();
-            (*config).parse_argv = 0;
-            (*config).install_signal_handlers = 0; // tokio owns the signals
-            (*config).configure_c_stdio = 0;
-            (*config).use_frozen_modules = i32::from(self.uses_build_stdlib());
-            let fields = [
-                &raw mut (*config).executable,
-                &raw mut (*config).base_executable,
-                &raw mut (*config).home,
-                &raw mut (*config).platlibdir, // not PYTHONPLATLIBDIR
-            ];
-            let result = fields
-                .into_iter()
-                .zip(&strings)
-                .try_for_each(|(field, value)| {
-                    status(ffi::PyConfig_SetBytesString(config, field, value.as_ptr()))
-                })
-                .and_then(|()| status(ffi::Py_InitializeFromConfig(config)));
-            ffi::PyConfig_Clear(config);
-            result?;
-            ffi::PyEval_SaveThread();
-        }
-        Ok(())
-    }
 }
 
 impl fmt::Display for Interpreter {
@@ -387,139 +331,6 @@ impl fmt::Display for InUse {
     }
 }
 
-/// `pyvenv.cfg`: `key = value` lines, keys case-insensitive.
-struct PyvenvCfg(Vec<(String, String)>);
-
-impl PyvenvCfg {
-    fn parse(text: &str) -> Self {
-        Self(
-            text.lines()
-                .filter_map(|l| l.split_once('='))
-                .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-                .collect(),
-        )
-    }
-
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-    }
-
-    /// `version` (venv) or `version_info` (virtualenv, uv).
-    fn version(&self) -> Option<&str> {
-        self.get("version").or_else(|| self.get("version_info"))
-    }
-}
-
-/// `3.12.1` and `3.12.1.final.0` → `3.12`.
-fn minor_of(version: &str) -> String {
-    version.split('.').take(2).collect::<Vec<_>>().join(".")
-}
-
-/// `lib/python3.11` (with the build's platlibdir).
-fn stdlib_subdir() -> String {
-    format!("{}/python{}", built::PLATLIBDIR, built::MINOR)
-}
-
-/// `lib/python3.11/os.py`: CPython's own landmark for a prefix's stdlib.
-fn stdlib_landmark() -> String {
-    format!("{}/os.py", stdlib_subdir())
-}
-
-fn stdlib_under(prefix: &Path) -> bool {
-    prefix.join(stdlib_landmark()).is_file()
-}
-
-/// `"; found lib/python3.9"` for the Python folders under `prefix`, if any.
-fn found_stdlibs(prefix: &Path) -> String {
-    let lib = prefix.join(built::PLATLIBDIR);
-    let mut found: Vec<String> = std::fs::read_dir(&lib)
-        .into_iter()
-        .flatten()
-        .filter_map(Result::ok)
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("python"))
-        .map(|n| format!("{}/{n}", built::PLATLIBDIR))
-        .collect();
-    found.sort();
-    if found.is_empty() {
-        String::new()
-    } else {
-        format!("; found {}", found.join(", "))
-    }
-}
-
-/// The interpreter in an installation's `bin` folder: `python3.X`, else
-/// `python3`, else `python` (the first name when none exists: CPython only
-/// needs the folder then).
-fn interpreter_in(bin: &Path) -> PathBuf {
-    let names = [
-        format!("python{}", built::MINOR),
-        "python3".into(),
-        "python".into(),
-    ];
-    names
-        .iter()
-        .map(|name| bin.join(name))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| bin.join(&names[0]))
-}
-
-/// Module names of the extension files in `dir` (`_socket.cpython-311-….so` → `_socket`).
-fn module_files(dir: &Path) -> HashSet<String> {
-    std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .filter_map(Result::ok)
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            name.ends_with(".so")
-                .then(|| name.split('.').next().unwrap_or_default().to_string())
-        })
-        .collect()
-}
-
-/// CPython reads `home` as `prefix:exec_prefix`: a `:` in a path would split it.
-fn refuse_colon(key: &str, path: &Path) -> Result<(), String> {
-    if path.as_os_str().as_encoded_bytes().contains(&b':') {
-        Err(format!(
-            "{key}: {} contains a `:`, which CPython would read as prefix:exec_prefix; \
-             use a path without one",
-            path.display()
-        ))
-    } else {
-        Ok(())
-    }
-}
-
-fn c_path(p: &Path) -> Result<std::ffi::CString, String> {
-    use std::os::unix::ffi::OsStrExt;
-    std::ffi::CString::new(p.as_os_str().as_bytes())
-        .map_err(|_| format!("{} contains a NUL byte", p.display()))
-}
-
-/// A `PyStatus` as a `Result` carrying CPython's message.
-#[allow(unsafe_code)]
-fn status(s: pyo3::ffi::PyStatus) -> Result<(), String> {
-    // SAFETY: `s` was returned by CPython; err_msg and func are NULL or
-    // static NUL-terminated strings.
-    unsafe {
-        if pyo3::ffi::PyStatus_Exception(s) == 0 {
-            return Ok(());
-        }
-        let text = |p: *const std::ffi::c_char| {
-            (!p.is_null()).then(|| std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned())
-        };
-        Err(match (text(s.func), text(s.err_msg)) {
-            (Some(func), Some(msg)) => format!("{func}: {msg}"),
-            (None, Some(msg)) => msg,
-            _ => format!("Python asked to exit with status {}", s.exitcode),
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -553,18 +364,6 @@ mod tests {
         let i = Interpreter::choose(Some(Path::new(built::PREFIX)), None).unwrap();
         assert_eq!(i.home, Path::new(built::PREFIX));
         assert!(i.executable.starts_with(built::PREFIX));
-    }
-
-    #[test]
-    fn venv_version_keys_of_venv_virtualenv_and_uv_are_read() {
-        for (line, version) in [
-            ("version = 3.12.1", "3.12.1"),
-            ("version_info = 3.12.1.final.0", "3.12.1.final.0"),
-        ] {
-            let cfg = PyvenvCfg::parse(&format!("home = /usr/bin\n{line}\n"));
-            assert_eq!(cfg.version(), Some(version));
-            assert_eq!(minor_of(version), "3.12");
-        }
     }
 
     #[test]
