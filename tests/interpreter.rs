@@ -59,7 +59,7 @@ fn check(cfg: &Path, env: &[(&str, &str)]) -> (i32, String, String) {
 /// The interpreter line `check` and the startup log print for the build Python.
 fn built_line() -> String {
     format!(
-        "Python {}, executable {}, prefix {}, venv none",
+        "Python {}, executable {}, base prefix {}, venv none",
         built::VERSION,
         built::EXECUTABLE,
         built::PREFIX
@@ -408,7 +408,10 @@ fn python_home_is_honoured_and_its_own_stdlib_files_are_used() {
     let env = [("PATH", SYSTEMD_PATH)];
     let (code, out, err) = check(&cfg, &env);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains(&format!("prefix {alt}, venv none")), "{out}");
+    assert!(
+        out.contains(&format!("base prefix {alt}, venv none")),
+        "{out}"
+    );
     let (reply, _) = ask(&cfg, &env, "hi");
     assert!(
         reply.starts_with(&format!("{alt}|{alt}|{alt}/bin/python")),

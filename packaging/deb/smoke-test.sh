@@ -55,7 +55,7 @@ code=0
 wait "$pid" || code=$?
 pid=
 [ "$code" -eq 0 ] || { echo "pyipcd run exited $code after SIGTERM"; exit 1; }
-grep -E 'embedded Python .*executable /usr/bin/python3.*prefix /usr, venv none' "$log"
+grep -E 'embedded Python .*executable /usr/bin/python3.*base prefix /usr, venv none' "$log"
 trap - EXIT
 rm -f "$log"
 dpkg --purge pyipcd

@@ -201,16 +201,19 @@ impl Interpreter {
         if !venv.is_dir() {
             return Err(format!(
                 "python.venv: {shown} is not a directory (expected a virtualenv made by \
-                 Python {}: `{make}`)",
-                built::MINOR
+                 Python {}: `{} -m venv DIR`)",
+                built::MINOR,
+                self.base_executable.display()
             ));
         }
         let cfg_path = venv.join("pyvenv.cfg");
         let Ok(text) = std::fs::read_to_string(&cfg_path) else {
             return Err(format!(
                 "python.venv: {shown} has no readable pyvenv.cfg, so it is not a virtualenv \
-                 (expected one made by Python {}: `{make}`)",
-                built::MINOR
+                 (python.venv names the venv's own folder, the one holding pyvenv.cfg and \
+                 bin/python, made by Python {}: `{} -m venv DIR`)",
+                built::MINOR,
+                self.base_executable.display()
             ));
         };
         let cfg = PyvenvCfg::parse(&text);
@@ -322,7 +325,7 @@ impl fmt::Display for InUse {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "Python {}, executable {}, prefix {}, venv {}",
+            "Python {}, executable {}, base prefix {}, venv {}",
             self.version,
             self.executable,
             self.prefix,
