@@ -236,7 +236,7 @@ fn main() {
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 if let Some(r) = ch.try_pop(Dir::Request) {
-                    while !ch.try_push(Dir::Response, r.seq, flags::OK, &r.payload) {
+                    while !ch.try_push(Dir::Response, r.seq, flags::OK, r.epoch, &r.payload) {
                         std::hint::spin_loop();
                     }
                 } else {

@@ -31,14 +31,15 @@
 #include <unistd.h>
 
 #define PYIPCD_SHM_PAGE 4096u
-#define PYIPCD_SHM_RECORD_HEADER 16u
+#define PYIPCD_SHM_RECORD_HEADER 24u /* len, seq, crc32, flags (u32 each), epoch (u64) */
 #define PYIPCD_SHM_WRAP 0xFFFFFFFFu
-#define PYIPCD_SHM_VERSION 1u
+#define PYIPCD_SHM_VERSION 2u
 
 /* Reply flags. */
 #define PYIPCD_SHM_OK 0u
 #define PYIPCD_SHM_NO_REPLY 1u
 #define PYIPCD_SHM_ERROR 2u
+#define PYIPCD_SHM_RESET 3u /* never returned in *flags: recv returns PYIPCD_SHM_ERESET */
 
 /* Error codes (negative). */
 enum {
@@ -54,6 +55,7 @@ enum {
     PYIPCD_SHM_ETIMEOUT = -10,  /* no progress in time */
     PYIPCD_SHM_ECORRUPT = -11,  /* reply failed its checksum or sequence */
     PYIPCD_SHM_ESPACE = -12,    /* reply buffer too small */
+    PYIPCD_SHM_ERESET = -13,    /* the daemon dropped every request sent so far */
 };
 
 typedef struct {
@@ -63,6 +65,7 @@ typedef struct {
     uint32_t ring;
     uint32_t max_record;
     uint64_t generation;
+    uint64_t epoch;
     uint32_t next_seq;
     int timeout_ms;
 } pyipcd_shm;
@@ -82,6 +85,7 @@ static inline const char *pyipcd_shm_strerror(int rc) {
     case PYIPCD_SHM_ETIMEOUT: return "timed out";
     case PYIPCD_SHM_ECORRUPT: return "corrupt reply";
     case PYIPCD_SHM_ESPACE: return "reply buffer too small";
+    case PYIPCD_SHM_ERESET: return "the daemon lost the request framing and dropped every request sent so far";
     default: return "unknown error";
     }
 }
@@ -156,7 +160,8 @@ static inline int pyipcd_shm__wait(const pyipcd_shm *c, int64_t start_us, unsign
 
 /* ---- API -------------------------------------------------------------- */
 
-/* Maps and attaches; waits up to timeout_ms for the daemon. 0 or an error. */
+/* Attaches: takes the client lock, waits up to timeout_ms for the daemon to
+ * be ready, maps and checks the layout, starts a new client epoch. 0 or an error. */
 static inline int pyipcd_shm_open(pyipcd_shm *c, const char *path, int timeout_ms) {
     memset(c, 0, sizeof *c);
     c->timeout_ms = timeout_ms;
@@ -165,6 +170,29 @@ static inline int pyipcd_shm_open(pyipcd_shm *c, const char *path, int timeout_m
     if (flock(c->fd, LOCK_EX | LOCK_NB) != 0) {
         close(c->fd);
         return PYIPCD_SHM_EBUSY;
+    }
+    /* Ready before anything else is read: a daemon (re)initialising the file
+     * may be resizing it and rewriting the header. */
+    int64_t start = pyipcd_shm__now_us();
+    for (;;) {
+        uint8_t h[44] = {0};
+        uint32_t version, state;
+        int full = pread(c->fd, h, sizeof h, 0) == (ssize_t)sizeof h;
+        static const uint8_t zeros[8];
+        int ours = memcmp(h, "PYIPCSH1", 8) == 0;
+        memcpy(&version, h + 8, 4);
+        memcpy(&state, h + 32, 4);
+        if (full && !ours && memcmp(h, zeros, 8) != 0) { /* never a channel being set up */
+            close(c->fd);
+            return PYIPCD_SHM_EMAGIC;
+        }
+        if (ours && state == 1u) break;
+        if (pyipcd_shm__now_us() - start > (int64_t)timeout_ms * 1000) {
+            close(c->fd);
+            return ours && version != PYIPCD_SHM_VERSION ? PYIPCD_SHM_EVERSION : PYIPCD_SHM_ENOTREADY;
+        }
+        struct timespec ts = {0, 1000000};
+        nanosleep(&ts, NULL);
     }
     struct stat st;
     if (fstat(c->fd, &st) != 0 || st.st_size < (off_t)PYIPCD_SHM_PAGE) {
@@ -190,21 +218,14 @@ static inline int pyipcd_shm_open(pyipcd_shm *c, const char *path, int timeout_m
              c->len < PYIPCD_SHM_PAGE + 2u * ((size_t)PYIPCD_SHM_PAGE + c->ring) || c->max_record == 0 ||
              PYIPCD_SHM_RECORD_HEADER + pyipcd_shm__round8(c->max_record) > c->ring / 2)
         rc = PYIPCD_SHM_ESIZE;
-    int64_t start = pyipcd_shm__now_us();
-    while (rc == 0 && atomic_load_explicit(pyipcd_shm__u32(c, 32), memory_order_acquire) != 1u) {
-        if (pyipcd_shm__now_us() - start > (int64_t)timeout_ms * 1000) rc = PYIPCD_SHM_ENOTREADY;
-        else usleep(1000);
-    }
     if (rc == 0) {
         atomic_store_explicit(pyipcd_shm__u32(c, 40), (uint32_t)getpid(), memory_order_release);
         c->generation = atomic_load_explicit(pyipcd_shm__u64(c, 24), memory_order_acquire);
-        size_t req = pyipcd_shm__ctl(c, 0), resp = pyipcd_shm__ctl(c, 1);
-        /* The previous client's requests are answered, then their replies dropped. */
-        while (atomic_load_explicit(pyipcd_shm__u64(c, req + 64), memory_order_acquire) !=
-               atomic_load_explicit(pyipcd_shm__u64(c, req), memory_order_acquire)) {
-            if (pyipcd_shm__now_us() - start > (int64_t)timeout_ms * 1000) { rc = PYIPCD_SHM_ENOTREADY; break; }
-            usleep(100);
-        }
+        /* A new epoch: the daemon drops the previous client's requests and
+         * replies from now on; what is in the response ring is not ours. */
+        c->epoch = atomic_load_explicit(pyipcd_shm__u64(c, 48), memory_order_acquire) + 1u;
+        atomic_store_explicit(pyipcd_shm__u64(c, 48), c->epoch, memory_order_release);
+        size_t resp = pyipcd_shm__ctl(c, 1);
         uint64_t t = atomic_load_explicit(pyipcd_shm__u64(c, resp), memory_order_acquire);
         atomic_store_explicit(pyipcd_shm__u64(c, resp + 64), t, memory_order_release);
     }
@@ -245,6 +266,7 @@ static inline int64_t pyipcd_shm_send(pyipcd_shm *c, const void *data, uint32_t 
             }
             uint32_t hdr[4] = {len, c->next_seq, pyipcd_shm_crc32((const uint8_t *)data, len), PYIPCD_SHM_OK};
             memcpy(c->base + base + at, hdr, sizeof hdr);
+            memcpy(c->base + base + at + 16, &c->epoch, 8);
             memcpy(c->base + base + at + PYIPCD_SHM_RECORD_HEADER, data, len);
             atomic_store_explicit(pyipcd_shm__u64(c, ctl), tail + skip + need, memory_order_release);
             return c->next_seq++;
@@ -255,7 +277,9 @@ static inline int64_t pyipcd_shm_send(pyipcd_shm *c, const void *data, uint32_t 
 }
 
 /* Takes the next reply into buf. On success returns its seq (>= 0), sets
- * *len and *flags (PYIPCD_SHM_OK, _NO_REPLY, or _ERROR with the error text). */
+ * *len and *flags (PYIPCD_SHM_OK, _NO_REPLY, or _ERROR with the error text).
+ * PYIPCD_SHM_ERESET: the daemon dropped every request sent so far (the
+ * error text is in buf, *len bytes); none still outstanding will be answered. */
 static inline int64_t pyipcd_shm_recv(pyipcd_shm *c, void *buf, uint32_t cap, uint32_t *len, uint32_t *flags) {
     size_t ctl = pyipcd_shm__ctl(c, 1), base = pyipcd_shm__data(c, 1);
     int64_t start = pyipcd_shm__now_us();
@@ -266,12 +290,23 @@ static inline int64_t pyipcd_shm_recv(pyipcd_shm *c, void *buf, uint32_t cap, ui
         while (head != tail) {
             uint32_t pos = (uint32_t)(head % c->ring), room = c->ring - pos;
             uint32_t hdr[4];
+            uint64_t epoch;
             if (room < PYIPCD_SHM_RECORD_HEADER) { head += room; continue; }
             memcpy(hdr, c->base + base + pos, sizeof hdr);
             if (hdr[0] == PYIPCD_SHM_WRAP) { head += room; continue; }
-            uint32_t need = PYIPCD_SHM_RECORD_HEADER + pyipcd_shm__round8(hdr[0]);
-            if (hdr[0] > c->max_record || need > room || head + need > tail) {
+            memcpy(&epoch, c->base + base + pos + 16, 8);
+            uint64_t need = PYIPCD_SHM_RECORD_HEADER + (((uint64_t)hdr[0] + 7u) & ~(uint64_t)7u);
+            if (need > room || head + need > tail) { /* framing lost */
                 atomic_store_explicit(pyipcd_shm__u64(c, ctl + 64), tail, memory_order_release);
+                return PYIPCD_SHM_ECORRUPT;
+            }
+            if (epoch != c->epoch) { /* another client's reply, pushed before the daemon saw our epoch */
+                head += need;
+                atomic_store_explicit(pyipcd_shm__u64(c, ctl + 64), head, memory_order_release);
+                continue;
+            }
+            if (hdr[0] > c->max_record) {
+                atomic_store_explicit(pyipcd_shm__u64(c, ctl + 64), head + need, memory_order_release);
                 return PYIPCD_SHM_ECORRUPT;
             }
             if (hdr[0] > cap) return PYIPCD_SHM_ESPACE;
@@ -279,6 +314,7 @@ static inline int64_t pyipcd_shm_recv(pyipcd_shm *c, void *buf, uint32_t cap, ui
             atomic_store_explicit(pyipcd_shm__u64(c, ctl + 64), head + need, memory_order_release);
             if (pyipcd_shm_crc32((const uint8_t *)buf, hdr[0]) != hdr[2]) return PYIPCD_SHM_ECORRUPT;
             *len = hdr[0];
+            if (hdr[3] == PYIPCD_SHM_RESET) return PYIPCD_SHM_ERESET;
             *flags = hdr[3];
             return hdr[1];
         }

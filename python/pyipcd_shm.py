@@ -14,7 +14,8 @@ acquire/release atomics.
 
 One client at a time: the client holds an exclusive `flock` on the file for
 its lifetime; the kernel drops it if the process dies, so a new client can
-attach after a crash.
+attach after a crash. Attaching starts a new client epoch: the daemon drops
+what a dead client left, and replies of older epochs are skipped here.
 """
 
 import fcntl
@@ -25,11 +26,12 @@ import time
 import zlib
 
 MAGIC = b"PYIPCSH1"
-VERSION = 1
+VERSION = 2
 PAGE = 4096
-RECORD_HEADER = 16
+RECORD_HEADER = 24  # len, seq, crc32, flags (u32 each), epoch (u64)
 WRAP = 0xFFFFFFFF
-OK, NO_REPLY, ERROR = 0, 1, 2
+OK, NO_REPLY, ERROR, RESET = 0, 1, 2, 3
+STATE, CLIENT_PID, EPOCH = 32, 40, 48
 READY, STOPPED = 1, 2
 
 
@@ -43,6 +45,11 @@ class HandlerError(ChannelError):
 
 class DaemonRestarted(ChannelError):
     """The daemon restarted: reconnect (requests in flight are lost)."""
+
+
+class StreamReset(ChannelError):
+    """The daemon lost the request stream's framing and dropped every request
+    sent so far: none still outstanding will be answered."""
 
 
 class _Words:
@@ -87,6 +94,26 @@ class Client:
         except BlockingIOError:
             os.close(self._fd)
             raise ChannelError(f"{path}: another client is attached") from None
+        # Ready before anything else is read: a daemon (re)initialising the
+        # file may be resizing it and rewriting the header.
+        deadline = time.monotonic() + timeout
+        while True:
+            head = os.pread(self._fd, 44, 0)
+            magic = head[:8]
+            if len(head) == 44 and magic not in (MAGIC, bytes(8)):
+                os.close(self._fd)  # never a channel being set up: fail now
+                raise ChannelError(f"{path}: bad magic {magic!r} (not a pyipcd channel)")
+            if magic == MAGIC and struct.unpack_from("<I", head, STATE)[0] == READY:
+                break
+            if time.monotonic() > deadline:
+                os.close(self._fd)
+                if magic == MAGIC and struct.unpack_from("<I", head, 8)[0] != VERSION:
+                    version = struct.unpack_from("<I", head, 8)[0]
+                    raise ChannelError(
+                        f"{path}: layout version {version}, this client speaks {VERSION}"
+                    )
+                raise ChannelError(f"{path}: the daemon is not serving this channel")
+            time.sleep(0.001)
         size = os.fstat(self._fd).st_size
         if size < PAGE:
             raise ChannelError(f"{path}: {size} bytes is too small for a channel")
@@ -105,18 +132,12 @@ class Client:
         self._ring = ring
         self._req_ctl, self._req_data = PAGE, 2 * PAGE
         self._resp_ctl, self._resp_data = 2 * PAGE + ring, 3 * PAGE + ring
-        deadline = time.monotonic() + timeout
-        while self._u32(32) != READY:
-            if time.monotonic() > deadline:
-                raise ChannelError(f"{path}: the daemon is not serving this channel")
-            time.sleep(0.001)
-        self._words.set_u32(40, os.getpid())
+        self._words.set_u32(CLIENT_PID, os.getpid())
         self._generation = self._u64(24)
-        # Wait until the previous client's requests are answered, then drop their replies.
-        while self._u64(self._req_ctl + 64) != self._u64(self._req_ctl):
-            if time.monotonic() > deadline or self._u64(24) != self._generation:
-                raise ChannelError(f"{path}: the daemon did not drain the previous client")
-            time.sleep(0.0001)
+        # A new epoch: the daemon drops the previous client's requests and
+        # replies from now on; what is in the response ring is not ours.
+        self._epoch = (self._u64(EPOCH) + 1) & 0xFFFFFFFFFFFFFFFF
+        self._set_u64(EPOCH, self._epoch)
         self._set_u64(self._resp_ctl + 64, self._u64(self._resp_ctl))
         self._seq = 0
 
@@ -166,6 +187,8 @@ class Client:
             return seq, payload
         if flags == NO_REPLY:
             return seq, None
+        if flags == RESET:
+            raise StreamReset(payload.decode(errors="replace"))
         raise HandlerError(payload.decode(errors="replace"))
 
     # -- internals ---------------------------------------------------------
@@ -216,7 +239,9 @@ class Client:
             if skip >= RECORD_HEADER:
                 struct.pack_into("I", mm, base + at, WRAP)
             at = 0
-        struct.pack_into("<IIII", mm, base + at, len(payload), seq, zlib.crc32(payload), OK)
+        struct.pack_into(
+            "<IIIIQ", mm, base + at, len(payload), seq, zlib.crc32(payload), OK, self._epoch
+        )
         mm[base + at + RECORD_HEADER : base + at + RECORD_HEADER + len(payload)] = payload
         self._set_u64(self._req_ctl, tail + skip + need)  # publish
         return True
@@ -232,10 +257,18 @@ class Client:
             if room < RECORD_HEADER or self._u32(base + pos) == WRAP:
                 head += room
                 continue
-            length, seq, crc, flags = struct.unpack_from("<IIII", mm, base + pos)
-            need = RECORD_HEADER + _round8(min(length, self.max_message))
-            if length > self.max_message or need > room or head + need > tail:
-                self._set_u64(self._resp_ctl + 64, tail)
+            length, seq, crc, flags, epoch = struct.unpack_from("<IIIIQ", mm, base + pos)
+            need = RECORD_HEADER + _round8(length)
+            if need > room or head + need > tail:
+                self._set_u64(self._resp_ctl + 64, tail)  # framing lost
+                return seq, flags, b"", False
+            if epoch != self._epoch:
+                # Another client's reply, pushed before the daemon saw our epoch.
+                head += need
+                self._set_u64(self._resp_ctl + 64, head)
+                continue
+            if length > self.max_message:
+                self._set_u64(self._resp_ctl + 64, head + need)
                 return seq, flags, b"", False
             payload = mm[base + pos + RECORD_HEADER : base + pos + RECORD_HEADER + length]
             self._set_u64(self._resp_ctl + 64, head + need)  # consume

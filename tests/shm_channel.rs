@@ -219,7 +219,9 @@ fn a_corrupt_header_is_refused_by_the_daemon_and_by_clients() {
     bytes[..8].copy_from_slice(b"PYIPCSH1");
     bytes[8..12].copy_from_slice(&7u32.to_le_bytes());
     std::fs::write(&path, &bytes).unwrap();
-    let err = ShmClient::connect(&path, T).unwrap_err().to_string();
+    let err = ShmClient::connect(&path, Duration::from_millis(300))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("layout version 7"), "{err}");
 }
 

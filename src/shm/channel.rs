@@ -5,7 +5,14 @@
 //!
 //! Waiting is adaptive: a busy spin for a few microseconds, then `sched_yield`
 //! spinning, then sleeps growing to [`MAX_SLEEP`], all with the GIL released.
-//! A request whose checksum fails gets an error reply; the daemon goes on.
+//!
+//! Client epochs (docs/shm-protocol.md): a request of an older epoch than the
+//! header's (a client that has gone) is dropped unanswered, and so is a reply
+//! whose client went away while its call ran or while the response ring was
+//! full, so a new client never sees another client's replies and never waits
+//! behind them. Bad records get their own error reply: a checksum mismatch or
+//! an over-long record (the ones behind it are answered), or a `RESET` when
+//! the framing is lost (everything published so far is dropped).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,7 +22,7 @@ use std::time::{Duration, Instant};
 use pyo3::prelude::*;
 use tokio_util::sync::CancellationToken;
 
-use super::ring::{Channel, Dir, LayoutError, MAGIC, State, file_size, flags};
+use super::ring::{Channel, Dir, Fault, LayoutError, MAGIC, State, file_size, flags};
 use crate::config::ShmRegionConfig;
 use crate::py::handler::{Handler, format_exception};
 use crate::py::pool::GilPool;
@@ -185,6 +192,7 @@ fn serve(ch: &ShmChannel, pool: &GilPool, stop: &AtomicBool) {
     );
     let messages = metrics::counter!("pyipcd_messages_total", "role" => ch.name.to_string());
     let errors = metrics::counter!("pyipcd_errors_total", "role" => ch.name.to_string());
+    let stale = metrics::counter!("pyipcd_shm_stale_total", "role" => ch.name.to_string());
     Python::attach(|py| {
         let watched = pool.watch(py, &format!("py-shm-{}", ch.name), &ch.name);
         channel.set_state(State::Ready);
@@ -197,30 +205,69 @@ fn serve(ch: &ShmChannel, pool: &GilPool, stop: &AtomicBool) {
                 py.detach(|| wait(channel, stop, idle_since));
                 continue;
             };
+            idle_since = Instant::now();
+            // A framing fault has no trustworthy epoch: it concerns whoever
+            // is attached now.
+            let epoch = match request.fault {
+                Some(Fault::Framing { .. }) => channel.epoch(),
+                _ => request.epoch,
+            };
+            if epoch != channel.epoch() {
+                // Sent by a client that has gone: its side effects would be
+                // for nobody, and its reply must not reach the next client.
+                stale.increment(1);
+                tracing::debug!(role = %ch.name, seq = request.seq, epoch, "dropped a request of a client that has gone");
+                continue;
+            }
             let (fl, reply) = watched.call(|| answer(py, ch, &request));
             messages.increment(1);
-            if fl == flags::ERROR {
+            if fl >= flags::ERROR {
                 errors.increment(1);
             }
-            while !channel.try_push(Dir::Response, request.seq, fl, &reply) {
-                // The client is not reading its replies: wait, never overwrite.
+            while channel.epoch() == epoch
+                && !channel.try_push(Dir::Response, request.seq, fl, epoch, &reply)
+            {
+                // The client is not reading its replies: wait, never
+                // overwrite; a new client attaching ends the wait.
                 if stop.load(Ordering::Relaxed) {
                     return;
                 }
                 py.detach(|| std::thread::sleep(Duration::from_micros(100)));
             }
-            idle_since = Instant::now();
+            if channel.epoch() != epoch {
+                stale.increment(1);
+                tracing::debug!(role = %ch.name, seq = request.seq, epoch, "dropped a reply: its client has gone");
+            }
         }
     });
 }
 
 /// Runs the handler for one request: (flags, payload) of the reply.
 fn answer(py: Python<'_>, ch: &ShmChannel, request: &super::ring::Record) -> (u32, Vec<u8>) {
-    if !request.crc_ok {
-        tracing::warn!(role = %ch.name, seq = request.seq, "request failed its checksum or framing; answering with an error");
-        return (flags::ERROR, b"checksum mismatch".to_vec());
-    }
     let max = ch.channel.max_record();
+    let fault = match request.fault {
+        None => None,
+        Some(Fault::Checksum) => Some((
+            flags::ERROR,
+            format!("request {} failed its checksum", request.seq),
+        )),
+        Some(Fault::OverMax { len }) => {
+            Some((flags::ERROR, format!("length {len} over max {max}")))
+        }
+        Some(Fault::Framing { len, dropped }) => Some((
+            flags::RESET,
+            format!(
+                "framing lost: a record claims length {len}, which cannot fit; dropped \
+                 {dropped} bytes of requests, none sent before this reply will be answered"
+            ),
+        )),
+    };
+    if let Some((fl, text)) = fault {
+        tracing::warn!(role = %ch.name, seq = request.seq, "bad request record: {text}");
+        let mut text = text.into_bytes();
+        text.truncate(max);
+        return (fl, text);
+    }
     match ch.handler.invoke(py, &request.payload, None, None) {
         crate::py::handler::Invoked::Done(Ok(Some(reply))) if reply.len() <= max => {
             (flags::OK, reply.to_vec())

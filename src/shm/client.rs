@@ -2,8 +2,10 @@
 //! `include/` and `python/` follow the same steps; see docs/shm-protocol.md).
 //!
 //! One client at a time: [`ShmClient::connect`] takes an exclusive `flock` on
-//! the file (the kernel releases it if the client dies), waits until the daemon has
-//! answered everything the previous client sent, and drops stale replies.
+//! the file (the kernel releases it if the client dies), waits for the daemon
+//! to be ready, checks the layout, and starts a new client epoch: the daemon
+//! drops what the previous client left, and replies of older epochs are
+//! skipped here, so attaching never waits on a dead client's leftovers.
 //! Every wait watches the daemon's generation, so a daemon restart surfaces as
 //! [`ClientError::DaemonRestarted`] instead of a hang.
 
@@ -12,7 +14,7 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::ring::{Channel, Dir, LayoutError, State, flags};
+use super::ring::{Channel, Dir, Fault, LayoutError, MAGIC, State, VERSION, flags, off};
 
 /// Why a call did not produce a reply.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +49,10 @@ pub enum ClientError {
     /// A reply failed its checksum or did not match the request.
     #[error("corrupt reply: {0}")]
     Corrupt(String),
+    /// The daemon lost the framing of the request stream and dropped every
+    /// request sent so far: none still outstanding will be answered.
+    #[error("the daemon reset the request stream: {0}")]
+    Reset(String),
 }
 
 /// An attached client.
@@ -56,6 +62,7 @@ pub struct ShmClient {
     /// Holds the client flock.
     _file: std::fs::File,
     generation: u64,
+    epoch: u64,
     next_seq: u32,
     pid: u32,
     timeout: Duration,
@@ -72,41 +79,51 @@ impl ShmClient {
             .read(true)
             .write(true)
             .open(path)?;
-        let map = memmap2::MmapOptions::new().map_raw(&file)?;
-        let ch = Channel::attach(map)?;
-        let deadline = Instant::now() + timeout;
-        while ch.state() != State::Ready as u32 {
-            if Instant::now() >= deadline {
-                return Err(ClientError::NotReady);
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
         // One client at a time: an exclusive flock on the file, which the
         // kernel drops when the holder dies (a crashed client never wedges it).
         // SAFETY: flock on a file descriptor we own for the client's lifetime.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(ClientError::Busy(ch.client_pid().load(Ordering::Acquire)));
+            return Err(ClientError::Busy(client_pid_of(&file)));
         }
+        // Ready before anything else is read: a daemon (re)initialising the
+        // file may be resizing it and rewriting the header.
+        let deadline = Instant::now() + timeout;
+        loop {
+            let header = Header::read(&file);
+            if let Some(h) = &header {
+                if h.magic != MAGIC && h.magic != [0; 8] {
+                    // Never a channel being set up: fail now, not at the timeout.
+                    return Err(LayoutError::Magic(h.magic).into());
+                }
+                if h.magic == MAGIC && h.state == State::Ready as u32 {
+                    break;
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(match header {
+                    // Nobody made it ready, and we could not speak it anyway.
+                    Some(h) if h.magic == MAGIC && h.version != VERSION => {
+                        LayoutError::Version(h.version).into()
+                    }
+                    _ => ClientError::NotReady,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let map = memmap2::MmapOptions::new().map_raw(&file)?;
+        let ch = Channel::attach(map)?;
         let pid = std::process::id();
         ch.client_pid().store(pid, Ordering::Release);
         let generation = ch.generation();
-        // The previous client's requests are answered (or the daemon restarts)...
-        loop {
-            let (head, tail) = ch.positions(Dir::Request);
-            if head == tail {
-                break;
-            }
-            if ch.generation() != generation || Instant::now() >= deadline {
-                return Err(ClientError::NotReady);
-            }
-            std::thread::sleep(Duration::from_micros(100));
-        }
-        // ... and their replies are not ours.
+        // A new epoch: the daemon drops the previous client's requests and
+        // replies from now on; what is already in the response ring is not ours.
+        let epoch = ch.next_epoch();
         ch.discard(Dir::Response);
         Ok(Self {
             ch,
             _file: file,
             generation,
+            epoch,
             next_seq: 0,
             pid,
             timeout,
@@ -128,7 +145,10 @@ impl ShmClient {
         }
         let seq = self.next_seq;
         let mut waiter = Waiter::new(self.timeout);
-        while !self.ch.try_push(Dir::Request, seq, flags::OK, data) {
+        while !self
+            .ch
+            .try_push(Dir::Request, seq, flags::OK, self.epoch, data)
+        {
             self.check_daemon()?;
             waiter.wait()?;
         }
@@ -145,24 +165,31 @@ impl ShmClient {
     pub fn recv(&mut self) -> Result<(u32, Option<Vec<u8>>), ClientError> {
         let mut waiter = Waiter::new(self.timeout);
         let record = loop {
-            if let Some(r) = self.ch.try_pop(Dir::Response) {
-                break r;
+            match self.ch.try_pop(Dir::Response) {
+                // Another client's reply, pushed before the daemon saw our epoch.
+                Some(r)
+                    if r.epoch != self.epoch && !matches!(r.fault, Some(Fault::Framing { .. })) =>
+                {
+                    continue;
+                }
+                Some(r) => break r,
+                None => {}
             }
             self.check_daemon()?;
             waiter.wait()?;
         };
-        if !record.crc_ok {
+        if let Some(fault) = record.fault {
             return Err(ClientError::Corrupt(format!(
-                "reply {} failed its checksum",
+                "reply {}: {fault:?}",
                 record.seq
             )));
         }
+        let text = || String::from_utf8_lossy(&record.payload).into_owned();
         match record.flags {
             flags::OK => Ok((record.seq, Some(record.payload))),
             flags::NO_REPLY => Ok((record.seq, None)),
-            _ => Err(ClientError::Handler(
-                String::from_utf8_lossy(&record.payload).into_owned(),
-            )),
+            flags::RESET => Err(ClientError::Reset(text())),
+            _ => Err(ClientError::Handler(text())),
         }
     }
 
@@ -190,6 +217,37 @@ impl ShmClient {
         }
         Ok(())
     }
+}
+
+/// The header fields a client needs before mapping, read through the file
+/// (the mapping may not be sized yet while a daemon initialises it).
+struct Header {
+    magic: [u8; 8],
+    version: u32,
+    state: u32,
+    client_pid: u32,
+}
+
+impl Header {
+    /// `None` while the file is shorter than the fields.
+    fn read(file: &std::fs::File) -> Option<Self> {
+        use std::os::unix::fs::FileExt;
+        let mut b = [0u8; 44];
+        file.read_exact_at(&mut b, 0).ok()?;
+        let word = |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+        let mut magic = [0u8; 8];
+        magic.copy_from_slice(&b[off::MAGIC..off::MAGIC + 8]);
+        Some(Self {
+            magic,
+            version: word(off::VERSION),
+            state: word(off::STATE),
+            client_pid: word(off::CLIENT_PID),
+        })
+    }
+}
+
+fn client_pid_of(file: &std::fs::File) -> u32 {
+    Header::read(file).map_or(0, |h| h.client_pid)
 }
 
 impl Drop for ShmClient {

@@ -17,12 +17,12 @@ use memmap2::MmapRaw;
 
 /// `b"PYIPCSH1"`.
 pub const MAGIC: [u8; 8] = *b"PYIPCSH1";
-/// Layout version.
-pub const VERSION: u32 = 1;
+/// Layout version (2: client epochs, 24-byte record headers).
+pub const VERSION: u32 = 2;
 /// Header and ring control pages.
 pub const PAGE: usize = 4096;
-/// Record header: len, seq, crc32, flags.
-pub const RECORD_HEADER: usize = 16;
+/// Record header: len, seq, crc32, flags (u32 each), epoch (u64).
+pub const RECORD_HEADER: usize = 24;
 /// A `len` that means "skip to the start of the ring".
 pub const WRAP: u32 = u32::MAX;
 
@@ -46,6 +46,8 @@ pub mod off {
     pub const DAEMON_PID: usize = 36;
     /// `u32` pid of the attached client, 0 when free.
     pub const CLIENT_PID: usize = 40;
+    /// `u64` client epoch: each client adds one when it attaches.
+    pub const EPOCH: usize = 48;
     /// Ring control: producer position.
     pub const TAIL: usize = 0;
     /// Ring control: consumer position (own cache line).
@@ -70,8 +72,13 @@ pub mod flags {
     pub const OK: u32 = 0;
     /// The handler returned `None`: no payload.
     pub const NO_REPLY: u32 = 1;
-    /// The handler failed; the payload is the error text.
+    /// The request failed (handler exception, bad record); the payload is
+    /// the error text (UTF-8).
     pub const ERROR: u32 = 2;
+    /// The daemon lost the request stream's framing and dropped every
+    /// request published so far: no request sent before this reply will be
+    /// answered. The payload says why (UTF-8).
+    pub const RESET: u32 = 3;
 }
 
 /// Total file size for a ring size.
@@ -117,10 +124,35 @@ pub struct Record {
     pub seq: u32,
     /// See [`flags`].
     pub flags: u32,
-    /// The payload.
+    /// The client epoch it belongs to (requests: the sender's; replies: the
+    /// request's).
+    pub epoch: u64,
+    /// The payload (empty when there is a fault).
     pub payload: Vec<u8>,
-    /// Whether the stored checksum matched the payload.
-    pub crc_ok: bool,
+    /// What was wrong with it, if anything.
+    pub fault: Option<Fault>,
+}
+
+/// A record that could not be taken as written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The payload does not match its CRC-32.
+    Checksum,
+    /// A well-framed record whose length is over the channel's max (it was
+    /// skipped; the records behind it are intact).
+    OverMax {
+        /// The length it claims.
+        len: u32,
+    },
+    /// A length that cannot be right (past the published bytes or the end
+    /// of the data area): the framing is lost, everything published so far
+    /// was dropped.
+    Framing {
+        /// The length it claims.
+        len: u32,
+        /// Bytes dropped.
+        dropped: u64,
+    },
 }
 
 impl Channel {
@@ -219,6 +251,19 @@ impl Channel {
         self.u32_at(off::STATE).store(s as u32, Ordering::SeqCst);
     }
 
+    /// The current client epoch.
+    pub fn epoch(&self) -> u64 {
+        self.u64_at(off::EPOCH).load(Ordering::Acquire)
+    }
+
+    /// Starts a new client epoch (a client attaching, holding the client
+    /// lock); returns it.
+    pub fn next_epoch(&self) -> u64 {
+        let epoch = self.epoch().wrapping_add(1);
+        self.u64_at(off::EPOCH).store(epoch, Ordering::Release);
+        epoch
+    }
+
     /// The client-lock word.
     pub fn client_pid(&self) -> &AtomicU32 {
         self.u32_at(off::CLIENT_PID)
@@ -247,7 +292,7 @@ impl Channel {
     ///
     /// # Panics
     /// If `payload` is longer than `max_record` (callers check first).
-    pub fn try_push(&self, dir: Dir, seq: u32, flags: u32, payload: &[u8]) -> bool {
+    pub fn try_push(&self, dir: Dir, seq: u32, flags: u32, epoch: u64, payload: &[u8]) -> bool {
         assert!(payload.len() <= self.max_record, "payload over max_record");
         let need = RECORD_HEADER + payload.len().next_multiple_of(8);
         let tail_ref = self.ctl(dir, off::TAIL);
@@ -278,6 +323,7 @@ impl Channel {
         self.write_u32(base + at + 4, seq);
         self.write_u32(base + at + 8, crc32fast::hash(payload));
         self.write_u32(base + at + 12, flags);
+        self.u64_at(base + at + 16).store(epoch, Ordering::Relaxed);
         self.write_u32(base + at, payload.len() as u32);
         self.write_bytes(base + at + RECORD_HEADER, payload);
         // Publish: everything above happens-before a consumer's acquire of tail.
@@ -291,16 +337,6 @@ impl Channel {
         let mut head = head_ref.load(Ordering::Relaxed);
         let tail = self.ctl(dir, off::TAIL).load(Ordering::Acquire);
         let base = self.data(dir);
-        let corrupt = |seq, flags| {
-            // Drop everything published so far rather than read nonsense.
-            head_ref.store(tail, Ordering::Release);
-            Some(Record {
-                seq,
-                flags,
-                payload: Vec::new(),
-                crc_ok: false,
-            })
-        };
         if head % 8 != 0 || tail % 8 != 0 {
             // Records start 8-aligned: a misaligned position is a peer's
             // scribble. Nothing readable; touch nothing.
@@ -328,26 +364,39 @@ impl Channel {
                 head = head.wrapping_add(room_to_end as u64);
                 continue;
             }
-            let len = self.read_u32(base + pos) as usize;
+            let len = self.read_u32(base + pos);
             let seq = self.read_u32(base + pos + 4);
             let crc = self.read_u32(base + pos + 8);
             let flags = self.read_u32(base + pos + 12);
-            // A length that cannot be right means a corrupt ring.
-            let need = RECORD_HEADER + len.min(self.max_record).next_multiple_of(8);
-            if len > self.max_record || need > room_to_end || tail.wrapping_sub(head) < need as u64
-            {
-                return corrupt(seq, flags);
+            let epoch = self.u64_at(base + pos + 16).load(Ordering::Relaxed);
+            let record = |payload, fault| {
+                Some(Record {
+                    seq,
+                    flags,
+                    epoch,
+                    payload,
+                    fault,
+                })
+            };
+            let need = (RECORD_HEADER as u64).saturating_add(u64::from(len).next_multiple_of(8));
+            if need > room_to_end as u64 || tail.wrapping_sub(head) < need {
+                // A length no producer could have written: where the next
+                // record starts is unknown. Drop everything published so far
+                // rather than read nonsense.
+                head_ref.store(tail, Ordering::Release);
+                let dropped = tail.wrapping_sub(head);
+                return record(Vec::new(), Some(Fault::Framing { len, dropped }));
             }
-            let mut payload = vec![0u8; len];
+            if len as usize > self.max_record {
+                // Framed, but longer than the channel takes: skip it alone.
+                head_ref.store(head.wrapping_add(need), Ordering::Release);
+                return record(Vec::new(), Some(Fault::OverMax { len }));
+            }
+            let mut payload = vec![0u8; len as usize];
             self.read_bytes(base + pos + RECORD_HEADER, &mut payload);
-            head_ref.store(head.wrapping_add(need as u64), Ordering::Release);
-            let crc_ok = crc32fast::hash(&payload) == crc;
-            return Some(Record {
-                seq,
-                flags,
-                payload,
-                crc_ok,
-            });
+            head_ref.store(head.wrapping_add(need), Ordering::Release);
+            let fault = (crc32fast::hash(&payload) != crc).then_some(Fault::Checksum);
+            return record(payload, fault);
         }
     }
 
@@ -475,15 +524,15 @@ mod tests {
         let mut expect = 0u32;
         for round in 0..200u32 {
             let payload = vec![round as u8; (round as usize * 37) % 1000];
-            while !ch.try_push(Dir::Request, round, flags::OK, &payload) {
+            while !ch.try_push(Dir::Request, round, flags::OK, 5, &payload) {
                 let r = ch.try_pop(Dir::Request).expect("full ring has records");
-                assert!(r.crc_ok);
+                assert_eq!((r.fault, r.epoch), (None, 5));
                 assert_eq!(r.seq, expect);
                 expect += 1;
             }
         }
         while let Some(r) = ch.try_pop(Dir::Request) {
-            assert!(r.crc_ok);
+            assert_eq!((r.fault, r.epoch), (None, 5));
             assert_eq!(r.seq, expect);
             expect += 1;
         }
@@ -511,7 +560,7 @@ mod tests {
         // A wild head on the ring we produce into reads as full.
         ch.ctl(Dir::Response, off::HEAD)
             .store(1 << 40, Ordering::Release);
-        assert!(!ch.try_push(Dir::Response, 1, flags::OK, b"x"));
+        assert!(!ch.try_push(Dir::Response, 1, flags::OK, 1, b"x"));
         // Garbage lengths are reported as corrupt, never read out of bounds.
         ch.discard(Dir::Request);
         let tail = ch.ctl(Dir::Request, off::TAIL).load(Ordering::Relaxed);
@@ -519,7 +568,33 @@ mod tests {
         ch.write_u32(ch.data(Dir::Request) + pos, 999_999);
         ch.ctl(Dir::Request, off::TAIL)
             .store(tail.wrapping_add(64), Ordering::Release);
-        assert!(!ch.try_pop(Dir::Request).unwrap().crc_ok);
+        assert!(matches!(
+            ch.try_pop(Dir::Request).unwrap().fault,
+            Some(Fault::Framing { len: 999_999, .. })
+        ));
+        assert_eq!(
+            ch.try_pop(Dir::Request),
+            None,
+            "everything published was dropped"
+        );
+    }
+
+    #[test]
+    fn an_over_long_but_framed_record_is_skipped_alone() {
+        let (_d, ch) = channel(4096, 100);
+        // A producer that ignores max_record: 200 bytes, properly framed.
+        let base = ch.data(Dir::Request);
+        ch.write_u32(base, 200);
+        ch.write_u32(base + 4, 1);
+        let next = RECORD_HEADER + 200;
+        ch.ctl(Dir::Request, off::TAIL)
+            .store(next as u64, Ordering::Release);
+        assert!(ch.try_push(Dir::Request, 2, flags::OK, 3, b"behind it"));
+        let bad = ch.try_pop(Dir::Request).unwrap();
+        assert_eq!((bad.seq, bad.fault), (1, Some(Fault::OverMax { len: 200 })));
+        let good = ch.try_pop(Dir::Request).unwrap();
+        assert_eq!((good.seq, good.fault, good.epoch), (2, None, 3));
+        assert_eq!(good.payload, b"behind it");
     }
 
     #[test]
@@ -543,7 +618,7 @@ mod tests {
             Channel::attach(open()).unwrap_err(),
             LayoutError::Version(9)
         );
-        bytes[8] = 1;
+        bytes[8] = VERSION as u8;
         bytes[16..20].copy_from_slice(&3000u32.to_le_bytes());
         std::fs::write(&path, &bytes).unwrap();
         assert!(matches!(
@@ -600,10 +675,10 @@ mod tests {
                     .store(rng.next() % 1_000_000, Ordering::Release),
                 3 => {
                     let n = rng.below(1001);
-                    let _ = ch.try_push(Dir::Request, 1, flags::OK, &vec![7u8; n]);
+                    let _ = ch.try_push(Dir::Request, 1, flags::OK, 1, &vec![7u8; n]);
                 }
                 4 => {
-                    let _ = ch.try_push(Dir::Response, 2, flags::OK, &[1u8; 100]);
+                    let _ = ch.try_push(Dir::Response, 2, flags::OK, 1, &[1u8; 100]);
                 }
                 _ => {}
             }
