@@ -236,3 +236,28 @@ fn a_full_response_ring_waits_for_the_client_never_overwrites() {
         assert_eq!(r.payload, p);
     }
 }
+
+#[test]
+fn a_channel_file_of_layout_version_1_is_reinitialised_as_version_2() {
+    let s = Scenario::new();
+    s.write("h.py", HANDLERS);
+    let mut old = vec![0u8; 4096];
+    old[..8].copy_from_slice(b"PYIPCSH1");
+    old[8..12].copy_from_slice(&1u32.to_le_bytes());
+    old[24..32].copy_from_slice(&41u64.to_le_bytes());
+    s.write("ch.shm", "");
+    std::fs::write(s.path("ch.shm"), &old).unwrap();
+    let cfg = s.config(
+        "[python]\npaths = [\".\"]\n[[shm.region]]\nname = \"ch\"\nmode = \"channel\"\npath = \"ch.shm\"\n\
+         handler = \"h:rev\"\nring_size = \"64KiB\"\nmax_message = \"1KiB\"\n",
+    );
+    let mut d = Daemon::start(&cfg, &[]);
+    d.wait_ready();
+    d.lines
+        .wait_for(&["layout version 1: re-initialising it as version 2"], T);
+    let mut raw = RawChannel::open(&s.path("ch.shm"));
+    assert_eq!((raw.u32(8), raw.u64(24)), (2, 42));
+    raw.attach();
+    raw.send(1, b"v2");
+    assert_eq!(raw.recv(T).unwrap().payload, b"2v");
+}

@@ -148,19 +148,25 @@ impl ShmChannel {
     }
 }
 
-/// The generation of an existing channel file, refusing anything that is not one.
+/// The generation of an existing channel file, refusing anything that is not
+/// one. A channel file of ours with another layout version or other sizes is
+/// re-initialised (a new generation, so attached clients notice).
 fn previous_generation(file: &std::fs::File, path: &std::path::Path) -> Result<u64, ChannelError> {
-    let map = memmap2::MmapOptions::new()
-        .map_raw(file)
-        .map_err(|source| ChannelError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    let mut magic = [0u8; 8];
-    if map.len() >= 8 {
-        // SAFETY: 8 bytes in bounds of the live mapping, copied out at once.
-        unsafe { std::ptr::copy_nonoverlapping(map.as_ptr(), magic.as_mut_ptr(), 8) };
+    use std::os::unix::fs::FileExt;
+    let mut head = [0u8; 32];
+    if file.read_exact_at(&mut head, 0).is_err() {
+        // Shorter than a header: whatever it is, it is not a channel.
+        return if head[..8] == [0u8; 8] {
+            Ok(0)
+        } else {
+            Err(ChannelError::Foreign {
+                path: path.to_path_buf(),
+                source: LayoutError::Size("shorter than a header".into()),
+            })
+        };
     }
+    let mut magic = [0u8; 8];
+    magic.copy_from_slice(&head[..8]);
     if magic == [0u8; 8] {
         return Ok(0);
     }
@@ -170,32 +176,31 @@ fn previous_generation(file: &std::fs::File, path: &std::path::Path) -> Result<u
             source: LayoutError::Magic(magic),
         });
     }
-    match Channel::attach(map) {
-        Ok(ch) => Ok(ch.generation()),
-        // Ours but with other sizes (the config changed): start over.
-        Err(LayoutError::Size(_)) => Ok(0),
-        Err(source) => Err(ChannelError::Foreign {
-            path: path.to_path_buf(),
-            source,
-        }),
+    let version = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
+    if version != super::ring::VERSION {
+        tracing::info!(path = %path.display(), "channel file of layout version {version}: re-initialising it as version {}", super::ring::VERSION);
     }
+    let mut generation = [0u8; 8];
+    generation.copy_from_slice(&head[24..32]);
+    Ok(u64::from_le_bytes(generation))
 }
 
 fn serve(ch: &ShmChannel, pool: &GilPool, stop: &AtomicBool) {
     let channel = &ch.channel;
-    tracing::info!(
-        role = %ch.name,
-        generation = channel.generation(),
-        ring = channel.ring_size(),
-        max_message = channel.max_record(),
-        "channel ready"
-    );
     let messages = metrics::counter!("pyipcd_messages_total", "role" => ch.name.to_string());
     let errors = metrics::counter!("pyipcd_errors_total", "role" => ch.name.to_string());
     let stale = metrics::counter!("pyipcd_shm_stale_total", "role" => ch.name.to_string());
     Python::attach(|py| {
         let watched = pool.watch(py, &format!("py-shm-{}", ch.name), &ch.name);
         channel.set_state(State::Ready);
+        // Logged once clients can attach.
+        tracing::info!(
+            role = %ch.name,
+            generation = channel.generation(),
+            ring = channel.ring_size(),
+            max_message = channel.max_record(),
+            "channel ready"
+        );
         let mut idle_since = Instant::now();
         loop {
             let Some(request) = channel.try_pop(Dir::Request) else {
