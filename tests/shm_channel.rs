@@ -352,3 +352,56 @@ fn a_stuck_channel_handler_is_reported_and_its_reply_still_arrives() {
     assert_eq!(waiting.join().unwrap().unwrap().unwrap(), b"slow");
     d.lines.wait_for(&["stuck call returned", "role=ch"], T);
 }
+
+/// Publishes a record header whose length cannot be framed, as a buggy or
+/// hostile writer would, behind the attached client's back.
+fn inject_lost_framing(path: &std::path::Path) {
+    use common::raw_shm::{PAGE, RawChannel, Ring};
+    let raw = RawChannel::open(path);
+    let (_, tail) = raw.positions(Ring::Request);
+    let mut bad = Vec::new();
+    for w in [60_000u32, 0, 0, 0] {
+        bad.extend_from_slice(&w.to_le_bytes());
+    }
+    bad.extend_from_slice(&raw.u64(common::raw_shm::EPOCH).to_le_bytes());
+    raw.write(raw.data(Ring::Request) + tail % raw.ring, &bad);
+    raw.set_u64(PAGE, tail + bad.len() as u64);
+}
+
+#[test]
+fn a_stream_reset_reaches_the_rust_and_python_clients_as_an_error() {
+    let s = Scenario::new();
+    let (_d, path) = daemon(&s, "rev", "");
+    let mut c = ShmClient::connect(&path, T).unwrap();
+    assert_eq!(c.call(b"abc").unwrap().unwrap(), b"cba");
+    inject_lost_framing(&path);
+    match c.call(b"lost") {
+        Err(ClientError::Reset(text)) => assert!(text.starts_with("framing lost"), "{text}"),
+        other => panic!("expected a reset, got {other:?}"),
+    }
+    drop(c);
+    let lib = concat!(env!("CARGO_MANIFEST_DIR"), "/python");
+    let script = format!(
+        "import sys; sys.path.insert(0, {lib:?})\nimport pyipcd_shm\n\
+         c = pyipcd_shm.Client({path:?})\nassert c.call(b'abc') == b'cba'\nprint('ready', flush=True)\n\
+         sys.stdin.readline()\n\
+         try:\n    c.call(b'lost')\nexcept pyipcd_shm.StreamReset as e:\n    print('reset:', e)\n"
+    );
+    let mut child = Command::new("python3")
+        .args(["-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    inject_lost_framing(&path);
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    line.clear();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert!(child.wait().unwrap().success());
+    assert!(line.starts_with("reset: framing lost"), "{line}");
+}
