@@ -9,6 +9,8 @@
 //! - the raw ring without Python (a Rust echo thread): the ceiling
 //!
 //! Run: `cargo build --release && cargo bench --bench shm_channel -- --seconds 2`
+//! A busy host: `-- --busy 2` starts two CPU-bound processes beside it first
+//! (the clients this serves share their host's cores).
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -137,8 +139,27 @@ fn iceoryx2_row(secs: f64, size: usize) {
     );
 }
 
+/// CPU-bound processes that run for the whole bench (a busy host).
+fn busy_host(n: usize) -> Vec<Kill> {
+    (0..n)
+        .map(|_| {
+            Kill(
+                Command::new("sh")
+                    .args(["-c", "while :; do :; done"])
+                    .spawn()
+                    .unwrap(),
+            )
+        })
+        .collect()
+}
+
 fn main() {
     let secs = arg("--seconds", 2.0);
+    let busy = arg("--busy", 0.0) as usize;
+    let _busy = busy_host(busy);
+    if busy > 0 {
+        println!("({busy} CPU-bound processes running beside the bench)\n");
+    }
     let dir = tempfile::tempdir().unwrap();
     let (_daemon, shm, port) = daemon(dir.path());
 
@@ -190,6 +211,23 @@ fn main() {
             size,
             n,
             secs,
+            &h,
+        );
+        // The first request after idle: the daemon's thread is asleep on
+        // the doorbell each time (20 ms gaps; calls/s counts the gaps too).
+        let mut h = Histogram::<u64>::new(3).unwrap();
+        let gaps = ((secs * 25.0) as u64).max(20);
+        for _ in 0..gaps {
+            std::thread::sleep(Duration::from_millis(20));
+            let t = Instant::now();
+            assert_eq!(c.call(&payload).unwrap().unwrap().len(), size);
+            h.record(t.elapsed().as_nanos() as u64).unwrap();
+        }
+        row(
+            "pyipcd channel, first call after 20 ms idle, Rust client",
+            size,
+            gaps,
+            gaps as f64 * 0.02,
             &h,
         );
         drop(c);

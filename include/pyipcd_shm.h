@@ -19,6 +19,8 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
+#include <linux/futex.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <stddef.h>
@@ -27,6 +29,7 @@
 #include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -68,6 +71,7 @@ typedef struct {
     uint64_t epoch;
     uint32_t next_seq;
     int timeout_ms;
+    int64_t spin_ns; /* adaptive spin budget before sleeping on a doorbell */
 } pyipcd_shm;
 
 static inline const char *pyipcd_shm_strerror(int rc) {
@@ -106,7 +110,86 @@ static inline size_t pyipcd_shm__data(const pyipcd_shm *c, int response) {
 }
 static inline uint32_t pyipcd_shm__round8(uint32_t n) { return (n + 7u) & ~7u; }
 
-/* CRC-32 (IEEE, as zlib), slicing-by-8 (little-endian hosts). */
+/* The doorbell (docs/shm-protocol.md): after publishing, wake the ring's
+ * consumer if it sleeps on the bell; a consumer sleeps on it after spinning. */
+static inline void pyipcd_shm__ring(const pyipcd_shm *c, size_t ctl) {
+    atomic_thread_fence(memory_order_seq_cst);
+    if (atomic_load_explicit(pyipcd_shm__u32(c, ctl + 132), memory_order_relaxed) != 0u) {
+        atomic_fetch_add_explicit(pyipcd_shm__u32(c, ctl + 128), 1u, memory_order_release);
+        syscall(SYS_futex, (void *)pyipcd_shm__u32(c, ctl + 128), FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+    }
+}
+
+/* Sleeps on a ring's bell for at most slice_us unless data is already there. */
+static inline void pyipcd_shm__sleep_on(const pyipcd_shm *c, size_t ctl, int64_t slice_us) {
+    _Atomic uint32_t *bell = pyipcd_shm__u32(c, ctl + 128), *sleeping = pyipcd_shm__u32(c, ctl + 132);
+    uint32_t seen = atomic_load_explicit(bell, memory_order_acquire);
+    atomic_store_explicit(sleeping, 1u, memory_order_seq_cst);
+    atomic_thread_fence(memory_order_seq_cst);
+    if (atomic_load_explicit(pyipcd_shm__u64(c, ctl), memory_order_acquire) ==
+        atomic_load_explicit(pyipcd_shm__u64(c, ctl + 64), memory_order_relaxed)) {
+        struct timespec ts = {(time_t)(slice_us / 1000000), (long)(slice_us % 1000000) * 1000};
+        syscall(SYS_futex, (void *)bell, FUTEX_WAIT, seen, &ts, NULL, 0);
+    }
+    atomic_store_explicit(sleeping, 0u, memory_order_relaxed);
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define PYIPCD_SHM_CLMUL 1
+/* CRC-32 by carry-less multiplication (PCLMULQDQ): the bit-reflected folding
+ * and Barrett reduction of Gopal et al., "Fast CRC Computation for Generic
+ * Polynomials Using PCLMULQDQ" (Intel, 2009). Constants, for the reflected
+ * polynomial 0xEDB88320, are x^n mod P reflected and shifted left by one:
+ * fold by 4 x 128 bits: n = 4*128+32, 4*128-32; by 128: n = 128+32, 128-32;
+ * to 64 bits: n = 64; Barrett: P' = 0x1DB710641, mu' = floor(x^64/P)'.
+ * Takes and returns the inverted running state; n >= 64. */
+__attribute__((target("pclmul,sse4.1"))) static inline uint32_t pyipcd_shm__crc_clmul(uint32_t state,
+                                                                                     const uint8_t *p, size_t n) {
+    const __m128i k1k2 = _mm_set_epi64x(0x1c6e41596LL, 0x154442bd4LL);
+    const __m128i k3k4 = _mm_set_epi64x(0x0ccaa009eLL, 0x1751997d0LL);
+    const __m128i k5 = _mm_set_epi64x(0, 0x163cd6124LL);
+    const __m128i barrett = _mm_set_epi64x(0x1f7011641LL, 0x1db710641LL);
+    const __m128i low32 = _mm_setr_epi32(-1, 0, -1, 0);
+    __m128i a = _mm_loadu_si128((const __m128i *)(const void *)p);
+    __m128i b = _mm_loadu_si128((const __m128i *)(const void *)(p + 16));
+    __m128i c = _mm_loadu_si128((const __m128i *)(const void *)(p + 32));
+    __m128i d = _mm_loadu_si128((const __m128i *)(const void *)(p + 48));
+    a = _mm_xor_si128(a, _mm_cvtsi32_si128((int)state));
+    p += 64;
+    n -= 64;
+#define PYIPCD_SHM__FOLD(x, k, next)                                                                     \
+    x = _mm_xor_si128(_mm_xor_si128(_mm_clmulepi64_si128(x, k, 0x00), _mm_clmulepi64_si128(x, k, 0x11)), \
+                      next)
+    while (n >= 64) {
+        PYIPCD_SHM__FOLD(a, k1k2, _mm_loadu_si128((const __m128i *)(const void *)p));
+        PYIPCD_SHM__FOLD(b, k1k2, _mm_loadu_si128((const __m128i *)(const void *)(p + 16)));
+        PYIPCD_SHM__FOLD(c, k1k2, _mm_loadu_si128((const __m128i *)(const void *)(p + 32)));
+        PYIPCD_SHM__FOLD(d, k1k2, _mm_loadu_si128((const __m128i *)(const void *)(p + 48)));
+        p += 64;
+        n -= 64;
+    }
+    PYIPCD_SHM__FOLD(a, k3k4, b);
+    PYIPCD_SHM__FOLD(a, k3k4, c);
+    PYIPCD_SHM__FOLD(a, k3k4, d);
+    while (n >= 16) {
+        PYIPCD_SHM__FOLD(a, k3k4, _mm_loadu_si128((const __m128i *)(const void *)p));
+        p += 16;
+        n -= 16;
+    }
+#undef PYIPCD_SHM__FOLD
+    /* 128 -> 96 -> 64 bits, then Barrett reduction to 32. */
+    a = _mm_xor_si128(_mm_srli_si128(a, 8), _mm_clmulepi64_si128(a, k3k4, 0x10));
+    a = _mm_xor_si128(_mm_srli_si128(a, 4), _mm_clmulepi64_si128(_mm_and_si128(a, low32), k5, 0x00));
+    __m128i t = _mm_clmulepi64_si128(_mm_and_si128(a, low32), barrett, 0x10);
+    t = _mm_clmulepi64_si128(_mm_and_si128(t, low32), barrett, 0x00);
+    state = (uint32_t)_mm_extract_epi32(_mm_xor_si128(a, t), 1);
+    return state;
+}
+#endif
+
+/* CRC-32 (IEEE, as zlib's crc32). Carry-less multiplication on x86-64 CPUs
+ * that have it (16 bytes per step), else slicing-by-8 (little-endian hosts). */
 static inline uint32_t pyipcd_shm_crc32(const uint8_t *p, size_t n) {
     static uint32_t t[8][256];
     static atomic_int ready;
@@ -121,6 +204,14 @@ static inline uint32_t pyipcd_shm_crc32(const uint8_t *p, size_t n) {
         atomic_store_explicit(&ready, 1, memory_order_release);
     }
     uint32_t crc = 0xFFFFFFFFu;
+#ifdef PYIPCD_SHM_CLMUL
+    if (n >= 64 && __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("sse4.1")) {
+        size_t whole = n & ~(size_t)15;
+        crc = pyipcd_shm__crc_clmul(crc, p, whole);
+        p += whole;
+        n -= whole;
+    }
+#endif
     while (n >= 8) {
         uint32_t a, b;
         memcpy(&a, p, 4);
@@ -141,21 +232,42 @@ static inline int64_t pyipcd_shm__now_us(void) {
     return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
-/* Spin, then yield, then sleep; checks the daemon. 0 to go on, or an error. */
-static inline int pyipcd_shm__wait(const pyipcd_shm *c, int64_t start_us, unsigned *spins) {
+/* Waits once more for progress; checks the daemon. 0 to go on, or an error.
+ * Without a doorbell (waiting for room): spin, then yield and short sleeps.
+ * With one (bell_ctl, waiting for a reply): spin for the adaptive budget,
+ * then sleep on the ring's doorbell; *slept records that spinning did not
+ * pay, and the caller adapts the budget (doubling to 50 us when a spin saw
+ * the reply, halving to 2 us when it had to sleep), so a partner that is not
+ * running, as on a busy host, soon costs almost no spinning. */
+static inline int pyipcd_shm__wait(pyipcd_shm *c, int64_t start_us, unsigned *spins, size_t bell_ctl, int *slept) {
     if (atomic_load_explicit(pyipcd_shm__u64(c, 24), memory_order_acquire) != c->generation)
         return PYIPCD_SHM_ERESTARTED;
     if (atomic_load_explicit(pyipcd_shm__u32(c, 32), memory_order_acquire) == 2u) return PYIPCD_SHM_ESTOPPED;
-    if (++*spins < 2000u) return 0;
-    int64_t waited = pyipcd_shm__now_us() - start_us;
-    if (waited > (int64_t)c->timeout_ms * 1000) return PYIPCD_SHM_ETIMEOUT;
-    if (waited < 2000) {
+    ++*spins;
+    if (bell_ctl) {
+        if (!*slept && ((*spins & 31u) != 0u || pyipcd_shm__now_us() * 1000 - start_us * 1000 < c->spin_ns))
+            return 0;
+    } else if (*spins < 2000u) {
+        return 0;
+    }
+    int64_t waited = pyipcd_shm__now_us() - start_us, left = (int64_t)c->timeout_ms * 1000 - waited;
+    if (left <= 0) return PYIPCD_SHM_ETIMEOUT;
+    if (bell_ctl) {
+        *slept = 1;
+        pyipcd_shm__sleep_on(c, bell_ctl, left < 50000 ? left : 50000);
+    } else if (waited < 2000) {
         sched_yield();
     } else {
         struct timespec ts = {0, 200000};
         nanosleep(&ts, NULL);
     }
     return 0;
+}
+
+/* After a wait for a reply: adapt the spin budget. */
+static inline void pyipcd_shm__adapt(pyipcd_shm *c, int slept) {
+    int64_t next = slept ? c->spin_ns / 2 : c->spin_ns * 2;
+    c->spin_ns = next < 2000 ? 2000 : next > 50000 ? 50000 : next;
 }
 
 /* ---- API -------------------------------------------------------------- */
@@ -221,6 +333,7 @@ static inline int pyipcd_shm_open(pyipcd_shm *c, const char *path, int timeout_m
     if (rc == 0) {
         atomic_store_explicit(pyipcd_shm__u32(c, 40), (uint32_t)getpid(), memory_order_release);
         c->generation = atomic_load_explicit(pyipcd_shm__u64(c, 24), memory_order_acquire);
+        c->spin_ns = 20000;
         /* A new epoch: the daemon drops the previous client's requests and
          * replies from now on; what is in the response ring is not ours. */
         c->epoch = atomic_load_explicit(pyipcd_shm__u64(c, 48), memory_order_acquire) + 1u;
@@ -252,6 +365,7 @@ static inline int64_t pyipcd_shm_send(pyipcd_shm *c, const void *data, uint32_t 
     uint32_t need = PYIPCD_SHM_RECORD_HEADER + pyipcd_shm__round8(len);
     int64_t start = pyipcd_shm__now_us();
     unsigned spins = 0;
+    int slept = 0;
     for (;;) {
         uint64_t tail = atomic_load_explicit(pyipcd_shm__u64(c, ctl), memory_order_relaxed);
         uint64_t head = atomic_load_explicit(pyipcd_shm__u64(c, ctl + 64), memory_order_acquire);
@@ -269,9 +383,10 @@ static inline int64_t pyipcd_shm_send(pyipcd_shm *c, const void *data, uint32_t 
             memcpy(c->base + base + at + 16, &c->epoch, 8);
             memcpy(c->base + base + at + PYIPCD_SHM_RECORD_HEADER, data, len);
             atomic_store_explicit(pyipcd_shm__u64(c, ctl), tail + skip + need, memory_order_release);
+            pyipcd_shm__ring(c, ctl);
             return c->next_seq++;
         }
-        int rc = pyipcd_shm__wait(c, start, &spins);
+        int rc = pyipcd_shm__wait(c, start, &spins, 0, &slept);
         if (rc) return rc;
     }
 }
@@ -284,6 +399,7 @@ static inline int64_t pyipcd_shm_recv(pyipcd_shm *c, void *buf, uint32_t cap, ui
     size_t ctl = pyipcd_shm__ctl(c, 1), base = pyipcd_shm__data(c, 1);
     int64_t start = pyipcd_shm__now_us();
     unsigned spins = 0;
+    int slept = 0;
     for (;;) {
         uint64_t head = atomic_load_explicit(pyipcd_shm__u64(c, ctl + 64), memory_order_relaxed);
         uint64_t tail = atomic_load_explicit(pyipcd_shm__u64(c, ctl), memory_order_acquire);
@@ -312,13 +428,14 @@ static inline int64_t pyipcd_shm_recv(pyipcd_shm *c, void *buf, uint32_t cap, ui
             if (hdr[0] > cap) return PYIPCD_SHM_ESPACE;
             memcpy(buf, c->base + base + pos + PYIPCD_SHM_RECORD_HEADER, hdr[0]);
             atomic_store_explicit(pyipcd_shm__u64(c, ctl + 64), head + need, memory_order_release);
+            pyipcd_shm__adapt(c, slept);
             if (pyipcd_shm_crc32((const uint8_t *)buf, hdr[0]) != hdr[2]) return PYIPCD_SHM_ECORRUPT;
             *len = hdr[0];
             if (hdr[3] == PYIPCD_SHM_RESET) return PYIPCD_SHM_ERESET;
             *flags = hdr[3];
             return hdr[1];
         }
-        int rc = pyipcd_shm__wait(c, start, &spins);
+        int rc = pyipcd_shm__wait(c, start, &spins, ctl, &slept);
         if (rc) return rc;
     }
 }

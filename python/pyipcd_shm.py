@@ -18,10 +18,13 @@ attach after a crash. Attaching starts a new client epoch: the daemon drops
 what a dead client left, and replies of older epochs are skipped here.
 """
 
+import ctypes
 import fcntl
 import mmap
 import os
+import platform
 import struct
+import threading
 import time
 import zlib
 
@@ -32,6 +35,31 @@ RECORD_HEADER = 24  # len, seq, crc32, flags (u32 each), epoch (u64)
 WRAP = 0xFFFFFFFF
 OK, NO_REPLY, ERROR, RESET = 0, 1, 2, 3
 STATE, CLIENT_PID, EPOCH = 32, 40, 48
+BELL, SLEEPING = 128, 132  # in each ring's control page
+
+# The doorbell's futex calls (Linux). Without them (another OS or CPU), the
+# client still works: it polls, and the daemon's sleeps are cut into slices.
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_SYS_FUTEX = {"x86_64": 202, "aarch64": 98}.get(platform.machine())
+_FUTEX_WAIT, _FUTEX_WAKE = 0, 1
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def _futex(addr, op, value, timeout=None):
+    if _SYS_FUTEX is None:
+        if op == _FUTEX_WAIT and timeout:
+            time.sleep(min(timeout, 0.0002))
+        return
+    ts = None
+    if timeout is not None:
+        ts = ctypes.byref(_Timespec(int(timeout), int((timeout % 1) * 1e9)))
+    _LIBC.syscall(
+        ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(addr), ctypes.c_int(op),
+        ctypes.c_uint32(value), ts, None, ctypes.c_int(0),
+    )
 READY, STOPPED = 1, 2
 
 
@@ -140,9 +168,16 @@ class Client:
         self._set_u64(EPOCH, self._epoch)
         self._set_u64(self._resp_ctl + 64, self._u64(self._resp_ctl))
         self._seq = 0
+        # The doorbells' futex words, by address (released before closing).
+        self._req_bell = ctypes.c_uint32.from_buffer(mm, self._req_ctl + BELL)
+        self._resp_bell = ctypes.c_uint32.from_buffer(mm, self._resp_ctl + BELL)
+        # Acquiring a lock is a locked instruction: a full fence on x86-64,
+        # which the doorbell needs between publishing and looking for a sleeper.
+        self._fence = threading.Lock()
 
     def close(self):
         if self._mm is not None:
+            del self._req_bell, self._resp_bell
             self._words.release()
             self._mm.close()
             self._mm = None
@@ -174,7 +209,7 @@ class Client:
         return seq
 
     def recv(self):
-        wait = self._waiter()
+        wait = self._waiter(sleep_on=self._resp_ctl)
         while True:
             rec = self._try_pop()
             if rec is not None:
@@ -207,7 +242,9 @@ class Client:
     def _set_u64(self, off, value):
         self._words.set_u64(off, value)
 
-    def _waiter(self):
+    def _waiter(self, sleep_on=None):
+        """Spins, then sleeps: on the doorbell of the ring whose control page
+        is at `sleep_on` (for replies), or in short steps (for room)."""
         start = time.monotonic()
         spins = 0
         while True:
@@ -220,8 +257,30 @@ class Client:
                 waited = time.monotonic() - start
                 if waited > self.timeout:
                     raise ChannelError(f"no progress within {self.timeout}s")
-                time.sleep(0 if waited < 0.002 else 0.0002)
+                if sleep_on is not None:
+                    self._sleep_on(sleep_on, min(0.05, self.timeout - waited))
+                else:
+                    time.sleep(0 if waited < 0.002 else 0.0002)
             yield
+
+    def _sleep_on(self, ctl, timeout):
+        bell = self._resp_bell if ctl == self._resp_ctl else self._req_bell
+        seen = self._u32(ctl + BELL)
+        self._words.set_u32(ctl + SLEEPING, 1)
+        with self._fence:
+            pass
+        if self._u64(ctl) == self._u64(ctl + 64):  # still nothing to read
+            _futex(ctypes.addressof(bell), _FUTEX_WAIT, seen, timeout)
+        self._words.set_u32(ctl + SLEEPING, 0)
+
+    def _ring_bell(self, ctl):
+        """After publishing: wakes the ring's consumer if it sleeps."""
+        with self._fence:
+            pass
+        if self._u32(ctl + SLEEPING):
+            self._words.set_u32(ctl + BELL, (self._u32(ctl + BELL) + 1) & 0xFFFFFFFF)
+            bell = self._req_bell if ctl == self._req_ctl else self._resp_bell
+            _futex(ctypes.addressof(bell), _FUTEX_WAKE, 0x7FFFFFFF)
 
     def _try_push(self, seq, payload):
         mm, ring = self._mm, self._ring
@@ -244,6 +303,7 @@ class Client:
         )
         mm[base + at + RECORD_HEADER : base + at + RECORD_HEADER + len(payload)] = payload
         self._set_u64(self._req_ctl, tail + skip + need)  # publish
+        self._ring_bell(self._req_ctl)
         return True
 
     def _try_pop(self):

@@ -366,6 +366,7 @@ fn inject_lost_framing(path: &std::path::Path) {
     bad.extend_from_slice(&raw.u64(common::raw_shm::EPOCH).to_le_bytes());
     raw.write(raw.data(Ring::Request) + tail % raw.ring, &bad);
     raw.set_u64(PAGE, tail + bad.len() as u64);
+    raw.ring_bell(Ring::Request);
 }
 
 #[test]
@@ -404,4 +405,14 @@ fn a_stream_reset_reaches_the_rust_and_python_clients_as_an_error() {
     std::io::BufRead::read_line(&mut out, &mut line).unwrap();
     assert!(child.wait().unwrap().success());
     assert!(line.starts_with("reset: framing lost"), "{line}");
+}
+
+#[test]
+fn the_c_headers_crc32_matches_the_bitwise_definition() {
+    let s = Scenario::new();
+    let exe = s.path("crc32_check");
+    common::gcc("tests/fixtures/c/crc32_check.c", &exe);
+    let out = Command::new(&exe).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("crc32 ok"), "{text}");
 }

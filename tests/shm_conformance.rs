@@ -166,6 +166,7 @@ fn lost_framing_drops_what_was_published_and_says_reset() {
     bytes.extend_from_slice(b"lost\0\0\0\0");
     raw.write(at, &bytes);
     raw.set_u64(PAGE, tail + bytes.len() as u64); // both published at once
+    raw.ring_bell(Ring::Request);
     let r = raw.recv(T).unwrap();
     assert_eq!(r.flags, 3, "RESET");
     assert_eq!(r.epoch, raw.epoch);

@@ -3,8 +3,10 @@
 //! interpreter thread that runs the handler itself while traffic flows (a
 //! hand-off per message to another thread would cost more than the message).
 //!
-//! Waiting is adaptive: a busy spin for a few microseconds, then `sched_yield`
-//! spinning, then sleeps growing to [`MAX_SLEEP`], all with the GIL released.
+//! Waiting for requests: an adaptive spin of a few microseconds, then a sleep
+//! in the kernel on the request ring's doorbell (a futex in the mapping that
+//! the client rings), all with the GIL released: an idle channel costs
+//! nothing, and a request after idle wakes the thread at once.
 //!
 //! Client epochs (docs/shm-protocol.md): a request of an older epoch than the
 //! header's (a client that has gone) is dropped unanswered, and so is a reply
@@ -17,21 +19,22 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pyo3::prelude::*;
 use tokio_util::sync::CancellationToken;
 
+use super::doorbell::Spin;
 use super::ring::{Channel, Dir, Fault, LayoutError, MAGIC, State, file_size, flags};
 use crate::config::ShmRegionConfig;
 use crate::py::handler::{Handler, format_exception};
 use crate::py::pool::GilPool;
 use crate::py::target::Target;
 
-/// After a short busy spin, yield-spin until this long after the last message.
-const YIELD: Duration = Duration::from_millis(2);
-/// Then sleep, doubling from 50 µs up to this.
-pub const MAX_SLEEP: Duration = Duration::from_millis(5);
+/// How long a sleeping channel thread sleeps before looking at its stop flag
+/// again (shutdown also wakes it at once; a client that publishes without
+/// ringing the doorbell waits up to this long).
+const STOP_CHECK: Duration = Duration::from_millis(500);
 
 /// Why a channel cannot be served.
 #[derive(Debug, thiserror::Error)]
@@ -129,12 +132,14 @@ impl ShmChannel {
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         let name = self.name.clone();
         let flag = stop.clone();
+        let this = Arc::new(self);
+        let served = this.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("py-shm-{name}"))
             .spawn(move || {
-                crate::py::output::set_thread_role(Some(&self.name));
-                serve(&self, &pool, &flag);
-                self.channel.set_state(State::Stopped);
+                crate::py::output::set_thread_role(Some(&served.name));
+                serve(&served, &pool, &flag);
+                served.channel.set_state(State::Stopped);
                 let _ = done_tx.send(());
             });
         if let Err(e) = spawned {
@@ -143,6 +148,7 @@ impl ShmChannel {
         }
         token.cancelled().await;
         stop.store(true, Ordering::SeqCst);
+        this.channel.bell(Dir::Request).wake();
         let _ = done_rx.await;
         tracing::info!(role = %name, "channel stopped");
     }
@@ -201,16 +207,21 @@ fn serve(ch: &ShmChannel, pool: &GilPool, stop: &AtomicBool) {
             max_message = channel.max_record(),
             "channel ready"
         );
-        let mut idle_since = Instant::now();
+        let mut spin = Spin::default();
         loop {
             let Some(request) = channel.try_pop(Dir::Request) else {
                 if stop.load(Ordering::Relaxed) {
                     return;
                 }
-                py.detach(|| wait(channel, stop, idle_since));
+                // Without the GIL until there is a request or a stop.
+                py.detach(|| {
+                    let bell = channel.bell(Dir::Request);
+                    while !bell.wait(&mut spin, STOP_CHECK, || channel.has_data(Dir::Request))
+                        && !stop.load(Ordering::Relaxed)
+                    {}
+                });
                 continue;
             };
-            idle_since = Instant::now();
             // A framing fault has no trustworthy epoch: it concerns whoever
             // is attached now.
             let epoch = match request.fault {
@@ -292,29 +303,6 @@ fn answer(py: Python<'_>, ch: &ShmChannel, request: &super::ring::Record) -> (u3
         }
         crate::py::handler::Invoked::Pending(_) => {
             (flags::ERROR, b"async handler in channel mode".to_vec())
-        }
-    }
-}
-
-/// Waits (GIL released) until a request is published or `stop` is set:
-/// spin, then yield, then sleep with growing pauses.
-fn wait(channel: &Channel, stop: &AtomicBool, idle_since: Instant) {
-    let mut sleep = Duration::from_micros(50);
-    let mut spins = 0u32;
-    loop {
-        let (head, tail) = channel.positions(Dir::Request);
-        if head != tail || stop.load(Ordering::Relaxed) {
-            return;
-        }
-        if spins < 256 {
-            // A busy client's next request usually lands within microseconds.
-            spins += 1;
-            std::hint::spin_loop();
-        } else if idle_since.elapsed() < YIELD {
-            std::thread::yield_now();
-        } else {
-            std::thread::sleep(sleep);
-            sleep = (sleep * 2).min(MAX_SLEEP);
         }
     }
 }

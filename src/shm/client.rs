@@ -14,7 +14,11 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use super::doorbell::Spin;
 use super::ring::{Channel, Dir, Fault, LayoutError, MAGIC, State, VERSION, flags, off};
+
+/// Longest sleep on the doorbell before the daemon's state is looked at again.
+const SLICE: Duration = Duration::from_millis(50);
 
 /// Why a call did not produce a reply.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +70,7 @@ pub struct ShmClient {
     next_seq: u32,
     pid: u32,
     timeout: Duration,
+    spin: Spin,
 }
 
 impl ShmClient {
@@ -127,6 +132,7 @@ impl ShmClient {
             next_seq: 0,
             pid,
             timeout,
+            spin: Spin::default(),
         })
     }
 
@@ -163,7 +169,7 @@ impl ShmClient {
     /// [`ClientError::Handler`] for a handler exception, or a daemon restart,
     /// stop, timeout or corrupt reply.
     pub fn recv(&mut self) -> Result<(u32, Option<Vec<u8>>), ClientError> {
-        let mut waiter = Waiter::new(self.timeout);
+        let deadline = Instant::now() + self.timeout;
         let record = loop {
             match self.ch.try_pop(Dir::Response) {
                 // Another client's reply, pushed before the daemon saw our epoch.
@@ -176,7 +182,16 @@ impl ShmClient {
                 None => {}
             }
             self.check_daemon()?;
-            waiter.wait()?;
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ClientError::Timeout(self.timeout));
+            }
+            // Spin briefly, then sleep on the doorbell the daemon rings.
+            let ch = &self.ch;
+            ch.bell(Dir::Response)
+                .wait(&mut self.spin, (deadline - now).min(SLICE), || {
+                    ch.has_data(Dir::Response)
+                });
         };
         if let Some(fault) = record.fault {
             return Err(ClientError::Corrupt(format!(

@@ -15,6 +15,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use memmap2::MmapRaw;
 
+use super::doorbell::Bell;
+
 /// `b"PYIPCSH1"`.
 pub const MAGIC: [u8; 8] = *b"PYIPCSH1";
 /// Layout version (2: client epochs, 24-byte record headers).
@@ -52,6 +54,10 @@ pub mod off {
     pub const TAIL: usize = 0;
     /// Ring control: consumer position (own cache line).
     pub const HEAD: usize = 64;
+    /// Ring control: `u32` doorbell the producer bumps (a futex word, own cache line).
+    pub const BELL: usize = 128;
+    /// Ring control: `u32`, non-zero while the consumer sleeps on the bell.
+    pub const SLEEPING: usize = 132;
 }
 
 /// Daemon state in the header.
@@ -220,6 +226,10 @@ impl Channel {
         for dir in [Dir::Request, Dir::Response] {
             ch.ctl(dir, off::TAIL).store(0, Ordering::Relaxed);
             ch.ctl(dir, off::HEAD).store(0, Ordering::Relaxed);
+            let bell = ch.bell(dir);
+            bell.sleeping.store(0, Ordering::Relaxed);
+            // Anyone still asleep on an old bell wakes and looks again.
+            bell.wake();
         }
         ch.u64_at(off::GENERATION)
             .store(generation, Ordering::SeqCst);
@@ -282,6 +292,24 @@ impl Channel {
         )
     }
 
+    /// Whether a record (or a wrap marker) waits to be read.
+    pub fn has_data(&self, dir: Dir) -> bool {
+        let (head, tail) = self.positions(dir);
+        head != tail
+    }
+
+    /// The ring's doorbell (see [`super::doorbell`]).
+    pub fn bell(&self, dir: Dir) -> Bell<'_> {
+        let page = match dir {
+            Dir::Request => PAGE,
+            Dir::Response => 2 * PAGE + self.ring_size,
+        };
+        Bell {
+            bell: self.u32_at(page + off::BELL),
+            sleeping: self.u32_at(page + off::SLEEPING),
+        }
+    }
+
     /// Drops everything unread in a ring (a new client discarding stale replies).
     pub fn discard(&self, dir: Dir) {
         let tail = self.ctl(dir, off::TAIL).load(Ordering::Acquire);
@@ -328,6 +356,7 @@ impl Channel {
         self.write_bytes(base + at + RECORD_HEADER, payload);
         // Publish: everything above happens-before a consumer's acquire of tail.
         tail_ref.store(tail.wrapping_add((skip + need) as u64), Ordering::Release);
+        self.bell(dir).ring();
         true
     }
 

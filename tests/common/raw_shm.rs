@@ -167,8 +167,30 @@ impl RawChannel {
         self.write(base + at, &rec);
         if publish {
             self.set_u64(ctl, tail + skip + need);
+            self.ring_bell(Ring::Request);
         }
         true
+    }
+
+    /// The doorbell rule: after publishing, wake the consumer if it sleeps.
+    pub fn ring_bell(&self, ring: Ring) {
+        let ctl = self.ctl(ring);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.u32(ctl + 132) != 0 {
+            self.atomic32(ctl + 128).fetch_add(1, Ordering::Release);
+            // SAFETY: FUTEX_WAKE on an aligned word of the shared mapping.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    self.atomic32(ctl + 128).as_ptr(),
+                    libc::FUTEX_WAKE,
+                    i32::MAX,
+                    std::ptr::null::<libc::timespec>(),
+                    std::ptr::null::<u32>(),
+                    0u32,
+                );
+            }
+        }
     }
 
     /// A well-formed request of the current epoch.
