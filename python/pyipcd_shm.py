@@ -16,6 +16,11 @@ One client at a time: the client holds an exclusive `flock` on the file for
 its lifetime; the kernel drops it if the process dies, so a new client can
 attach after a crash. Attaching starts a new client epoch: the daemon drops
 what a dead client left, and replies of older epochs are skipped here.
+
+Waiting: after publishing a request the client rings the daemon's doorbell
+(a futex word in the mapping, `FUTEX_WAKE` through ctypes) if the daemon
+sleeps on it; waiting for a reply it spins briefly, then sleeps on the
+response ring's doorbell, which the daemon rings.
 """
 
 import ctypes

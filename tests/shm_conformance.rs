@@ -262,3 +262,27 @@ fn a_channel_file_of_layout_version_1_is_reinitialised_as_version_2() {
     raw.send(1, b"v2");
     assert_eq!(raw.recv(T).unwrap().payload, b"2v");
 }
+
+#[test]
+fn an_idle_daemon_sleeps_on_the_request_bell_and_a_ring_wakes_it() {
+    let (_s, _d, raw) = serving();
+    let sleeping = PAGE + 132;
+    let deadline = Instant::now() + T;
+    while raw.u32(sleeping) == 0 {
+        assert!(Instant::now() < deadline, "the daemon never went to sleep");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let bell = raw.u32(PAGE + 128);
+    let t = Instant::now();
+    assert!(raw.send(1, b"wake up")); // publishes and rings
+    let r = raw.recv(T).unwrap();
+    assert_eq!(r.payload, b"pu ekaw");
+    assert!(raw.u32(PAGE + 128) != bell, "the bell was rung");
+    // Woken by the ring, not by its 500 ms timeout.
+    assert!(
+        t.elapsed() < Duration::from_millis(400),
+        "{:?}",
+        t.elapsed()
+    );
+}

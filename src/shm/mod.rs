@@ -4,9 +4,9 @@
 //! - [`doorbell`]: how a ring's consumer sleeps until the producer rings (a
 //!   process-shared futex), after an adaptive spin.
 //! - [`channel`]: `mode = "channel"`, the daemon's side; [`client`]: the Rust client.
-//!
-//! - [`region`]: open or create (mode 0600) and map a file; the only `unsafe`
-//!   code in the crate, each block with its `// SAFETY:` argument.
+//! - [`region`]: open or create (mode 0600) and map a file. This module holds
+//!   the crate's `unsafe` code (mapped words, futex calls), each block with
+//!   its `// SAFETY:` argument.
 //! - [`watch`]: `mode = "watch"`, the classic demo: a poller that hands every
 //!   change to Python and a scripted writer.
 
