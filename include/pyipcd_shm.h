@@ -120,14 +120,14 @@ static inline void pyipcd_shm__ring(const pyipcd_shm *c, size_t ctl) {
     }
 }
 
-/* Sleeps on a ring's bell for at most slice_us unless data is already there. */
-static inline void pyipcd_shm__sleep_on(const pyipcd_shm *c, size_t ctl, int64_t slice_us) {
+/* Sleeps on a ring's bell for at most slice_us unless its tail moved from
+ * seen_tail (what the caller last found nothing new behind). */
+static inline void pyipcd_shm__sleep_on(const pyipcd_shm *c, size_t ctl, int64_t slice_us, uint64_t seen_tail) {
     _Atomic uint32_t *bell = pyipcd_shm__u32(c, ctl + 128), *sleeping = pyipcd_shm__u32(c, ctl + 132);
     uint32_t seen = atomic_load_explicit(bell, memory_order_acquire);
     atomic_store_explicit(sleeping, 1u, memory_order_seq_cst);
     atomic_thread_fence(memory_order_seq_cst);
-    if (atomic_load_explicit(pyipcd_shm__u64(c, ctl), memory_order_acquire) ==
-        atomic_load_explicit(pyipcd_shm__u64(c, ctl + 64), memory_order_relaxed)) {
+    if (atomic_load_explicit(pyipcd_shm__u64(c, ctl), memory_order_acquire) == seen_tail) {
         struct timespec ts = {(time_t)(slice_us / 1000000), (long)(slice_us % 1000000) * 1000};
         syscall(SYS_futex, (void *)bell, FUTEX_WAIT, seen, &ts, NULL, 0);
     }
@@ -239,7 +239,8 @@ static inline int64_t pyipcd_shm__now_us(void) {
  * pay, and the caller adapts the budget (doubling to 50 us when a spin saw
  * the reply, halving to 2 us when it had to sleep), so a partner that is not
  * running, as on a busy host, soon costs almost no spinning. */
-static inline int pyipcd_shm__wait(pyipcd_shm *c, int64_t start_us, unsigned *spins, size_t bell_ctl, int *slept) {
+static inline int pyipcd_shm__wait(pyipcd_shm *c, int64_t start_us, unsigned *spins, size_t bell_ctl, int *slept,
+                                   uint64_t seen_tail) {
     if (atomic_load_explicit(pyipcd_shm__u64(c, 24), memory_order_acquire) != c->generation)
         return PYIPCD_SHM_ERESTARTED;
     if (atomic_load_explicit(pyipcd_shm__u32(c, 32), memory_order_acquire) == 2u) return PYIPCD_SHM_ESTOPPED;
@@ -254,7 +255,7 @@ static inline int pyipcd_shm__wait(pyipcd_shm *c, int64_t start_us, unsigned *sp
     if (left <= 0) return PYIPCD_SHM_ETIMEOUT;
     if (bell_ctl) {
         *slept = 1;
-        pyipcd_shm__sleep_on(c, bell_ctl, left < 50000 ? left : 50000);
+        pyipcd_shm__sleep_on(c, bell_ctl, left < 50000 ? left : 50000, seen_tail);
     } else if (waited < 2000) {
         sched_yield();
     } else {
@@ -341,6 +342,8 @@ static inline int pyipcd_shm_open(pyipcd_shm *c, const char *path, int timeout_m
         size_t resp = pyipcd_shm__ctl(c, 1);
         uint64_t t = atomic_load_explicit(pyipcd_shm__u64(c, resp), memory_order_acquire);
         atomic_store_explicit(pyipcd_shm__u64(c, resp + 64), t, memory_order_release);
+        /* A dead predecessor may have left its "asleep" flag set. */
+        atomic_store_explicit(pyipcd_shm__u32(c, resp + 132), 0u, memory_order_relaxed);
     }
     if (rc != 0) {
         munmap(c->base, c->len);
@@ -386,7 +389,7 @@ static inline int64_t pyipcd_shm_send(pyipcd_shm *c, const void *data, uint32_t 
             pyipcd_shm__ring(c, ctl);
             return c->next_seq++;
         }
-        int rc = pyipcd_shm__wait(c, start, &spins, 0, &slept);
+        int rc = pyipcd_shm__wait(c, start, &spins, 0, &slept, 0);
         if (rc) return rc;
     }
 }
@@ -435,7 +438,7 @@ static inline int64_t pyipcd_shm_recv(pyipcd_shm *c, void *buf, uint32_t cap, ui
             *flags = hdr[3];
             return hdr[1];
         }
-        int rc = pyipcd_shm__wait(c, start, &spins, ctl, &slept);
+        int rc = pyipcd_shm__wait(c, start, &spins, ctl, &slept, tail);
         if (rc) return rc;
     }
 }

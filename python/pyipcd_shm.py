@@ -45,7 +45,9 @@ BELL, SLEEPING = 128, 132  # in each ring's control page
 # The doorbell's futex calls (Linux). Without them (another OS or CPU), the
 # client still works: it polls, and the daemon's sleeps are cut into slices.
 _LIBC = ctypes.CDLL(None, use_errno=True)
-_SYS_FUTEX = {"x86_64": 202, "aarch64": 98}.get(platform.machine())
+# x86-64 only: the doorbell's fence below relies on its memory model, as
+# the rest of this client does.
+_SYS_FUTEX = {"x86_64": 202}.get(platform.machine())
 _FUTEX_WAIT, _FUTEX_WAKE = 0, 1
 
 
@@ -172,7 +174,9 @@ class Client:
         self._epoch = (self._u64(EPOCH) + 1) & 0xFFFFFFFFFFFFFFFF
         self._set_u64(EPOCH, self._epoch)
         self._set_u64(self._resp_ctl + 64, self._u64(self._resp_ctl))
+        self._words.set_u32(self._resp_ctl + SLEEPING, 0)  # a dead predecessor's flag
         self._seq = 0
+        self._seen_tail = 0
         # The doorbells' futex words, by address (released before closing).
         self._req_bell = ctypes.c_uint32.from_buffer(mm, self._req_ctl + BELL)
         self._resp_bell = ctypes.c_uint32.from_buffer(mm, self._resp_ctl + BELL)
@@ -263,18 +267,18 @@ class Client:
                 if waited > self.timeout:
                     raise ChannelError(f"no progress within {self.timeout}s")
                 if sleep_on is not None:
-                    self._sleep_on(sleep_on, min(0.05, self.timeout - waited))
+                    self._sleep_on(sleep_on, min(0.05, self.timeout - waited), self._seen_tail)
                 else:
                     time.sleep(0 if waited < 0.002 else 0.0002)
             yield
 
-    def _sleep_on(self, ctl, timeout):
+    def _sleep_on(self, ctl, timeout, seen_tail):
         bell = self._resp_bell if ctl == self._resp_ctl else self._req_bell
         seen = self._u32(ctl + BELL)
         self._words.set_u32(ctl + SLEEPING, 1)
         with self._fence:
             pass
-        if self._u64(ctl) == self._u64(ctl + 64):  # still nothing to read
+        if self._u64(ctl) == seen_tail:  # nothing published since we looked
             _futex(ctypes.addressof(bell), _FUTEX_WAIT, seen, timeout)
         self._words.set_u32(ctl + SLEEPING, 0)
 
@@ -316,6 +320,7 @@ class Client:
         head = self._u64(self._resp_ctl + 64)
         tail = self._u64(self._resp_ctl)
         base = self._resp_data
+        self._seen_tail = tail  # nothing readable behind it, if we return None
         while head != tail:
             pos = head % ring
             room = ring - pos

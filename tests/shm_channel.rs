@@ -416,3 +416,42 @@ fn the_c_headers_crc32_matches_the_bitwise_definition() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("crc32 ok"), "{text}");
 }
+
+#[test]
+fn the_rust_and_python_clients_skip_a_reply_of_another_epoch() {
+    use common::raw_shm::RawChannel;
+    let s = Scenario::new();
+    let (_d, path) = daemon(&s, "rev", "");
+    let raw = RawChannel::open(&path);
+    let mut c = ShmClient::connect(&path, T).unwrap();
+    assert_eq!(c.call(b"warm").unwrap().unwrap(), b"mraw");
+    // A reply of the previous epoch, with the seq the next call will use.
+    let epoch = raw.u64(common::raw_shm::EPOCH);
+    raw.inject_reply(1, epoch - 1, b"NOT YOURS");
+    assert_eq!(c.call(b"mine").unwrap().unwrap(), b"enim");
+    drop(c);
+    let lib = concat!(env!("CARGO_MANIFEST_DIR"), "/python");
+    let script = format!(
+        "import sys; sys.path.insert(0, {lib:?})\nimport pyipcd_shm\n\
+         c = pyipcd_shm.Client({path:?})\nprint('ready', flush=True)\nsys.stdin.readline()\n\
+         print(c.call(b'mine'))\n"
+    );
+    let mut child = Command::new("python3")
+        .args(["-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    let epoch = raw.u64(common::raw_shm::EPOCH);
+    raw.inject_reply(0, epoch - 1, b"NOT YOURS");
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    line.clear();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert!(child.wait().unwrap().success());
+    assert_eq!(line.trim(), "b'enim'");
+}

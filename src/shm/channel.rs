@@ -104,6 +104,16 @@ impl ShmChannel {
         } else {
             previous_generation(&file, &cfg.path)?
         };
+        if len >= 36 {
+            // Clients wait from here on: the file is about to be resized and
+            // rewritten (a crashed daemon may have left it "ready").
+            std::os::unix::fs::FileExt::write_at(
+                &file,
+                &(State::Initialising as u32).to_le_bytes(),
+                32,
+            )
+            .map_err(io)?;
+        }
         file.set_len(file_size(ring) as u64).map_err(io)?;
         let map = memmap2::MmapOptions::new().map_raw(&file).map_err(io)?;
         let generation = previous.wrapping_add(1).max(1);
@@ -213,12 +223,11 @@ fn serve(ch: &ShmChannel, pool: &GilPool, stop: &AtomicBool) {
                 if stop.load(Ordering::Relaxed) {
                     return;
                 }
-                // Without the GIL until there is a request or a stop.
+                // Without the GIL until the client publishes or a stop.
+                let news = || channel.readable(Dir::Request) || stop.load(Ordering::Relaxed);
                 py.detach(|| {
                     let bell = channel.bell(Dir::Request);
-                    while !bell.wait(&mut spin, STOP_CHECK, || channel.has_data(Dir::Request))
-                        && !stop.load(Ordering::Relaxed)
-                    {}
+                    while !bell.wait(&mut spin, STOP_CHECK, news) {}
                 });
                 continue;
             };

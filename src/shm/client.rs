@@ -119,6 +119,8 @@ impl ShmClient {
         let ch = Channel::attach(map)?;
         let pid = std::process::id();
         ch.client_pid().store(pid, Ordering::Release);
+        // A dead predecessor may have left its "asleep" flag set.
+        ch.bell(Dir::Response).sleeping.store(0, Ordering::Relaxed);
         let generation = ch.generation();
         // A new epoch: the daemon drops the previous client's requests and
         // replies from now on; what is already in the response ring is not ours.
@@ -190,7 +192,7 @@ impl ShmClient {
             let ch = &self.ch;
             ch.bell(Dir::Response)
                 .wait(&mut self.spin, (deadline - now).min(SLICE), || {
-                    ch.has_data(Dir::Response)
+                    ch.readable(Dir::Response)
                 });
         };
         if let Some(fault) = record.fault {

@@ -226,13 +226,14 @@ impl Channel {
         for dir in [Dir::Request, Dir::Response] {
             ch.ctl(dir, off::TAIL).store(0, Ordering::Relaxed);
             ch.ctl(dir, off::HEAD).store(0, Ordering::Relaxed);
-            let bell = ch.bell(dir);
-            bell.sleeping.store(0, Ordering::Relaxed);
-            // Anyone still asleep on an old bell wakes and looks again.
-            bell.wake();
+            ch.bell(dir).sleeping.store(0, Ordering::Relaxed);
         }
         ch.u64_at(off::GENERATION)
             .store(generation, Ordering::SeqCst);
+        // Anyone still asleep on an old bell wakes and sees the new generation.
+        for dir in [Dir::Request, Dir::Response] {
+            ch.bell(dir).wake();
+        }
         Ok(ch)
     }
 
@@ -292,10 +293,16 @@ impl Channel {
         )
     }
 
-    /// Whether a record (or a wrap marker) waits to be read.
-    pub fn has_data(&self, dir: Dir) -> bool {
+    /// Whether [`Channel::try_pop`] would find something: unread bytes
+    /// behind positions that can both be right. A consumer waits for this,
+    /// not for "head != tail", so positions a peer scribbled (which
+    /// `try_pop` refuses to read) cannot turn its wait into a busy loop.
+    pub fn readable(&self, dir: Dir) -> bool {
         let (head, tail) = self.positions(dir);
-        head != tail
+        head % 8 == 0
+            && tail % 8 == 0
+            && head != tail
+            && tail.wrapping_sub(head) <= self.ring_size as u64
     }
 
     /// The ring's doorbell (see [`super::doorbell`]).
@@ -385,10 +392,19 @@ impl Channel {
             let pos = (head % self.ring_size as u64) as usize;
             let room_to_end = self.ring_size - pos;
             if room_to_end < RECORD_HEADER || self.read_u32(base + pos) == WRAP {
-                // At most one skip to the start is legitimate per record.
+                // At most one skip to the start is legitimate per record: a
+                // wrap marker at offset 0 is nonsense, and the framing is lost.
                 skips += 1;
                 if skips > 1 {
-                    return None;
+                    let dropped = tail.wrapping_sub(head_ref.load(Ordering::Relaxed));
+                    head_ref.store(tail, Ordering::Release);
+                    return Some(Record {
+                        seq: 0,
+                        flags: 0,
+                        epoch: 0,
+                        payload: Vec::new(),
+                        fault: Some(Fault::Framing { len: WRAP, dropped }),
+                    });
                 }
                 head = head.wrapping_add(room_to_end as u64);
                 continue;

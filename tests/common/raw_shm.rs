@@ -204,6 +204,59 @@ impl RawChannel {
         )
     }
 
+    /// The consumer's side of the doorbell on the response ring: announce
+    /// sleeping, then sleep on the bell for at most `timeout` unless a reply
+    /// is already there. Returns how long it slept.
+    pub fn sleep_for_reply(&self, timeout: Duration) -> Duration {
+        let ctl = self.ctl(Ring::Response);
+        let start = Instant::now();
+        let seen = self.u32(ctl + 128);
+        self.atomic32(ctl + 132).store(1, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let (head, tail) = self.positions(Ring::Response);
+        if head == tail {
+            let ts = libc::timespec {
+                tv_sec: timeout.as_secs() as libc::time_t,
+                tv_nsec: timeout.subsec_nanos() as libc::c_long,
+            };
+            // SAFETY: FUTEX_WAIT on an aligned word of the shared mapping.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    self.atomic32(ctl + 128).as_ptr(),
+                    libc::FUTEX_WAIT,
+                    seen,
+                    &ts as *const libc::timespec,
+                    std::ptr::null::<u32>(),
+                    0u32,
+                );
+            }
+        }
+        self.atomic32(ctl + 132).store(0, Ordering::SeqCst);
+        start.elapsed()
+    }
+
+    /// Writes a reply record into the response ring as the daemon would
+    /// (only while the daemon is idle: it is that ring's producer).
+    pub fn inject_reply(&self, seq: u32, epoch: u64, payload: &[u8]) {
+        let ctl = self.ctl(Ring::Response);
+        let (_, tail) = self.positions(Ring::Response);
+        let need = RECORD_HEADER + (payload.len() as u64).next_multiple_of(8);
+        assert!(
+            tail % self.ring + need <= self.ring,
+            "no wrap in this helper"
+        );
+        let mut rec = Vec::new();
+        for w in [payload.len() as u32, seq, crc32fast::hash(payload), 0] {
+            rec.extend_from_slice(&w.to_le_bytes());
+        }
+        rec.extend_from_slice(&epoch.to_le_bytes());
+        rec.extend_from_slice(payload);
+        rec.resize(need as usize, 0);
+        self.write(self.data(Ring::Response) + tail % self.ring, &rec);
+        self.set_u64(ctl, tail + need);
+    }
+
     /// The next response record, whatever its epoch (waits up to `timeout`).
     pub fn recv(&self, timeout: Duration) -> Option<RawRecord> {
         let ctl = self.ctl(Ring::Response);
