@@ -192,16 +192,21 @@ __attribute__((target("pclmul,sse4.1"))) static inline uint32_t pyipcd_shm__crc_
  * that have it (16 bytes per step), else slicing-by-8 (little-endian hosts). */
 static inline uint32_t pyipcd_shm_crc32(const uint8_t *p, size_t n) {
     static uint32_t t[8][256];
-    static atomic_int ready;
-    if (!atomic_load_explicit(&ready, memory_order_acquire)) {
-        for (uint32_t i = 0; i < 256; i++) {
-            uint32_t c = i;
-            for (int k = 0; k < 8; k++) c = (c & 1u) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
-            t[0][i] = c;
+    static atomic_int state; /* 0 empty, 1 being built (by one thread), 2 ready */
+    if (atomic_load_explicit(&state, memory_order_acquire) != 2) {
+        int empty = 0;
+        if (atomic_compare_exchange_strong(&state, &empty, 1)) {
+            for (uint32_t i = 0; i < 256; i++) {
+                uint32_t c = i;
+                for (int k = 0; k < 8; k++) c = (c & 1u) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+                t[0][i] = c;
+            }
+            for (uint32_t i = 0; i < 256; i++)
+                for (int k = 1; k < 8; k++) t[k][i] = (t[k - 1][i] >> 8) ^ t[0][t[k - 1][i] & 0xFFu];
+            atomic_store_explicit(&state, 2, memory_order_release);
+        } else {
+            while (atomic_load_explicit(&state, memory_order_acquire) != 2) sched_yield();
         }
-        for (uint32_t i = 0; i < 256; i++)
-            for (int k = 1; k < 8; k++) t[k][i] = (t[k - 1][i] >> 8) ^ t[0][t[k - 1][i] & 0xFFu];
-        atomic_store_explicit(&ready, 1, memory_order_release);
     }
     uint32_t crc = 0xFFFFFFFFu;
 #ifdef PYIPCD_SHM_CLMUL
@@ -406,13 +411,21 @@ static inline int64_t pyipcd_shm_recv(pyipcd_shm *c, void *buf, uint32_t cap, ui
     for (;;) {
         uint64_t head = atomic_load_explicit(pyipcd_shm__u64(c, ctl + 64), memory_order_relaxed);
         uint64_t tail = atomic_load_explicit(pyipcd_shm__u64(c, ctl), memory_order_acquire);
+        int skips = 0;
         while (head != tail) {
             uint32_t pos = (uint32_t)(head % c->ring), room = c->ring - pos;
             uint32_t hdr[4];
             uint64_t epoch;
-            if (room < PYIPCD_SHM_RECORD_HEADER) { head += room; continue; }
+            /* Positions no daemon could publish, or a second skip in a row:
+             * the framing is lost. */
+            if (tail - head > c->ring || head % 8u || skips > 1) {
+                atomic_store_explicit(pyipcd_shm__u64(c, ctl + 64), tail, memory_order_release);
+                return PYIPCD_SHM_ECORRUPT;
+            }
+            if (room < PYIPCD_SHM_RECORD_HEADER) { head += room; skips++; continue; }
             memcpy(hdr, c->base + base + pos, sizeof hdr);
-            if (hdr[0] == PYIPCD_SHM_WRAP) { head += room; continue; }
+            if (hdr[0] == PYIPCD_SHM_WRAP) { head += room; skips++; continue; }
+            skips = 0;
             memcpy(&epoch, c->base + base + pos + 16, 8);
             uint64_t need = PYIPCD_SHM_RECORD_HEADER + (((uint64_t)hdr[0] + 7u) & ~(uint64_t)7u);
             if (need > room || head + need > tail) { /* framing lost */

@@ -124,73 +124,84 @@ class Client:
     def __init__(self, path, timeout=10.0):
         self.timeout = timeout
         self._fd = os.open(path, os.O_RDWR)
+        self._mm = None
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._fd)
-            raise ChannelError(f"{path}: another client is attached") from None
-        # Ready before anything else is read: a daemon (re)initialising the
-        # file may be resizing it and rewriting the header.
-        deadline = time.monotonic() + timeout
-        while True:
-            head = os.pread(self._fd, 44, 0)
-            magic = head[:8]
-            if len(head) == 44 and magic not in (MAGIC, bytes(8)):
-                os.close(self._fd)  # never a channel being set up: fail now
-                raise ChannelError(f"{path}: bad magic {magic!r} (not a pyipcd channel)")
-            if magic == MAGIC and struct.unpack_from("<I", head, STATE)[0] == READY:
-                break
-            if time.monotonic() > deadline:
-                os.close(self._fd)
-                if magic == MAGIC and struct.unpack_from("<I", head, 8)[0] != VERSION:
-                    version = struct.unpack_from("<I", head, 8)[0]
-                    raise ChannelError(
-                        f"{path}: layout version {version}, this client speaks {VERSION}"
-                    )
-                raise ChannelError(f"{path}: the daemon is not serving this channel")
-            time.sleep(0.001)
-        size = os.fstat(self._fd).st_size
-        if size < PAGE:
-            raise ChannelError(f"{path}: {size} bytes is too small for a channel")
-        self._mm = mm = mmap.mmap(self._fd, size)
-        self._words = _Words(mm)
-        if mm[0:8] != MAGIC:
-            raise ChannelError(f"{path}: bad magic {mm[0:8]!r} (not a pyipcd channel)")
-        version, header, ring, max_record = struct.unpack_from("<IIII", mm, 8)
-        if version != VERSION:
-            raise ChannelError(f"{path}: layout version {version}, this client speaks {VERSION}")
-        if header != PAGE or ring < PAGE or ring & (ring - 1) or size < PAGE + 2 * (PAGE + ring):
-            raise ChannelError(f"{path}: bad sizes (header {header}, ring {ring}, file {size})")
-        if not 0 < max_record or RECORD_HEADER + _round8(max_record) > ring // 2:
-            raise ChannelError(f"{path}: bad max record {max_record}")
-        self.max_message = max_record
-        self._ring = ring
-        self._req_ctl, self._req_data = PAGE, 2 * PAGE
-        self._resp_ctl, self._resp_data = 2 * PAGE + ring, 3 * PAGE + ring
-        self._words.set_u32(CLIENT_PID, os.getpid())
-        self._generation = self._u64(24)
-        # A new epoch: the daemon drops the previous client's requests and
-        # replies from now on; what is in the response ring is not ours.
-        self._epoch = (self._u64(EPOCH) + 1) & 0xFFFFFFFFFFFFFFFF
-        self._set_u64(EPOCH, self._epoch)
-        self._set_u64(self._resp_ctl + 64, self._u64(self._resp_ctl))
-        self._words.set_u32(self._resp_ctl + SLEEPING, 0)  # a dead predecessor's flag
-        self._seq = 0
-        self._seen_tail = 0
-        # The doorbells' futex words, by address (released before closing).
-        self._req_bell = ctypes.c_uint32.from_buffer(mm, self._req_ctl + BELL)
-        self._resp_bell = ctypes.c_uint32.from_buffer(mm, self._resp_ctl + BELL)
-        # Acquiring a lock is a locked instruction: a full fence on x86-64,
-        # which the doorbell needs between publishing and looking for a sleeper.
-        self._fence = threading.Lock()
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ChannelError(f"{path}: another client is attached") from None
+            # Ready before anything else is read: a daemon (re)initialising the
+            # file may be resizing it and rewriting the header.
+            deadline = time.monotonic() + timeout
+            while True:
+                head = os.pread(self._fd, 44, 0)
+                magic = head[:8]
+                if len(head) == 44 and magic not in (MAGIC, bytes(8)):
+                    # Never a channel being set up: fail now, not at the timeout.
+                    raise ChannelError(f"{path}: bad magic {magic!r} (not a pyipcd channel)")
+                if magic == MAGIC and struct.unpack_from("<I", head, STATE)[0] == READY:
+                    break
+                if time.monotonic() > deadline:
+                    if magic == MAGIC and struct.unpack_from("<I", head, 8)[0] != VERSION:
+                        version = struct.unpack_from("<I", head, 8)[0]
+                        raise ChannelError(
+                            f"{path}: layout version {version}, this client speaks {VERSION}"
+                        )
+                    raise ChannelError(f"{path}: the daemon is not serving this channel")
+                time.sleep(0.001)
+            size = os.fstat(self._fd).st_size
+            if size < PAGE:
+                raise ChannelError(f"{path}: {size} bytes is too small for a channel")
+            self._mm = mm = mmap.mmap(self._fd, size)
+            self._words = _Words(mm)
+            if mm[0:8] != MAGIC:
+                raise ChannelError(f"{path}: bad magic {mm[0:8]!r} (not a pyipcd channel)")
+            version, header, ring, max_record = struct.unpack_from("<IIII", mm, 8)
+            if version != VERSION:
+                raise ChannelError(f"{path}: layout version {version}, this client speaks {VERSION}")
+            if header != PAGE or ring < PAGE or ring & (ring - 1) or size < PAGE + 2 * (PAGE + ring):
+                raise ChannelError(f"{path}: bad sizes (header {header}, ring {ring}, file {size})")
+            if not 0 < max_record or RECORD_HEADER + _round8(max_record) > ring // 2:
+                raise ChannelError(f"{path}: bad max record {max_record}")
+            self.max_message = max_record
+            self._ring = ring
+            self._req_ctl, self._req_data = PAGE, 2 * PAGE
+            self._resp_ctl, self._resp_data = 2 * PAGE + ring, 3 * PAGE + ring
+            self._words.set_u32(CLIENT_PID, os.getpid())
+            self._generation = self._u64(24)
+            # A new epoch: the daemon drops the previous client's requests and
+            # replies from now on; what is in the response ring is not ours.
+            self._epoch = (self._u64(EPOCH) + 1) & 0xFFFFFFFFFFFFFFFF
+            self._set_u64(EPOCH, self._epoch)
+            self._set_u64(self._resp_ctl + 64, self._u64(self._resp_ctl))
+            self._words.set_u32(self._resp_ctl + SLEEPING, 0)  # a dead predecessor's flag
+            self._seq = 0
+            self._seen_tail = 0
+            # The doorbells' futex words, by address (released before closing).
+            self._req_bell = ctypes.c_uint32.from_buffer(mm, self._req_ctl + BELL)
+            self._resp_bell = ctypes.c_uint32.from_buffer(mm, self._resp_ctl + BELL)
+            # Acquiring a lock is a locked instruction: a full fence on x86-64,
+            # which the doorbell needs between publishing and looking for a sleeper.
+            self._fence = threading.Lock()
+        except BaseException:
+            # Nothing half-attached stays behind: not the lock, not the mapping.
+            self._abandon()
+            raise
+
+    def _abandon(self):
+        if self._mm is not None:
+            for name in ("_req_bell", "_resp_bell"):
+                if hasattr(self, name):
+                    delattr(self, name)
+            if hasattr(self, "_words"):
+                self._words.release()
+            self._mm.close()
+            self._mm = None
+        os.close(self._fd)
 
     def close(self):
         if self._mm is not None:
-            del self._req_bell, self._resp_bell
-            self._words.release()
-            self._mm.close()
-            self._mm = None
-            os.close(self._fd)
+            self._abandon()
 
     def __enter__(self):
         return self
@@ -321,12 +332,20 @@ class Client:
         tail = self._u64(self._resp_ctl)
         base = self._resp_data
         self._seen_tail = tail  # nothing readable behind it, if we return None
+        skips = 0
         while head != tail:
+            if tail - head > ring or head % 8 or skips > 1:
+                # Positions no daemon could publish, or a second skip in a
+                # row: the framing is lost.
+                self._set_u64(self._resp_ctl + 64, tail)
+                return 0, ERROR, b"", False
             pos = head % ring
             room = ring - pos
             if room < RECORD_HEADER or self._u32(base + pos) == WRAP:
                 head += room
+                skips += 1
                 continue
+            skips = 0
             length, seq, crc, flags, epoch = struct.unpack_from("<IIIIQ", mm, base + pos)
             need = RECORD_HEADER + _round8(length)
             if need > room or head + need > tail:
