@@ -539,4 +539,21 @@ mod tests {
             "{problems:?}"
         );
     }
+
+    #[test]
+    fn a_channel_max_message_must_leave_room_for_the_record_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let channel = |max: u32| {
+            format!(
+                "[[shm.region]]\nname = \"c\"\nmode = \"channel\"\npath = \"c.shm\"\n\
+                 handler = \"m:f\"\nring_size = \"4KiB\"\nmax_message = {max}\n"
+            )
+        };
+        // 24 B header + 2024 B fill half of a 4 KiB ring exactly.
+        let p = write(dir.path(), "ok.toml", &channel(2024));
+        assert!(load_with_env(&p, Some(BTreeMap::new())).is_ok());
+        let p = write(dir.path(), "over.toml", &channel(2032));
+        let e = load_with_env(&p, Some(BTreeMap::new())).unwrap_err();
+        assert!(e.to_string().contains("minus 24 B"), "{e}");
+    }
 }

@@ -222,7 +222,8 @@ pub struct ShmRegionConfig {
     /// Channel mode: data bytes per ring (a power of two ≥ 4 KiB).
     #[serde(default = "default_ring_size")]
     pub ring_size: ByteSize,
-    /// Channel mode: largest request or reply (at most half a ring, minus 16 B).
+    /// Channel mode: largest request or reply (at most half a ring, minus a
+    /// 24 B record header).
     #[serde(default = "default_shm_max_message")]
     pub max_message: ByteSize,
 }
@@ -302,8 +303,9 @@ impl Config {
                         ));
                     }
                     let max = r.max_message.as_u64();
-                    if max == 0 || 16 + max.next_multiple_of(8) > ring / 2 {
-                        problems.push(format!("{key}.max_message must be ≥ 1 B and at most half of ring_size minus 16 B"));
+                    let header = crate::shm::ring::RECORD_HEADER as u64;
+                    if max == 0 || header + max.next_multiple_of(8) > ring / 2 {
+                        problems.push(format!("{key}.max_message must be ≥ 1 B and at most half of ring_size minus {header} B"));
                     }
                     if r.handler.is_none() {
                         problems.push(format!("{key}.handler is required in channel mode"));
