@@ -353,6 +353,29 @@ fn a_stuck_channel_handler_is_reported_and_its_reply_still_arrives() {
     d.lines.wait_for(&["stuck call returned", "role=ch"], T);
 }
 
+/// Runs `python3 -c script`, which prints `ready` once attached and then
+/// waits for a line on stdin: runs `meanwhile`, lets the script go on, and
+/// returns the next line it prints (it must then exit successfully).
+fn python_step(script: &str, meanwhile: impl FnOnce()) -> String {
+    use std::io::{BufRead, Write};
+    let mut child = Command::new("python3")
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    meanwhile();
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert!(child.wait().unwrap().success());
+    line
+}
+
 /// Publishes a record header whose length cannot be framed, as a buggy or
 /// hostile writer would, behind the attached client's back.
 fn inject_lost_framing(path: &std::path::Path) {
@@ -388,22 +411,7 @@ fn a_stream_reset_reaches_the_rust_and_python_clients_as_an_error() {
          sys.stdin.readline()\n\
          try:\n    c.call(b'lost')\nexcept pyipcd_shm.StreamReset as e:\n    print('reset:', e)\n"
     );
-    let mut child = Command::new("python3")
-        .args(["-c", &script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
-    assert_eq!(line.trim(), "ready");
-    inject_lost_framing(&path);
-    use std::io::Write;
-    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
-    line.clear();
-    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
-    assert!(child.wait().unwrap().success());
+    let line = python_step(&script, || inject_lost_framing(&path));
     assert!(line.starts_with("reset: framing lost"), "{line}");
 }
 
@@ -436,22 +444,9 @@ fn the_rust_and_python_clients_skip_a_reply_of_another_epoch() {
          c = pyipcd_shm.Client({path:?})\nprint('ready', flush=True)\nsys.stdin.readline()\n\
          print(c.call(b'mine'))\n"
     );
-    let mut child = Command::new("python3")
-        .args(["-c", &script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
-    assert_eq!(line.trim(), "ready");
-    let epoch = raw.u64(common::raw_shm::EPOCH);
-    raw.inject_reply(0, epoch - 1, b"NOT YOURS");
-    use std::io::Write;
-    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
-    line.clear();
-    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
-    assert!(child.wait().unwrap().success());
+    let line = python_step(&script, || {
+        let epoch = raw.u64(common::raw_shm::EPOCH);
+        raw.inject_reply(0, epoch - 1, b"NOT YOURS");
+    });
     assert_eq!(line.trim(), "b'enim'");
 }
