@@ -249,9 +249,12 @@ fn serve(ch: &ShmChannel, pool: &GilPool, stop: &AtomicBool) {
             if fl >= flags::ERROR {
                 errors.increment(1);
             }
-            while channel.epoch() == epoch
-                && !channel.try_push(Dir::Response, request.seq, fl, epoch, &reply)
-            {
+            let mut pushed = false;
+            while channel.epoch() == epoch {
+                if channel.try_push(Dir::Response, request.seq, fl, epoch, &reply) {
+                    pushed = true;
+                    break;
+                }
                 // The client is not reading its replies: wait, never
                 // overwrite; a new client attaching ends the wait.
                 if stop.load(Ordering::Relaxed) {
@@ -259,7 +262,7 @@ fn serve(ch: &ShmChannel, pool: &GilPool, stop: &AtomicBool) {
                 }
                 py.detach(|| std::thread::sleep(Duration::from_micros(100)));
             }
-            if channel.epoch() != epoch {
+            if !pushed {
                 stale.increment(1);
                 tracing::debug!(role = %ch.name, seq = request.seq, epoch, "dropped a reply: its client has gone");
             }
