@@ -98,8 +98,11 @@ fn daemon(dir: &std::path::Path) -> (Kill, std::path::PathBuf, u16) {
             "[log]\nlevel = \"warn\"\n[daemon]\nio_threads = 1\n[python]\npaths = [\"{ROOT}/python\"]\nworkers = 1\n\
              [[shm.region]]\nname = \"ch\"\nmode = \"channel\"\npath = \"{}\"\nhandler = \"handlers:echo\"\n\
              ring_size = \"1MiB\"\nmax_message = \"64KiB\"\n\
+             [[shm.region]]\nname = \"zc\"\nmode = \"channel\"\npath = \"{}\"\nhandler = \"handlers:echo\"\n\
+             ring_size = \"1MiB\"\nmax_message = \"64KiB\"\nzero_copy = true\n\
              [[tcp.server]]\nname = \"tcp\"\nlisten = \"127.0.0.1:{port}\"\nframing = \"len32\"\nhandler = \"handlers:echo\"\n",
-            shm.display()
+            shm.display(),
+            dir.join("bench-zc.shm").display()
         ),
     )
     .unwrap();
@@ -199,6 +202,17 @@ fn main() {
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
         external_row("pyipcd channel + Python echo, C client", size, &text);
+        let out = Command::new(&exe)
+            .arg(dir.path().join("bench-zc.shm"))
+            .args(["--bench", &secs.to_string(), &size.to_string()])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        external_row(
+            "pyipcd channel, zero_copy = true, Python echo, C client",
+            size,
+            &text,
+        );
 
         iceoryx2_row(secs, size);
 

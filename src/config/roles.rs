@@ -226,6 +226,10 @@ pub struct ShmRegionConfig {
     /// 24 B record header).
     #[serde(default = "default_shm_max_message")]
     pub max_message: ByteSize,
+    /// Channel mode: hand the handler a read-only `memoryview` into the
+    /// mapping instead of a `bytes` copy, valid for the duration of the call.
+    #[serde(default)]
+    pub zero_copy: bool,
 }
 
 fn default_ring_size() -> ByteSize {
@@ -289,9 +293,9 @@ impl Config {
                     if size == 0 || size > MAX_WATCH_SIZE {
                         problems.push(format!("{key}.size must be between 1 B and 16 MiB"));
                     }
-                    if r.handler.is_some() {
+                    if r.handler.is_some() || r.zero_copy {
                         problems.push(format!(
-                            "{key}.handler is for mode = \"channel\"; watch uses on_change"
+                            "{key}: handler and zero_copy are for mode = \"channel\"; watch uses on_change"
                         ));
                     }
                 }

@@ -131,7 +131,7 @@ impl Handler {
         ctx: Option<&CallContext>,
         locals: Option<&TaskLocals>,
     ) -> Invoked {
-        let result = match self.call_raw(py, payload, ctx) {
+        let result = match self.call_raw(py, PyBytes::new(py, payload).into_any(), ctx) {
             Ok(r) => r,
             Err(e) => return Invoked::Done(Err(self.error(py, &e))),
         };
@@ -157,25 +157,33 @@ impl Handler {
         ctx: Option<&CallContext>,
         use_reply: impl FnOnce(&[u8]) -> R,
     ) -> Result<Option<R>, HandlerError> {
+        let obj = self.call_with(py, PyBytes::new(py, payload).into_any(), ctx)?;
+        with_reply_bytes(&obj, use_reply).map_err(|e| self.error(py, &e))
+    }
+
+    /// Calls a plain `def` handler right here with `arg` (not necessarily
+    /// `bytes`), returning what it returned.
+    pub(crate) fn call_with<'py>(
+        &self,
+        py: Python<'py>,
+        arg: Bound<'py, PyAny>,
+        ctx: Option<&CallContext>,
+    ) -> Result<Bound<'py, PyAny>, HandlerError> {
         if self.is_async {
             return Err(
                 self.failure("RuntimeError: an async handler cannot run on this thread".into())
             );
         }
-        let obj = self
-            .call_raw(py, payload, ctx)
-            .map_err(|e| self.error(py, &e))?;
-        with_reply_bytes(&obj, use_reply).map_err(|e| self.error(py, &e))
+        self.call_raw(py, arg, ctx).map_err(|e| self.error(py, &e))
     }
 
     /// `handler(payload)`, with `peer`/`conn_id` keywords if it declares them.
     fn call_raw<'py>(
         &self,
         py: Python<'py>,
-        payload: &[u8],
+        arg: Bound<'py, PyAny>,
         ctx: Option<&CallContext>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let arg = PyBytes::new(py, payload);
         match ctx {
             Some(ctx) if self.wants_peer || self.wants_conn_id => {
                 self.call_with_context(py, arg, ctx)
@@ -187,7 +195,7 @@ impl Handler {
     fn call_with_context<'py>(
         &self,
         py: Python<'py>,
-        arg: Bound<'py, PyBytes>,
+        arg: Bound<'py, PyAny>,
         ctx: &CallContext,
     ) -> PyResult<Bound<'py, PyAny>> {
         let kwargs = pyo3::types::PyDict::new(py);

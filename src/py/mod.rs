@@ -16,6 +16,7 @@
 pub mod asyncio;
 pub mod handler;
 pub mod interpreter;
+pub(crate) mod lent;
 pub mod module;
 mod monitor;
 pub mod output;

@@ -22,12 +22,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use pyo3::prelude::*;
+use pyo3::types::PyBytes;
 use tokio_util::sync::CancellationToken;
 
 use super::doorbell::Spin;
-use super::ring::{Channel, Dir, Fault, LayoutError, MAGIC, State, file_size, flags};
+use super::ring::{Channel, Dir, Fault, InPlace, LayoutError, MAGIC, State, file_size, flags};
 use crate::config::ShmRegionConfig;
-use crate::py::handler::{Handler, format_exception};
+use crate::py::handler::{Handler, HandlerError, format_exception, with_reply_bytes};
 use crate::py::pool::GilPool;
 use crate::py::target::Target;
 
@@ -65,6 +66,8 @@ pub struct ShmChannel {
     name: Arc<str>,
     channel: Channel,
     handler: Arc<Handler>,
+    /// Hand the handler a view into the mapping instead of a copy.
+    zero_copy: bool,
 }
 
 impl ShmChannel {
@@ -127,6 +130,7 @@ impl ShmChannel {
             name: Arc::from(cfg.name.as_str()),
             channel,
             handler: Arc::new(handler),
+            zero_copy: cfg.zero_copy,
         })
     }
 
@@ -201,11 +205,29 @@ fn previous_generation(file: &std::fs::File, path: &std::path::Path) -> Result<u
     Ok(u64::from_le_bytes(generation))
 }
 
+/// What serving one record left to do.
+enum Flow {
+    /// Go on with the next record.
+    Next,
+    /// The daemon is stopping.
+    Stop,
+}
+
+/// The channel's metrics.
+struct Counters {
+    messages: metrics::Counter,
+    errors: metrics::Counter,
+    stale: metrics::Counter,
+}
+
 fn serve(ch: &ShmChannel, pool: &GilPool, stop: &AtomicBool) {
     let channel = &ch.channel;
-    let messages = metrics::counter!("pyipcd_messages_total", "role" => ch.name.to_string());
-    let errors = metrics::counter!("pyipcd_errors_total", "role" => ch.name.to_string());
-    let stale = metrics::counter!("pyipcd_shm_stale_total", "role" => ch.name.to_string());
+    let role = ch.name.to_string();
+    let counters = Counters {
+        messages: metrics::counter!("pyipcd_messages_total", "role" => role.clone()),
+        errors: metrics::counter!("pyipcd_errors_total", "role" => role.clone()),
+        stale: metrics::counter!("pyipcd_shm_stale_total", "role" => role),
+    };
     Python::attach(|py| {
         let watched = pool.watch(py, &format!("py-shm-{}", ch.name), &ch.name);
         channel.set_state(State::Ready);
@@ -215,106 +237,171 @@ fn serve(ch: &ShmChannel, pool: &GilPool, stop: &AtomicBool) {
             generation = channel.generation(),
             ring = channel.ring_size(),
             max_message = channel.max_record(),
+            zero_copy = ch.zero_copy,
             "channel ready"
         );
         let mut spin = Spin::default();
         loop {
-            let Some(request) = channel.try_pop(Dir::Request) else {
-                if stop.load(Ordering::Relaxed) {
-                    return;
+            // The request stays in the ring (its space held) until it is
+            // answered: zero-copy handlers read it where it lies.
+            let served = channel.pop_in_place(Dir::Request, |request| {
+                serve_one(py, ch, &request, stop, &counters, |call| watched.call(call))
+            });
+            match served {
+                Some(Flow::Next) => {}
+                Some(Flow::Stop) => return,
+                None => {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    // Without the GIL until the client publishes or a stop.
+                    let news = || channel.readable(Dir::Request) || stop.load(Ordering::Relaxed);
+                    py.detach(|| {
+                        let bell = channel.bell(Dir::Request);
+                        while !bell.wait(&mut spin, STOP_CHECK, news) {}
+                    });
                 }
-                // Without the GIL until the client publishes or a stop.
-                let news = || channel.readable(Dir::Request) || stop.load(Ordering::Relaxed);
-                py.detach(|| {
-                    let bell = channel.bell(Dir::Request);
-                    while !bell.wait(&mut spin, STOP_CHECK, news) {}
-                });
-                continue;
-            };
-            // A framing fault has no trustworthy epoch: it concerns whoever
-            // is attached now.
-            let epoch = match request.fault {
-                Some(Fault::Framing { .. }) => channel.epoch(),
-                _ => request.epoch,
-            };
-            if epoch != channel.epoch() {
-                // Sent by a client that has gone: its side effects would be
-                // for nobody, and its reply must not reach the next client.
-                stale.increment(1);
-                tracing::debug!(role = %ch.name, seq = request.seq, epoch, "dropped a request of a client that has gone");
-                continue;
-            }
-            let (fl, reply) = watched.call(|| answer(py, ch, &request));
-            messages.increment(1);
-            if fl >= flags::ERROR {
-                errors.increment(1);
-            }
-            let mut pushed = false;
-            while channel.epoch() == epoch {
-                if channel.try_push(Dir::Response, request.seq, fl, epoch, &reply) {
-                    pushed = true;
-                    break;
-                }
-                // The client is not reading its replies: wait, never
-                // overwrite; a new client attaching ends the wait.
-                if stop.load(Ordering::Relaxed) {
-                    return;
-                }
-                py.detach(|| std::thread::sleep(Duration::from_micros(100)));
-            }
-            if !pushed {
-                stale.increment(1);
-                tracing::debug!(role = %ch.name, seq = request.seq, epoch, "dropped a reply: its client has gone");
             }
         }
     });
 }
 
-/// Runs the handler for one request: (flags, payload) of the reply.
-fn answer(py: Python<'_>, ch: &ShmChannel, request: &super::ring::Record) -> (u32, Vec<u8>) {
+/// Answers one request: its fault, or the handler's reply, pushed straight
+/// from Python's bytes into the response ring. `watch` runs the handler call
+/// under the stuck-call monitor.
+fn serve_one<'py>(
+    py: Python<'py>,
+    ch: &ShmChannel,
+    request: &InPlace<'_>,
+    stop: &AtomicBool,
+    counters: &Counters,
+    watch: impl FnOnce(
+        &mut dyn FnMut() -> Result<Bound<'py, PyAny>, HandlerError>,
+    ) -> Result<Bound<'py, PyAny>, HandlerError>,
+) -> Flow {
+    let channel = &ch.channel;
+    // A framing fault has no trustworthy epoch: it concerns whoever is
+    // attached now.
+    let epoch = match request.fault {
+        Some(Fault::Framing { .. }) => channel.epoch(),
+        _ => request.epoch,
+    };
+    if epoch != channel.epoch() {
+        // Sent by a client that has gone: its side effects would be for
+        // nobody, and its reply must not reach the next client.
+        counters.stale.increment(1);
+        tracing::debug!(role = %ch.name, seq = request.seq, epoch, "dropped a request of a client that has gone");
+        return Flow::Next;
+    }
+    let push = |fl: u32, reply: &[u8]| {
+        if fl >= flags::ERROR {
+            counters.errors.increment(1);
+        }
+        push_reply(py, ch, request.seq, fl, epoch, reply, stop, counters)
+    };
+    if let Some((fl, text)) = fault_reply(ch, request) {
+        return push(fl, &text);
+    }
+    counters.messages.increment(1);
+    let max = channel.max_record();
+    let answer = |called: Result<Bound<'py, PyAny>, HandlerError>,
+                  view: Option<&Bound<'py, PyAny>>| {
+        let obj = match called {
+            Ok(obj) => obj,
+            Err(e) => return push(flags::ERROR, truncated(e.summary.as_bytes(), max)),
+        };
+        if view.is_some_and(|v| obj.is(v)) {
+            // Echoing the lent view: the bytes are right there.
+            return push(flags::OK, request.payload);
+        }
+        let pushed = with_reply_bytes(&obj, |reply| {
+            if reply.len() <= max {
+                push(flags::OK, reply)
+            } else {
+                tracing::warn!(role = %ch.name, "reply of {} bytes is over max_message ({max})", reply.len());
+                push(
+                    flags::ERROR,
+                    format!("reply over max_message ({max} bytes)").as_bytes(),
+                )
+            }
+        });
+        match pushed {
+            Ok(Some(flow)) => flow,
+            Ok(None) => push(flags::NO_REPLY, &[]),
+            Err(e) => {
+                let e = ch.handler.error(py, &e);
+                push(flags::ERROR, truncated(e.summary.as_bytes(), max))
+            }
+        }
+    };
+    if ch.zero_copy {
+        let lent = crate::py::lent::lend(py, request.payload, &ch.name, |view| {
+            let called = watch(&mut || ch.handler.call_with(py, view.clone(), None));
+            answer(called, Some(view))
+        });
+        match lent {
+            Ok(flow) => flow,
+            Err(e) => push(flags::ERROR, format_exception(py, &e).as_bytes()),
+        }
+    } else {
+        let called = watch(&mut || {
+            ch.handler
+                .call_with(py, PyBytes::new(py, request.payload).into_any(), None)
+        });
+        answer(called, None)
+    }
+}
+
+/// The error reply a faulty request record gets, if it is one.
+fn fault_reply(ch: &ShmChannel, request: &InPlace<'_>) -> Option<(u32, Vec<u8>)> {
     let max = ch.channel.max_record();
-    let fault = match request.fault {
-        None => None,
-        Some(Fault::Checksum) => Some((
+    let (fl, text) = match request.fault? {
+        Fault::Checksum => (
             flags::ERROR,
             format!("request {} failed its checksum", request.seq),
-        )),
-        Some(Fault::OverMax { len }) => {
-            Some((flags::ERROR, format!("length {len} over max {max}")))
-        }
-        Some(Fault::Framing { len, dropped }) => Some((
+        ),
+        Fault::OverMax { len } => (flags::ERROR, format!("length {len} over max {max}")),
+        Fault::Framing { len, dropped } => (
             flags::RESET,
             format!(
                 "framing lost: a record claims length {len}, which cannot fit; dropped \
                  {dropped} bytes of requests, none sent before this reply will be answered"
             ),
-        )),
+        ),
     };
-    if let Some((fl, text)) = fault {
-        tracing::warn!(role = %ch.name, seq = request.seq, "bad request record: {text}");
-        let mut text = text.into_bytes();
-        text.truncate(max);
-        return (fl, text);
+    tracing::warn!(role = %ch.name, seq = request.seq, "bad request record: {text}");
+    Some((fl, truncated(text.as_bytes(), max).to_vec()))
+}
+
+fn truncated(text: &[u8], max: usize) -> &[u8] {
+    &text[..text.len().min(max)]
+}
+
+/// Pushes a reply, waiting (GIL released) while the client is not reading
+/// its replies; never overwrites. A new client attaching ends the wait and
+/// drops the reply (it was for the client that has gone).
+#[allow(clippy::too_many_arguments)]
+fn push_reply(
+    py: Python<'_>,
+    ch: &ShmChannel,
+    seq: u32,
+    fl: u32,
+    epoch: u64,
+    reply: &[u8],
+    stop: &AtomicBool,
+    counters: &Counters,
+) -> Flow {
+    let channel = &ch.channel;
+    while channel.epoch() == epoch {
+        if channel.try_push(Dir::Response, seq, fl, epoch, reply) {
+            return Flow::Next;
+        }
+        if stop.load(Ordering::Relaxed) {
+            return Flow::Stop;
+        }
+        py.detach(|| std::thread::sleep(Duration::from_micros(100)));
     }
-    match ch.handler.invoke(py, &request.payload, None, None) {
-        crate::py::handler::Invoked::Done(Ok(Some(reply))) if reply.len() <= max => {
-            (flags::OK, reply.to_vec())
-        }
-        crate::py::handler::Invoked::Done(Ok(Some(reply))) => {
-            tracing::warn!(role = %ch.name, "reply of {} bytes is over max_message ({max})", reply.len());
-            (
-                flags::ERROR,
-                format!("reply over max_message ({max} bytes)").into_bytes(),
-            )
-        }
-        crate::py::handler::Invoked::Done(Ok(None)) => (flags::NO_REPLY, Vec::new()),
-        crate::py::handler::Invoked::Done(Err(e)) => {
-            let mut text = e.summary.into_bytes();
-            text.truncate(max);
-            (flags::ERROR, text)
-        }
-        crate::py::handler::Invoked::Pending(_) => {
-            (flags::ERROR, b"async handler in channel mode".to_vec())
-        }
-    }
+    counters.stale.increment(1);
+    tracing::debug!(role = %ch.name, seq, epoch, "dropped a reply: its client has gone");
+    Flow::Next
 }

@@ -139,6 +139,21 @@ pub struct Record {
     pub fault: Option<Fault>,
 }
 
+/// A record seen in place by [`Channel::pop_in_place`].
+#[derive(Debug)]
+pub struct InPlace<'a> {
+    /// As in [`Record`].
+    pub seq: u32,
+    /// As in [`Record`].
+    pub flags: u32,
+    /// As in [`Record`].
+    pub epoch: u64,
+    /// The payload, in the mapping (empty when there is a fault).
+    pub payload: &'a [u8],
+    /// As in [`Record`].
+    pub fault: Option<Fault>,
+}
+
 /// A record that could not be taken as written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
@@ -367,8 +382,21 @@ impl Channel {
         true
     }
 
-    /// Takes the next record, if any.
+    /// Takes the next record, if any (its payload copied out).
     pub fn try_pop(&self, dir: Dir) -> Option<Record> {
+        self.pop_in_place(dir, |r| Record {
+            seq: r.seq,
+            flags: r.flags,
+            epoch: r.epoch,
+            payload: r.payload.to_vec(),
+            fault: r.fault,
+        })
+    }
+
+    /// Takes the next record, if any, handing it to `f` with its payload
+    /// still in the mapping; the space is released (head advanced) only
+    /// when `f` returns, so the producer cannot reuse it meanwhile.
+    pub fn pop_in_place<R>(&self, dir: Dir, f: impl FnOnce(InPlace<'_>) -> R) -> Option<R> {
         let head_ref = self.ctl(dir, off::HEAD);
         let mut head = head_ref.load(Ordering::Relaxed);
         let tail = self.ctl(dir, off::TAIL).load(Ordering::Acquire);
@@ -398,13 +426,13 @@ impl Channel {
                 if skips > 1 {
                     let dropped = tail.wrapping_sub(head_ref.load(Ordering::Relaxed));
                     head_ref.store(tail, Ordering::Release);
-                    return Some(Record {
+                    return Some(f(InPlace {
                         seq: 0,
                         flags: 0,
                         epoch: 0,
-                        payload: Vec::new(),
+                        payload: &[],
                         fault: Some(Fault::Framing { len: WRAP, dropped }),
-                    });
+                    }));
                 }
                 head = head.wrapping_add(room_to_end as u64);
                 continue;
@@ -414,14 +442,12 @@ impl Channel {
             let crc = self.read_u32(base + pos + 8);
             let flags = self.read_u32(base + pos + 12);
             let epoch = self.u64_at(base + pos + 16).load(Ordering::Relaxed);
-            let record = |payload, fault| {
-                Some(Record {
-                    seq,
-                    flags,
-                    epoch,
-                    payload,
-                    fault,
-                })
+            let record = |payload, fault| InPlace {
+                seq,
+                flags,
+                epoch,
+                payload,
+                fault,
             };
             let need = (RECORD_HEADER as u64).saturating_add(u64::from(len).next_multiple_of(8));
             if need > room_to_end as u64 || tail.wrapping_sub(head) < need {
@@ -430,18 +456,18 @@ impl Channel {
                 // rather than read nonsense.
                 head_ref.store(tail, Ordering::Release);
                 let dropped = tail.wrapping_sub(head);
-                return record(Vec::new(), Some(Fault::Framing { len, dropped }));
+                return Some(f(record(&[], Some(Fault::Framing { len, dropped }))));
             }
             if len as usize > self.max_record {
                 // Framed, but longer than the channel takes: skip it alone.
                 head_ref.store(head.wrapping_add(need), Ordering::Release);
-                return record(Vec::new(), Some(Fault::OverMax { len }));
+                return Some(f(record(&[], Some(Fault::OverMax { len }))));
             }
-            let mut payload = vec![0u8; len as usize];
-            self.read_bytes(base + pos + RECORD_HEADER, &mut payload);
+            let payload = self.bytes(base + pos + RECORD_HEADER, len as usize);
+            let fault = (crc32fast::hash(payload) != crc).then_some(Fault::Checksum);
+            let out = f(record(payload, fault));
             head_ref.store(head.wrapping_add(need), Ordering::Release);
-            let fault = (crc32fast::hash(&payload) != crc).then_some(Fault::Checksum);
-            return record(payload, fault);
+            return Some(out);
         }
     }
 
@@ -495,18 +521,15 @@ impl Channel {
         unsafe { self.map.as_mut_ptr().add(offset).write_volatile(v) }
     }
 
-    fn read_bytes(&self, offset: usize, out: &mut [u8]) {
-        assert!(offset + out.len() <= self.map.len());
-        // SAFETY: in bounds; the producer finished these bytes before its
-        // release-store of tail, which our acquire-load observed, and will not
-        // touch them again until our release-store of head.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.map.as_ptr().add(offset),
-                out.as_mut_ptr(),
-                out.len(),
-            )
-        }
+    /// `len` bytes of the mapping in place.
+    fn bytes(&self, offset: usize, len: usize) -> &[u8] {
+        assert!(offset + len <= self.map.len());
+        // SAFETY: in bounds of the mapping, which outlives `&self`. These are
+        // a published record's bytes between our acquire of `tail` and our
+        // release of `head`: by the protocol the producer does not touch
+        // them until then (a peer that breaks the protocol can only make us
+        // read bytes it scribbled, as with any copy).
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(offset), len) }
     }
 
     fn write_bytes(&self, offset: usize, src: &[u8]) {
