@@ -130,3 +130,18 @@ fn a_kept_slice_holds_the_memory_until_released_and_never_sees_reuse() {
     };
     assert_eq!(seen, b"slice ORIGIN");
 }
+
+#[test]
+fn zero_copy_is_refused_outside_channel_mode() {
+    let s = Scenario::new();
+    let cfg = s.config(
+        "[[shm.region]]\nname = \"w\"\nmode = \"watch\"\npath = \"w.bin\"\nsize = \"1KiB\"\n\
+         create = true\nzero_copy = true\n",
+    );
+    let (code, _, err) = common::run_to_end(&["check", "-c", cfg.to_str().unwrap()], &[]);
+    assert_eq!(code, 78, "{err}");
+    assert!(
+        err.contains("shm.region[0]: handler and zero_copy are for mode = \"channel\""),
+        "{err}"
+    );
+}

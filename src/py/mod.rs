@@ -12,6 +12,7 @@
 //! - [`asyncio`]: the event loop thread for `async def` handlers.
 //! - [`task`]: long-running tasks on their own threads.
 //! - [`module`]: the embedded `pyipcd` module.
+//! - `lent`: memory lent to a handler for one call (zero-copy channel requests).
 
 pub mod asyncio;
 pub mod handler;
