@@ -30,15 +30,7 @@ def rev(data):
 "#;
 
 fn serving(s: &Scenario) -> (Daemon, std::path::PathBuf) {
-    s.write("h.py", HANDLERS);
-    let cfg = s.config(
-        "[python]\npaths = [\".\"]\n[[shm.region]]\nname = \"ch\"\nmode = \"channel\"\npath = \"ch.shm\"\n\
-         handler = \"h:rev\"\nring_size = \"64KiB\"\nmax_message = \"16KiB\"\n",
-    );
-    let mut d = Daemon::start(&cfg, &[]);
-    d.wait_ready();
-    d.lines.wait_for(&["channel ready", "role=ch"], T);
-    (d, s.path("ch.shm"))
+    common::channel_daemon(s, HANDLERS, "rev", "max_message = \"16KiB\"")
 }
 
 /// What a dead client can leave behind.

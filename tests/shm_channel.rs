@@ -43,15 +43,12 @@ def very_slow(data):
 "#;
 
 fn daemon(s: &Scenario, handler: &str, extra: &str) -> (Daemon, std::path::PathBuf) {
-    s.write("h.py", HANDLERS);
-    let cfg = s.config(&format!(
-        "[python]\npaths = [\".\"]\n[[shm.region]]\nname = \"ch\"\nmode = \"channel\"\npath = \"ch.shm\"\n\
-         handler = \"h:{handler}\"\nring_size = \"64KiB\"\nmax_message = \"16KiB\"\n{extra}\n"
-    ));
-    let mut d = Daemon::start(&cfg, &[]);
-    d.wait_ready();
-    d.lines.wait_for(&["channel ready", "role=ch"], T);
-    (d, s.path("ch.shm"))
+    common::channel_daemon(
+        s,
+        HANDLERS,
+        handler,
+        &format!("max_message = \"16KiB\"\n{extra}"),
+    )
 }
 
 /// Starts `python3 -c script` and waits for it to print `ready` on stdout.

@@ -27,15 +27,8 @@ def rev(data):
 /// A daemon serving `h:rev` on `ch.shm` (64 KiB rings, 1 KiB max) and a raw peer attached to it.
 fn serving() -> (Scenario, Daemon, RawChannel) {
     let s = Scenario::new();
-    s.write("h.py", HANDLERS);
-    let cfg = s.config(
-        "[python]\npaths = [\".\"]\n[[shm.region]]\nname = \"ch\"\nmode = \"channel\"\npath = \"ch.shm\"\n\
-         handler = \"h:rev\"\nring_size = \"64KiB\"\nmax_message = \"1KiB\"\n",
-    );
-    let mut d = Daemon::start(&cfg, &[]);
-    d.wait_ready();
-    d.lines.wait_for(&["channel ready", "role=ch"], T);
-    let mut raw = RawChannel::open(&s.path("ch.shm"));
+    let (d, path) = common::channel_daemon(&s, HANDLERS, "rev", "max_message = \"1KiB\"");
+    let mut raw = RawChannel::open(&path);
     raw.attach();
     (s, d, raw)
 }

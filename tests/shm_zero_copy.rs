@@ -61,15 +61,10 @@ def zc(data):
 "#;
 
 fn serving(s: &Scenario) -> (Daemon, ShmClient) {
-    s.write("h.py", HANDLERS);
-    let cfg = s.config(
-        "[python]\npaths = [\".\"]\n[[shm.region]]\nname = \"ch\"\nmode = \"channel\"\npath = \"ch.shm\"\n\
-         handler = \"h:zc\"\nring_size = \"64KiB\"\nmax_message = \"16KiB\"\nzero_copy = true\n",
-    );
-    let mut d = Daemon::start(&cfg, &[]);
-    d.wait_ready();
-    d.lines.wait_for(&["channel ready", "zero_copy=true"], T);
-    let c = ShmClient::connect(&s.path("ch.shm"), T).unwrap();
+    let region = "max_message = \"16KiB\"\nzero_copy = true";
+    let (d, path) = common::channel_daemon(s, HANDLERS, "zc", region);
+    assert_eq!(d.lines.count(&["channel ready", "zero_copy=true"]), 1);
+    let c = ShmClient::connect(&path, T).unwrap();
     (d, c)
 }
 

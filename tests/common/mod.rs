@@ -314,3 +314,25 @@ pub fn make_venv(python: &str, dir: &Path, extra: &[&str]) -> PathBuf {
     assert!(ok.success(), "{python} -m venv {} failed", dir.display());
     dir.to_path_buf()
 }
+
+/// Starts a daemon serving one channel region `ch` (file `ch.shm`, 64 KiB
+/// rings) with handler `h:{handler}`, writing `handlers` as `h.py`; `region`
+/// adds keys to the region (`max_message = "1KiB"`). Returns it and the
+/// channel file once the channel is ready.
+pub fn channel_daemon(
+    s: &Scenario,
+    handlers: &str,
+    handler: &str,
+    region: &str,
+) -> (Daemon, PathBuf) {
+    s.write("h.py", handlers);
+    let cfg = s.config(&format!(
+        "[python]\npaths = [\".\"]\n[[shm.region]]\nname = \"ch\"\nmode = \"channel\"\npath = \"ch.shm\"\n\
+         handler = \"h:{handler}\"\nring_size = \"64KiB\"\n{region}\n"
+    ));
+    let mut d = Daemon::start(&cfg, &[]);
+    d.wait_ready();
+    d.lines
+        .wait_for(&["channel ready", "role=ch"], Duration::from_secs(15));
+    (d, s.path("ch.shm"))
+}
