@@ -51,6 +51,13 @@ def zc(data):
         return b"sliced"
     if cmd == b"seen":
         return b"|".join(SEEN)
+    if cmd == b"hold":
+        KEPT.append(data[:4])  # never released
+        return b"held"
+    if cmd == b"raise":
+        raise ValueError("zero-copy handler failed")
+    if cmd == b"none":
+        return None
     if cmd == b"write":
         try:
             data[0] = 0
@@ -83,6 +90,23 @@ fn the_handler_reads_a_read_only_memoryview_and_echoes_it_byte_for_byte() {
         p.extend((0..(i * 97) % 16000).map(|j| (j ^ i) as u8));
         assert_eq!(call(&mut c, &p), p, "call {i}");
     }
+}
+
+#[test]
+fn exceptions_and_none_answer_as_with_bytes_handlers() {
+    let s = Scenario::new();
+    let (_d, mut c) = serving(&s);
+    match c.call(b"raise") {
+        Err(pyipcd::shm::client::ClientError::Handler(text)) => {
+            assert!(
+                text.contains("ValueError: zero-copy handler failed"),
+                "{text}"
+            )
+        }
+        other => panic!("expected a handler error, got {other:?}"),
+    }
+    assert_eq!(c.call(b"none").unwrap(), None);
+    assert_eq!(call(&mut c, b"echo after"), b"echo after");
 }
 
 #[test]
@@ -138,5 +162,23 @@ fn zero_copy_is_refused_outside_channel_mode() {
     assert!(
         err.contains("shm.region[0]: handler and zero_copy are for mode = \"channel\""),
         "{err}"
+    );
+}
+
+#[test]
+fn shutdown_does_not_wait_for_a_view_held_forever() {
+    let s = Scenario::new();
+    let (mut d, mut c) = serving(&s);
+    assert_eq!(call(&mut c, b"hold"), b"held");
+    d.lines
+        .wait_for(&["kept a view of the request's memory"], T);
+    d.signal("TERM");
+    let status = d.wait_exit(T);
+    assert!(status.success(), "{status}: {}", d.lines.text());
+    assert_eq!(
+        d.lines.count(&["leaving it mapped"]),
+        1,
+        "{}",
+        d.lines.text()
     );
 }

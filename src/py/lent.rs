@@ -35,6 +35,8 @@ impl Lent {
     ) -> PyResult<()> {
         let this = slf.get();
         if !this.live.load(Ordering::Acquire) {
+            // SAFETY: the caller's buffer struct; CPython wants obj NULL on failure.
+            unsafe { (*view).obj = std::ptr::null_mut() };
             return Err(PyBufferError::new_err(
                 "this memory was lent to the handler only for the duration of its call",
             ));
@@ -55,6 +57,8 @@ impl Lent {
             )
         };
         if rc != 0 {
+            // SAFETY: as above.
+            unsafe { (*view).obj = std::ptr::null_mut() };
             return Err(PyErr::fetch(slf.py()));
         }
         this.exports.fetch_add(1, Ordering::AcqRel);
@@ -67,10 +71,19 @@ impl Lent {
     }
 }
 
-/// Lends `bytes` to `call` as a read-only `memoryview`; when `call` returns,
-/// revokes the loan and, if Python still holds a view of the memory, waits
-/// (GIL released, logging once per `role`) until it lets go. Only then may
-/// the caller reuse `bytes`.
+/// How a loan ended.
+pub(crate) enum Returned<R> {
+    /// Every view is gone: the memory may be reused.
+    Free(R),
+    /// `stop` was set while Python still held a view: the memory must stay
+    /// mapped (the caller leaks it) for as long as the process lives.
+    StillHeld(R),
+}
+
+/// Lends `bytes` to `call` as a read-only `memoryview`; when `call` returns
+/// (or panics), revokes the loan and, if Python still holds a view of the
+/// memory, waits (GIL released, with a warning) until it lets go or `stop`
+/// is set.
 ///
 /// # Errors
 /// A Python error creating the view.
@@ -78,8 +91,16 @@ pub(crate) fn lend<'py, R>(
     py: Python<'py>,
     bytes: &[u8],
     role: &str,
+    stop: &AtomicBool,
     call: impl FnOnce(&Bound<'py, PyAny>) -> R,
-) -> PyResult<R> {
+) -> PyResult<Returned<R>> {
+    /// Revokes the loan however `call` ends, a panic included.
+    struct Revoke<'a>(&'a AtomicBool);
+    impl Drop for Revoke<'_> {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::Release);
+        }
+    }
     let lent = Bound::new(
         py,
         Lent {
@@ -89,10 +110,11 @@ pub(crate) fn lend<'py, R>(
             exports: AtomicUsize::new(0),
         },
     )?;
+    let revoke = Revoke(&lent.get().live);
     let view = PyMemoryView::from(lent.as_any())?.into_any();
     let out = call(&view);
-    lent.get().live.store(false, Ordering::Release);
-    // A view of the view (`memoryview(data)`, numpy) makes release() fail;
+    drop(revoke);
+    // A buffer taken from the view itself (numpy) makes release() fail;
     // the count below still sees it.
     let _ = view.call_method0("release");
     drop(view);
@@ -104,8 +126,11 @@ pub(crate) fn lend<'py, R>(
              the channel waits until it is released (copy with bytes(data) to keep data)"
         );
         while exports() > 0 {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(Returned::StillHeld(out));
+            }
             py.detach(|| std::thread::sleep(Duration::from_millis(1)));
         }
     }
-    Ok(out)
+    Ok(Returned::Free(out))
 }

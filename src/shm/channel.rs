@@ -29,6 +29,7 @@ use super::doorbell::Spin;
 use super::ring::{Channel, Dir, Fault, InPlace, LayoutError, MAGIC, State, file_size, flags};
 use crate::config::ShmRegionConfig;
 use crate::py::handler::{Handler, HandlerError, format_exception, with_reply_bytes};
+use crate::py::lent::Returned;
 use crate::py::pool::GilPool;
 use crate::py::target::Target;
 
@@ -68,6 +69,8 @@ pub struct ShmChannel {
     handler: Arc<Handler>,
     /// Hand the handler a view into the mapping instead of a copy.
     zero_copy: bool,
+    /// A zero-copy view was still alive in Python at shutdown.
+    view_held_at_stop: AtomicBool,
 }
 
 impl ShmChannel {
@@ -131,6 +134,7 @@ impl ShmChannel {
             channel,
             handler: Arc::new(handler),
             zero_copy: cfg.zero_copy,
+            view_held_at_stop: AtomicBool::new(false),
         })
     }
 
@@ -164,6 +168,11 @@ impl ShmChannel {
         stop.store(true, Ordering::SeqCst);
         this.channel.bell(Dir::Request).wake();
         let _ = done_rx.await;
+        if this.view_held_at_stop.load(Ordering::SeqCst) {
+            // Python still holds a view into the mapping: never unmap it.
+            tracing::warn!(role = %name, "a handler still holds a view of the channel's memory; leaving it mapped");
+            std::mem::forget(this.clone());
+        }
         tracing::info!(role = %name, "channel stopped");
     }
 }
@@ -299,10 +308,10 @@ fn serve_one<'py>(
         }
         push_reply(py, ch, request.seq, fl, epoch, reply, stop, counters)
     };
+    counters.messages.increment(1);
     if let Some((fl, text)) = fault_reply(ch, request) {
         return push(fl, &text);
     }
-    counters.messages.increment(1);
     let max = channel.max_record();
     let answer = |called: Result<Bound<'py, PyAny>, HandlerError>,
                   view: Option<&Bound<'py, PyAny>>| {
@@ -335,12 +344,18 @@ fn serve_one<'py>(
         }
     };
     if ch.zero_copy {
-        let lent = crate::py::lent::lend(py, request.payload, &ch.name, |view| {
+        let lent = crate::py::lent::lend(py, request.payload, &ch.name, stop, |view| {
             let called = watch(&mut || ch.handler.call_with(py, view.clone(), None));
             answer(called, Some(view))
         });
         match lent {
-            Ok(flow) => flow,
+            Ok(Returned::Free(flow)) => flow,
+            Ok(Returned::StillHeld(_)) => {
+                // Stopping with a view of the mapping still alive in Python:
+                // the mapping must outlive it (see ShmChannel::run).
+                ch.view_held_at_stop.store(true, Ordering::SeqCst);
+                Flow::Stop
+            }
             Err(e) => push(flags::ERROR, format_exception(py, &e).as_bytes()),
         }
     } else {
@@ -392,6 +407,8 @@ fn push_reply(
     counters: &Counters,
 ) -> Flow {
     let channel = &ch.channel;
+    // Error texts (a traceback line, CPython's message) are cut to fit.
+    let reply = &reply[..reply.len().min(channel.max_record())];
     while channel.epoch() == epoch {
         if channel.try_push(Dir::Response, seq, fl, epoch, reply) {
             return Flow::Next;
