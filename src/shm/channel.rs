@@ -317,7 +317,7 @@ fn serve_one<'py>(
                   view: Option<&Bound<'py, PyAny>>| {
         let obj = match called {
             Ok(obj) => obj,
-            Err(e) => return push(flags::ERROR, truncated(e.summary.as_bytes(), max)),
+            Err(e) => return push(flags::ERROR, e.summary.as_bytes()),
         };
         if view.is_some_and(|v| obj.is(v)) {
             // Echoing the lent view: the bytes are right there.
@@ -339,7 +339,7 @@ fn serve_one<'py>(
             Ok(None) => push(flags::NO_REPLY, &[]),
             Err(e) => {
                 let e = ch.handler.error(py, &e);
-                push(flags::ERROR, truncated(e.summary.as_bytes(), max))
+                push(flags::ERROR, e.summary.as_bytes())
             }
         }
     };
@@ -385,11 +385,7 @@ fn fault_reply(ch: &ShmChannel, request: &InPlace<'_>) -> Option<(u32, Vec<u8>)>
         ),
     };
     tracing::warn!(role = %ch.name, seq = request.seq, "bad request record: {text}");
-    Some((fl, truncated(text.as_bytes(), max).to_vec()))
-}
-
-fn truncated(text: &[u8], max: usize) -> &[u8] {
-    &text[..text.len().min(max)]
+    Some((fl, text.into_bytes()))
 }
 
 /// Pushes a reply, waiting (GIL released) while the client is not reading
