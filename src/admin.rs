@@ -2,11 +2,11 @@
 //! `GET /health` is 200 when every role is up and the GIL pool answers a
 //! probe, else 503 with a JSON reason; `GET /metrics` is Prometheus text.
 //!
-//! Roles report up/down into [`Health`]; counters and histograms go through
-//! the `metrics` facade into a Prometheus recorder installed once per process.
+//! Roles report up/down into [`crate::registry`], which this reads; counters
+//! and histograms go through the `metrics` facade into a Prometheus recorder
+//! installed once per process.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::Router;
@@ -18,65 +18,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::py::pool::GilPool;
+use crate::registry::registry;
 
 /// How long `/health` waits for the pool probe.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// Which roles are up, by name.
-#[derive(Debug, Default)]
-pub struct Health {
-    roles: Mutex<BTreeMap<String, bool>>,
-}
-
-impl Health {
-    /// Records whether `role` is up.
-    pub fn set(&self, role: &str, up: bool) {
-        self.roles
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(role.to_string(), up);
-    }
-
-    /// Forgets every role not in `keep` (roles removed from the config).
-    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
-        self.roles
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .retain(|name, _| keep(name));
-    }
-
-    /// Forgets a role that was removed.
-    pub fn remove(&self, role: &str) {
-        self.roles
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(role);
-    }
-
-    /// Roles that are down.
-    pub fn down(&self) -> Vec<String> {
-        self.roles
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .filter(|(_, up)| !**up)
-            .map(|(name, _)| name.clone())
-            .collect()
-    }
-}
-
-/// The process-wide role health table.
-pub fn health() -> &'static Health {
-    static HEALTH: OnceLock<Health> = OnceLock::new();
-    HEALTH.get_or_init(Health::default)
-}
-
-/// Runs a role's future, marking it up while it runs and down when it ends.
-pub async fn tracked<F: std::future::Future<Output = ()>>(role: String, fut: F) {
-    health().set(&role, true);
-    fut.await;
-    health().set(&role, false);
-}
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -141,18 +86,31 @@ async fn health_route(State(s): State<AdminState>) -> (StatusCode, String) {
         Ok(Err(e)) => reasons.push(format!("GIL pool: {e}")),
         Err(_) => reasons.push(format!("GIL pool did not answer within {PROBE_TIMEOUT:?}")),
     }
-    for role in health().down() {
-        reasons.push(format!("role {role} is down"));
+    for (role, why) in registry().down() {
+        reasons.push(format!("role {role} is down: {why}"));
     }
-    if reasons.is_empty() {
-        (StatusCode::OK, "{\"status\":\"ok\"}\n".into())
+    let notes = registry().notes();
+    let list = |v: &[String]| {
+        v.iter()
+            .map(|r| format!("{r:?}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    // Notes (a failed reload whose previous instances still serve) do not
+    // make the daemon unhealthy, but are shown.
+    let notes = if notes.is_empty() {
+        String::new()
     } else {
-        let reasons: Vec<String> = reasons.iter().map(|r| format!("{r:?}")).collect();
+        format!(",\"notes\":[{}]", list(&notes))
+    };
+    if reasons.is_empty() {
+        (StatusCode::OK, format!("{{\"status\":\"ok\"{notes}}}\n"))
+    } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
-                "{{\"status\":\"unhealthy\",\"reasons\":[{}]}}\n",
-                reasons.join(",")
+                "{{\"status\":\"unhealthy\",\"reasons\":[{}]{notes}}}\n",
+                list(&reasons)
             ),
         )
     }

@@ -2,7 +2,6 @@
 //! tasks from a [`Config`], report readiness, reload on request, then shut
 //! down in order within `daemon.shutdown_grace`.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,7 +16,7 @@ use crate::config::Config;
 use crate::py::pool::{GilPool, PoolConfig};
 use crate::py::task::{RunningTask, StopFlag};
 use crate::shutdown::SignalEvent;
-use crate::supervisor::{self, Role, RoleConfig, Running};
+use crate::supervisor::{self, Supervisor};
 use crate::systemd::notify;
 use crate::{Error, py};
 
@@ -39,8 +38,7 @@ pub struct Daemon {
     pool: Arc<GilPool>,
     tasks: Vec<RunningTask>,
     stop: Arc<StopFlag>,
-    pending: Vec<(String, Role, RoleConfig)>,
-    running: BTreeMap<String, Running>,
+    supervisor: Supervisor,
     roles: TaskTracker,
     token: CancellationToken,
 }
@@ -64,10 +62,10 @@ impl Outcome {
 }
 
 impl Daemon {
-    /// Initialises Python (with `python_log_level` as the root logging level),
-    /// resolves every role's Python targets and starts the pool (roles and
-    /// tasks start in [`Daemon::run_until`]). Call from a plain thread, not a tokio
-    /// worker: it takes the GIL.
+    /// Initialises Python (with `python_log_level` as the root logging level)
+    /// and starts the pool (roles, whose Python targets are resolved then,
+    /// and tasks start in [`Daemon::run_until`]). Call from a plain thread,
+    /// not a tokio worker: it takes the GIL.
     ///
     /// # Errors
     /// [`Error::Startup`] if the interpreter, pool or a task thread cannot start.
@@ -83,7 +81,6 @@ impl Daemon {
         for note in &settings.interpreter.notes {
             tracing::warn!("{note}");
         }
-        let pending = resolve_roles(&config)?;
         let mut pool_config = PoolConfig::new(
             config.python.workers,
             config.python.queue,
@@ -93,34 +90,34 @@ impl Daemon {
         pool_config.caller_spin_polls = config.python.caller_polls;
         let pool = GilPool::start(&pool_config)?;
         let stop = Arc::new(StopFlag::default());
-        let tasks = Vec::new();
+        let (roles, token) = (TaskTracker::new(), CancellationToken::new());
+        let supervisor = Supervisor::new(
+            pool.clone(),
+            token.clone(),
+            roles.clone(),
+            config.daemon.reload_drain,
+        );
         Ok(Self {
             config,
             pool,
-            tasks,
+            tasks: Vec::new(),
             stop,
-            pending,
-            running: BTreeMap::new(),
-            roles: TaskTracker::new(),
-            token: CancellationToken::new(),
+            supervisor,
+            roles,
+            token,
         })
     }
 
-    /// Binds every server role and spawns all roles. Called by [`Daemon::run_until`]
-    /// before readiness is reported.
+    /// Resolves and starts every role (servers bind), the admin endpoint and
+    /// the tasks. Called by [`Daemon::run_until`] before readiness is reported.
     ///
     /// # Errors
-    /// [`Error::Startup`] naming the role whose address cannot be bound.
+    /// [`Error::Target`] or [`Error::Startup`] naming the role that cannot start.
     pub async fn start_roles(&mut self) -> Result<Vec<(String, std::net::SocketAddr)>, Error> {
-        let mut bound = Vec::new();
-        for (name, role, config) in std::mem::take(&mut self.pending) {
-            let (running, addr) =
-                supervisor::start(role, config, &self.pool, &self.token, &self.roles).await?;
-            if let Some(addr) = addr {
-                bound.push((name.clone(), addr));
-            }
-            self.running.insert(name, running);
-        }
+        let bound = self
+            .supervisor
+            .start(&supervisor::role_configs(&self.config))
+            .await?;
         if let Some(listen) = &self.config.admin.listen {
             let addr = crate::tcp::parse_listen(listen).map_err(Error::Startup)?;
             let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
@@ -183,8 +180,9 @@ impl Daemon {
 
     /// Re-reads the config file. On an error the running config stays and the
     /// reason is logged; otherwise only roles whose configuration changed are
-    /// restarted. Python settings, tasks, logging and the admin endpoint need
-    /// a restart (a warning says so).
+    /// replaced, each as a transaction (see [`crate::supervisor`]). Python
+    /// settings, tasks, logging and the admin endpoint need a restart (a
+    /// warning says so).
     pub async fn reload(&mut self) {
         notify(&[
             NotifyState::Reloading,
@@ -212,20 +210,18 @@ impl Daemon {
                 "reload: [python], [log], [daemon] and [admin] changes need a restart; keeping the running values"
             );
         }
-        let (started, stopped, failed) = supervisor::apply(
-            &mut self.running,
-            supervisor::role_configs(&new),
-            &self.pool,
-            &self.token,
-            &self.roles,
-            self.config.daemon.shutdown_grace,
-        )
-        .await;
+        let applied = self.supervisor.apply(&supervisor::role_configs(&new)).await;
         self.config.tcp = new.tcp;
         self.config.shm = new.shm;
-        let status =
-            format!("reloaded: started {started:?}, stopped {stopped:?}, failed {failed:?}");
-        if failed.is_empty() {
+        let names = |v: &[(String, String)]| v.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+        let status = format!(
+            "reloaded: started {:?}, replaced {:?}, stopped {:?}, failed {:?}",
+            applied.started,
+            applied.replaced,
+            applied.stopped,
+            names(&applied.failed)
+        );
+        if applied.failed.is_empty() {
             tracing::info!("{status}");
         } else {
             tracing::error!("{status}");
@@ -294,15 +290,6 @@ async fn futures_join<F: Future<Output = ()>>(futs: impl Iterator<Item = F>) {
     for f in futs {
         f.await;
     }
-}
-
-fn resolve_roles(config: &Config) -> Result<Vec<(String, Role, RoleConfig)>, Error> {
-    pyo3::Python::attach(|py| {
-        supervisor::role_configs(config)
-            .into_iter()
-            .map(|(name, cfg)| Ok((name.clone(), supervisor::resolve(py, &name, &cfg)?, cfg)))
-            .collect()
-    })
 }
 
 /// Runs the daemon for `config` on a runtime of its own until SIGINT/SIGTERM,

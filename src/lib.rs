@@ -9,7 +9,11 @@
 //! - [`admin`]: `/health` and `/metrics`.
 //! - [`systemd`]: readiness, status, stopping and watchdog notices.
 //! - [`daemon`]: start-up, readiness, reload, ordered shutdown.
-//! - [`supervisor`]: roles built from the config, started, and diffed on reload.
+//! - [`supervisor`]: roles built from the config, started, and replaced
+//!   transactionally on reload (the diff is a pure function, [`supervisor::plan`]).
+//! - [`role`]: what every role instance gets from the supervisor.
+//! - [`registry`]: (a leaf) role health and `pyipcd.send` routes, each entry
+//!   owned by one role instance.
 //! - [`tcp`]: TCP server and client roles.
 //! - [`shm`]: shared-memory regions (the only `unsafe` code).
 //! - [`py`]: the embedded interpreter: GIL pool, handlers, asyncio loop, tasks,
@@ -28,6 +32,8 @@ pub mod config;
 pub mod daemon;
 mod error;
 pub mod py;
+pub mod registry;
+pub mod role;
 #[allow(unsafe_code)]
 pub mod shm;
 pub mod shutdown;

@@ -8,9 +8,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use pyipcd::py::handler::Handler;
+use pyipcd::py::handler::{Handler, Runs};
 use pyipcd::py::pool::{CallError, GilPool, PoolConfig};
-use pyipcd::py::target::Target;
 use pyo3::prelude::*;
 
 /// Log output of this test process (one global subscriber; tests use unique markers).
@@ -81,8 +80,10 @@ fn open_gate(module: &'static str) {
 }
 
 fn handler(role: &str, target: &str) -> Arc<Handler> {
-    let t = Target::parse(target).unwrap();
-    Arc::new(Python::attach(|py| Handler::resolve(py, role, &t)).unwrap())
+    Arc::new(
+        Python::attach(|py| Handler::resolve(py, role, "test handler", target, Runs::OnPool))
+            .unwrap(),
+    )
 }
 
 fn cfg(workers: usize, queue: usize, timeout_ms: u64) -> PoolConfig {
@@ -328,7 +329,7 @@ async fn a_stuck_call_times_out_and_its_python_stack_is_logged() {
     let event = &text[text.find("call running for at least").unwrap()..];
     assert!(event.contains("in gp_stuck_sleeper"), "{event}");
     assert!(event.contains("role=stuck-role"), "{event}");
-    assert!(pool.stats().stuck_reports.load(Ordering::Relaxed) >= 1);
+    assert!(pool.monitor().stuck_reports() >= 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

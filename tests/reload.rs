@@ -1,12 +1,19 @@
-//! SIGHUP reload through the real binary, watched through a test-owned
-//! NOTIFY_SOCKET: the notify sequence, a broken config keeping the old one
-//! serving, and a moved listener that leaves unchanged roles' connections alone.
+//! SIGHUP reload of server roles through the real binary, watched through a
+//! test-owned NOTIFY_SOCKET and the admin endpoint: the notify sequence, a
+//! broken file keeping the old config, and reload as a transaction per role:
+//! a replacement that cannot start leaves the old instance serving, the
+//! listening socket is handed over (no connect refused), open connections
+//! finish on the old instance (until `reload_drain`), an unchanged handler
+//! keeps its class instance, and a late old instance never marks its
+//! successor down.
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use common::{Daemon, Scenario, free_port};
 
@@ -20,6 +27,16 @@ fn config(a: u16, b: u16) -> String {
     )
 }
 
+/// One server role `a` with an admin endpoint; `extra` goes into `[daemon]`,
+/// `role` into the role's table.
+fn one_role(admin: u16, a: u16, daemon: &str, role: &str) -> String {
+    format!(
+        "[daemon]\nshutdown_grace = \"1s\"\n{daemon}\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+         [python]\npaths = [\".\"]\n\
+         [[tcp.server]]\nname = \"a\"\nlisten = \"127.0.0.1:{a}\"\nframing = \"line\"\n{role}\n"
+    )
+}
+
 struct Line(BufReader<TcpStream>, TcpStream);
 
 impl Line {
@@ -29,11 +46,112 @@ impl Line {
         Self(BufReader::new(s.try_clone().unwrap()), s)
     }
 
-    fn echo(&mut self, msg: &str) -> String {
+    fn send(&mut self, msg: &str) {
         writeln!(self.1, "{msg}").unwrap();
+    }
+
+    fn read(&mut self) -> String {
         let mut l = String::new();
         self.0.read_line(&mut l).unwrap();
         l.trim_end().to_string()
+    }
+
+    fn echo(&mut self, msg: &str) -> String {
+        self.send(msg);
+        self.read()
+    }
+}
+
+/// `GET /health`: (status code, body).
+fn health(admin: u16) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", admin)).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let code = text[9..12].parse().unwrap();
+    (
+        code,
+        text.split("\r\n\r\n").nth(1).unwrap_or("").to_string(),
+    )
+}
+
+/// Non-status notify lines (`RELOADING=1`, `READY=1`, …) and the STATUS texts.
+fn milestones(d: &Daemon, window: Duration) -> (Vec<String>, Vec<String>) {
+    let notes = d.notify_lines(window);
+    let kinds = notes
+        .iter()
+        .map(|(_, l)| l.clone())
+        .filter(|l| !l.starts_with("STATUS=") && !l.starts_with("MONOTONIC_USEC="))
+        .collect();
+    let status = notes
+        .iter()
+        .filter_map(|(_, l)| l.strip_prefix("STATUS=").map(str::to_string))
+        .collect();
+    (kinds, status)
+}
+
+/// Connects and echoes in a loop on another thread until stopped; counts
+/// the round trips and the failures (a refused connect is one).
+struct Prober {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
+    thread: Option<std::thread::JoinHandle<Vec<String>>>,
+}
+
+impl Prober {
+    fn start(port: u16) -> Self {
+        let (stop, ok, failed) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let (s, o, f) = (stop.clone(), ok.clone(), failed.clone());
+        let thread = std::thread::spawn(move || {
+            let mut errors = Vec::new();
+            while !s.load(Ordering::Relaxed) {
+                let round = (|| -> std::io::Result<String> {
+                    let c = TcpStream::connect(("127.0.0.1", port))?;
+                    c.set_read_timeout(Some(T))?;
+                    let mut r = BufReader::new(c.try_clone()?);
+                    (&c).write_all(b"probe\n")?;
+                    let mut l = String::new();
+                    r.read_line(&mut l)?;
+                    Ok(l)
+                })();
+                match round {
+                    Ok(l) if l == "probe\n" => o.fetch_add(1, Ordering::Relaxed),
+                    Ok(l) => {
+                        errors.push(format!("got {l:?}"));
+                        f.fetch_add(1, Ordering::Relaxed)
+                    }
+                    Err(e) => {
+                        errors.push(e.to_string());
+                        f.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+            errors
+        });
+        Self {
+            stop,
+            ok,
+            failed,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops; returns (round trips, failures).
+    fn finish(mut self) -> (usize, usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let errors = self.thread.take().unwrap().join().unwrap();
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            errors,
+        )
     }
 }
 
@@ -77,7 +195,7 @@ fn sighup_moves_a_changed_listener_and_keeps_the_rest() {
     std::fs::write(&cfg, config(a2, b)).unwrap();
     d.signal("HUP");
     d.lines.wait_for(
-        &["reloaded: started [\"a\"], stopped [\"a\"], failed []"],
+        &["reloaded: started [], replaced [\"a\"], stopped [], failed []"],
         T,
     );
     assert_eq!(Line::open(a2).echo("a2"), "a2");
@@ -134,63 +252,257 @@ fn notify_sees_ready_watchdog_reloading_ready_stopping_in_order() {
 }
 
 #[test]
-fn a_role_that_fails_to_restart_shows_as_down_until_fixed() {
+fn a_replacement_that_cannot_start_leaves_the_old_instance_serving() {
     let s = Scenario::new();
     s.write("h.py", "def echo(data):\n    return data\n");
     let (admin, a) = (free_port(), free_port());
-    let good = format!(
-        "[admin]\nlisten = \"127.0.0.1:{admin}\"\n[python]\npaths = [\".\"]\n\
-         [[tcp.server]]\nname = \"a\"\nlisten = \"127.0.0.1:{a}\"\nframing = \"line\"\nhandler = \"h:echo\"\n"
-    );
+    let good = one_role(admin, a, "", "handler = \"h:echo\"");
     let cfg = s.write("pyipcd.toml", &good);
     let mut d = Daemon::start(&cfg, &[]);
     d.wait_ready();
-    let health = || common::run_to_end(&["health", "-c", cfg.to_str().unwrap()], &[]).0;
-    assert_eq!(health(), 0);
-    std::fs::write(&cfg, good.replace("h:echo", "h:missing")).unwrap();
+    let mut open = Line::open(a);
+    assert_eq!(open.echo("first"), "first");
+    let prober = Prober::start(a);
+
+    // A function added to h.py after start: `check` (a fresh process) finds
+    // it, the running interpreter, which imported h at start, does not.
+    s.write(
+        "h.py",
+        "def echo(data):\n    return data\n\ndef shout(data):\n    return data.upper()\n",
+    );
+    let added = good.replace("h:echo", "h:shout");
+    std::fs::write(&cfg, &added).unwrap();
+    let (code, out, err) = common::run_to_end(&["check", "-c", cfg.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "check must accept it: {out}{err}");
     d.signal("HUP");
-    d.lines.wait_for(
-        &["reloaded: started [], stopped [\"a\"], failed [\"a\"]"],
+    let (kinds, status) = milestones(&d, Duration::from_millis(1500));
+    assert_eq!(kinds, ["RELOADING=1", "READY=1"], "{status:?}");
+    assert!(
+        status.iter().any(|s| s.contains("failed [\"a\"]")),
+        "{status:?}"
+    );
+    let line = d.lines.wait_for(
+        &[
+            "reload failed; the previous instance keeps serving",
+            "h:shout",
+        ],
         T,
     );
-    assert_eq!(health(), 1, "a role that failed to start must show as down");
+    assert!(line.contains("needs a restart"), "{line}");
+    assert_eq!(open.echo("still"), "still", "the open connection survives");
+    assert_eq!(Line::open(a).echo("new conn"), "new conn", "old handler");
+    let (code, body) = health(admin);
+    assert_eq!(code, 200, "the role serves: {body}");
+    assert!(body.contains("reload failed"), "{body}");
+
+    // A port held by someone else: the old listener stays.
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = squatter.local_addr().unwrap().port();
+    std::fs::write(
+        &cfg,
+        good.replace(&format!(":{a}\""), &format!(":{taken}\"")),
+    )
+    .unwrap();
+    d.signal("HUP");
+    d.lines.wait_for(
+        &[
+            "reload failed; the previous instance keeps serving",
+            "cannot listen",
+        ],
+        T,
+    );
+    assert_eq!(Line::open(a).echo("kept"), "kept");
+    assert_eq!(health(admin).0, 200);
+
+    // Back to the running config: the notes go.
     std::fs::write(&cfg, &good).unwrap();
     d.signal("HUP");
-    d.lines
-        .wait_for(&["reloaded: started [\"a\"], stopped [], failed []"], T);
-    assert_eq!(health(), 0);
-    assert_eq!(Line::open(a).echo("back"), "back");
+    d.lines.wait_for(
+        &["reloaded: started [], replaced [], stopped [], failed []"],
+        T,
+    );
+    let (code, body) = health(admin);
+    assert_eq!((code, body.trim()), (200, "{\"status\":\"ok\"}"));
+    let (ok, failed, errors) = prober.finish();
+    assert!(ok > 0);
+    assert_eq!(
+        failed, 0,
+        "round trips failed during the reloads: {errors:?}"
+    );
     d.signal("TERM");
     assert_eq!(d.wait_exit(T).code(), Some(0));
 }
 
 #[test]
-fn sighup_switches_a_role_to_inline_dispatch_on_the_same_port() {
+fn a_new_role_that_fails_to_start_shows_as_down_until_fixed() {
     let s = Scenario::new();
     s.write("h.py", "def echo(data):\n    return data\n");
-    let (a, b) = (free_port(), free_port());
-    let pool = config(a, b);
-    let cfg = s.write("pyipcd.toml", &pool);
+    let (admin, a, b) = (free_port(), free_port(), free_port());
+    let good = one_role(admin, a, "", "handler = \"h:echo\"");
+    let cfg = s.write("pyipcd.toml", &good);
     let mut d = Daemon::start(&cfg, &[]);
     d.wait_ready();
-    let mut on_b = Line::open(b);
-    assert_eq!(Line::open(a).echo("pool"), "pool");
-    // Only role a changes; it must get its port back at once.
-    let inline = pool.replacen(
-        "handler = \"h:echo\"\n",
-        "handler = \"h:echo\"\ndispatch = \"inline\"\n",
-        1,
-    );
-    std::fs::write(&cfg, inline).unwrap();
+    let role_b = |h: &str| {
+        format!(
+            "{good}[[tcp.server]]\nname = \"b\"\nlisten = \"127.0.0.1:{b}\"\nframing = \"line\"\nhandler = \"h:{h}\"\n"
+        )
+    };
+    std::fs::write(&cfg, role_b("missing")).unwrap();
     d.signal("HUP");
     d.lines.wait_for(
-        &["reloaded: started [\"a\"], stopped [\"a\"], failed []"],
+        &["reloaded: started [], replaced [], stopped [], failed [\"b\"]"],
         T,
     );
-    // Log lines carry thread names: role a now listens from its own thread.
+    let (code, body) = health(admin);
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("role b is down: not started"), "{body}");
+    assert!(body.contains("AttributeError"), "{body}");
+    std::fs::write(&cfg, role_b("echo")).unwrap();
+    d.signal("HUP");
+    d.lines.wait_for(
+        &["reloaded: started [\"b\"], replaced [], stopped [], failed []"],
+        T,
+    );
+    assert_eq!(health(admin).0, 200);
+    assert_eq!(Line::open(b).echo("back"), "back");
+    // Removed again: its health entry goes with it.
+    std::fs::write(&cfg, &good).unwrap();
+    d.signal("HUP");
+    d.lines.wait_for(
+        &["reloaded: started [], replaced [], stopped [\"b\"], failed []"],
+        T,
+    );
+    assert_eq!(health(admin), (200, "{\"status\":\"ok\"}\n".into()));
+    d.signal("TERM");
+    assert_eq!(d.wait_exit(T).code(), Some(0));
+}
+
+#[test]
+fn a_late_old_instance_never_marks_its_successor_down() {
+    let s = Scenario::new();
+    s.write(
+        "h.py",
+        "import time\n\ndef echo(data):\n    if data == b'slow':\n        time.sleep(4)\n    return data\n",
+    );
+    let (admin, a) = (free_port(), free_port());
+    let cfg = s.write(
+        "pyipcd.toml",
+        &one_role(admin, a, "", "handler = \"h:echo\""),
+    );
+    let mut d = Daemon::start(&cfg, &[]);
+    d.wait_ready();
+    let mut slow = Line::open(a);
+    slow.send("slow");
+    std::thread::sleep(Duration::from_millis(300));
+    let changed = one_role(admin, a, "", "handler = \"h:echo\"\npipeline = 8");
+    std::fs::write(&cfg, changed).unwrap();
+    d.signal("HUP");
+    d.lines.wait_for(
+        &["reloaded: started [], replaced [\"a\"], stopped [], failed []"],
+        T,
+    );
+    assert_eq!(Line::open(a).echo("new"), "new");
+    // The slow call ends on the old instance, past shutdown_grace (1 s):
+    // its reply still arrives, and its end does not touch the new instance.
+    let started = Instant::now();
+    assert_eq!(slow.read(), "slow");
+    assert!(started.elapsed() > Duration::from_secs(2));
+    drop(slow);
+    d.lines.wait_for(&["stopped listening", "role=a"], T);
+    for _ in 0..3 {
+        assert_eq!(health(admin), (200, "{\"status\":\"ok\"}\n".into()));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(Line::open(a).echo("still"), "still");
+    d.signal("TERM");
+    assert_eq!(d.wait_exit(T).code(), Some(0));
+}
+
+#[test]
+fn an_unchanged_handler_keeps_its_state_and_open_connections_drain() {
+    let s = Scenario::new();
+    s.write(
+        "h.py",
+        "class Counter:\n    def __init__(self):\n        self.n = 0\n\n    def hit(self, data):\n        self.n += 1\n        return str(self.n).encode()\n",
+    );
+    let (admin, a) = (free_port(), free_port());
+    let role = "handler = \"h:Counter.hit\"";
+    let cfg = s.write(
+        "pyipcd.toml",
+        &one_role(admin, a, "reload_drain = \"2s\"", role),
+    );
+    let mut d = Daemon::start(&cfg, &[]);
+    d.wait_ready();
+    let mut old = Line::open(a);
+    assert_eq!(old.echo("x"), "1");
+    assert_eq!(old.echo("x"), "2");
+    std::fs::write(
+        &cfg,
+        one_role(
+            admin,
+            a,
+            "reload_drain = \"2s\"",
+            &format!("{role}\npipeline = 4"),
+        ),
+    )
+    .unwrap();
+    d.signal("HUP");
+    d.lines.wait_for(
+        &["reloaded: started [], replaced [\"a\"], stopped [], failed []"],
+        T,
+    );
+    d.lines.wait_for(
+        &["1 open connection(s) finish on this instance", "role=a"],
+        T,
+    );
+    assert_eq!(Line::open(a).echo("x"), "3", "the class instance was kept");
+    assert_eq!(old.echo("x"), "4", "the open connection still works");
+    // Past reload_drain the old instance closes it, saying so.
+    d.lines.wait_for(&["reload_drain (2s) passed", "role=a"], T);
+    let mut rest = String::new();
+    assert_eq!(old.0.read_line(&mut rest).unwrap(), 0, "closed: {rest:?}");
+    assert_eq!(Line::open(a).echo("x"), "5");
+    d.signal("TERM");
+    assert_eq!(d.wait_exit(T).code(), Some(0));
+}
+
+#[test]
+fn reloads_on_the_same_port_refuse_no_connect_even_across_dispatch_modes() {
+    let s = Scenario::new();
+    s.write("h.py", "def echo(data):\n    return data\n");
+    let (admin, a) = (free_port(), free_port());
+    let modes = [
+        "dispatch = \"inline\"",
+        "pipeline = 4",
+        "dispatch = \"inline\"\npipeline = 2",
+    ];
+    let cfg = s.write(
+        "pyipcd.toml",
+        &one_role(admin, a, "", "handler = \"h:echo\""),
+    );
+    let mut d = Daemon::start(&cfg, &[]);
+    d.wait_ready();
+    let prober = Prober::start(a);
+    for (i, extra) in modes.iter().enumerate() {
+        std::fs::write(
+            &cfg,
+            one_role(admin, a, "", &format!("handler = \"h:echo\"\n{extra}")),
+        )
+        .unwrap();
+        let before = d.lines.count(&["reloaded: started [], replaced [\"a\"]"]);
+        d.signal("HUP");
+        let deadline = Instant::now() + T;
+        while d.lines.count(&["reloaded: started [], replaced [\"a\"]"]) == before {
+            assert!(Instant::now() < deadline, "reload {i} not seen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // Inline now: log lines carry thread names.
     d.lines.wait_for(&["py-tcp-a", "listening", "role=a"], T);
-    assert_eq!(Line::open(a).echo("inline"), "inline");
-    assert_eq!(on_b.echo("b untouched"), "b untouched");
+    let (ok, failed, errors) = prober.finish();
+    assert!(ok > 10, "{ok}");
+    assert_eq!(failed, 0, "{errors:?}");
     d.signal("TERM");
     assert_eq!(d.wait_exit(T).code(), Some(0));
 }

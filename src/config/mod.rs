@@ -99,6 +99,10 @@ pub struct DaemonConfig {
     /// How long SIGTERM/SIGINT waits for in-flight calls and tasks before forcing them.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// On a reload, how long the open connections of a replaced server
+    /// instance may go on being served by it before they are closed.
+    #[serde(with = "humantime_serde")]
+    pub reload_drain: Duration,
     /// Tokio worker threads (the GIL pool has its own threads). Unset: the
     /// cores the GIL pool does not use (at least 1): spinning threads beyond
     /// the core count slow everyone down.
@@ -109,6 +113,7 @@ impl Default for DaemonConfig {
     fn default() -> Self {
         Self {
             shutdown_grace: Duration::from_secs(5),
+            reload_drain: Duration::from_secs(30),
             io_threads: None,
         }
     }

@@ -1,7 +1,12 @@
-//! Handlers: Python callables resolved once at start-up and invoked on a GIL
-//! pool thread with `bytes`, returning `bytes | None`. Converts between Rust
-//! [`Bytes`] and Python objects (one copy each way) and turns a Python exception
-//! into a [`HandlerError`] carrying the formatted traceback.
+//! Handlers: Python callables resolved once per role instance
+//! ([`Handler::resolve`]) and called with `bytes`, returning `bytes | None`,
+//! on a GIL pool thread ([`Handler::invoke`], which schedules an `async def`
+//! on the asyncio loop) or on a role's own thread ([`Handler::call_here`]).
+//! Converts between Rust [`Bytes`] and Python objects and turns a Python
+//! exception into a [`HandlerError`] carrying the formatted traceback.
+//!
+//! One handler (and, for `module:Class.method`, one class instance) serves a
+//! role from several pool threads at once.
 
 use std::fmt;
 use std::future::Future;
@@ -13,7 +18,16 @@ use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyMemoryView, PyString};
 use pyo3_async_runtimes::TaskLocals;
 
-use super::target::Target;
+use super::target::{ResolveError, resolve_callable};
+
+/// Where a role calls its handler, which decides what kind it may be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Runs {
+    /// On the GIL pool: plain `def` and `async def` (on the asyncio loop).
+    OnPool,
+    /// On the role's own thread (inline TCP, shm channels): plain `def` only.
+    OnOwnThread,
+}
 
 /// A resolved Python handler, shared by every caller of one role.
 pub struct Handler {
@@ -68,19 +82,32 @@ pub(crate) enum Invoked {
 }
 
 impl Handler {
-    /// Resolves `target` (importing its module, instantiating `Class()` for
-    /// `Class.method`) for the role named `role`.
+    /// Resolves `spec`, named by setting `key`, as the handler of `role`
+    /// (importing its module, instantiating `Class()` for `Class.method`).
+    /// The one way every role gets its handler.
     ///
     /// # Errors
-    /// The Python exception raised while importing or looking up the target,
-    /// or a `TypeError` for a bare module (it has nothing to call).
-    pub fn resolve(py: Python<'_>, role: &str, target: &Target) -> PyResult<Self> {
-        let callable = target.resolve(py)?.ok_or_else(|| {
-            pyo3::exceptions::PyTypeError::new_err(format!(
-                "handler `{target}` names a module; use module:function"
-            ))
-        })?;
-        Self::from_callable(py, role, &target.to_string(), callable)
+    /// [`ResolveError`]: a malformed or missing target, a Python exception
+    /// while importing it, or an `async def` for a role that [`Runs::OnOwnThread`].
+    pub fn resolve(
+        py: Python<'_>,
+        role: &str,
+        key: &str,
+        spec: &str,
+        runs: Runs,
+    ) -> Result<Self, ResolveError> {
+        let callable = resolve_callable(py, key, spec)?;
+        let handler = Self::from_callable(py, role, spec, callable)
+            .map_err(|e| ResolveError::new(key, spec, format_exception(py, &e).trim_end()))?;
+        if runs == Runs::OnOwnThread && handler.is_async {
+            return Err(ResolveError::new(
+                key,
+                spec,
+                "is an async def, but this role calls its handler on its own thread, which \
+                 runs no asyncio loop: use a plain def (or dispatch = \"pool\" for a tcp server)",
+            ));
+        }
+        Ok(handler)
     }
 
     /// Wraps an already resolved callable; `label` is shown in logs.
@@ -147,17 +174,18 @@ impl Handler {
         }
     }
 
-    /// Calls a plain `def` handler right here, on the calling thread, and
-    /// hands its reply's bytes to `use_reply` while they are still Python's
-    /// (no copy). An `async def` handler is an error: there is no asyncio loop here.
-    pub(crate) fn call_here<R>(
+    /// Calls a plain `def` handler right here, on the calling thread, with
+    /// `arg` and hands its reply's bytes to `use_reply` while they are still
+    /// Python's (no copy). An `async def` handler is an error: there is no
+    /// asyncio loop here.
+    pub(crate) fn call_here<'py, R>(
         &self,
-        py: Python<'_>,
-        payload: &[u8],
+        py: Python<'py>,
+        arg: Bound<'py, PyAny>,
         ctx: Option<&CallContext>,
         use_reply: impl FnOnce(&[u8]) -> R,
     ) -> Result<Option<R>, HandlerError> {
-        let obj = self.call_with(py, PyBytes::new(py, payload).into_any(), ctx)?;
+        let obj = self.call_with(py, arg, ctx)?;
         with_reply_bytes(&obj, use_reply).map_err(|e| self.error(py, &e))
     }
 

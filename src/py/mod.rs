@@ -12,6 +12,7 @@
 //! - [`asyncio`]: the event loop thread for `async def` handlers.
 //! - [`task`]: long-running tasks on their own threads.
 //! - [`module`]: the embedded `pyipcd` module.
+//! - [`monitor`]: the stuck-call monitor and the threads it watches.
 //! - `lent`: memory lent to a handler for one call (zero-copy channel requests).
 
 pub mod asyncio;
@@ -19,7 +20,7 @@ pub mod handler;
 pub mod interpreter;
 pub(crate) mod lent;
 pub mod module;
-mod monitor;
+pub mod monitor;
 pub mod output;
 pub mod pool;
 pub mod target;

@@ -6,10 +6,8 @@
 //! (`runtime.py`: output redirection and helpers) lives in a private module,
 //! `_pyipcd`.
 
-use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, PoisonError};
 
 use bytes::Bytes;
 use pyo3::exceptions::{PyKeyError, PyRuntimeError};
@@ -20,7 +18,6 @@ use tokio::sync::mpsc;
 use super::output;
 
 static STOPPING: AtomicBool = AtomicBool::new(false);
-static ROUTES: Mutex<BTreeMap<String, mpsc::Sender<Bytes>>> = Mutex::new(BTreeMap::new());
 
 const RUNTIME_SOURCE: &str = include_str!("runtime.py");
 
@@ -32,22 +29,6 @@ pub fn set_stopping() {
 /// Whether shutdown has begun.
 pub fn is_stopping() -> bool {
     STOPPING.load(Ordering::SeqCst)
-}
-
-/// Lets `pyipcd.send(name, data)` reach a role; replaces any earlier route of that name.
-pub fn register_route(name: &str, sender: mpsc::Sender<Bytes>) {
-    ROUTES
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .insert(name.to_string(), sender);
-}
-
-/// Removes the route of a role that stopped.
-pub fn unregister_route(name: &str) {
-    ROUTES
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .remove(name);
 }
 
 /// The private runtime module `_pyipcd` (in `sys.modules` once [`install`] ran).
@@ -128,18 +109,11 @@ fn stopping() -> bool {
 /// holding the GIL) while that role's queue is full.
 #[pyfunction]
 fn send(py: Python<'_>, role: &str, data: &[u8]) -> PyResult<()> {
-    let sender = {
-        let routes = ROUTES.lock().unwrap_or_else(PoisonError::into_inner);
-        match routes.get(role) {
-            Some(s) => s.clone(),
-            None => {
-                let known: Vec<&str> = routes.keys().map(String::as_str).collect();
-                return Err(PyKeyError::new_err(format!(
-                    "no role named {role:?} accepts pyipcd.send (roles that do: {known:?})"
-                )));
-            }
-        }
-    };
+    let sender = crate::registry::registry().sender(role).map_err(|known| {
+        PyKeyError::new_err(format!(
+            "no role named {role:?} accepts pyipcd.send (roles that do: {known:?})"
+        ))
+    })?;
     let data = Bytes::copy_from_slice(data);
     let sent = match sender.try_send(data) {
         Ok(()) => Ok(()),

@@ -1,5 +1,6 @@
 //! Python targets named in the config: `module`, `module:function` and
-//! `module:Class.method`, parsed without the interpreter and resolved with it.
+//! `module:Class.method`, parsed without the interpreter and resolved with
+//! it ([`resolve_callable`], the one way every role looks up what it calls).
 
 use std::fmt;
 
@@ -107,6 +108,84 @@ impl Target {
             )));
         }
         Ok(Some(callable))
+    }
+}
+
+/// Why a configured target could not be resolved: the config key that named
+/// it, the target, and Python's reason (its traceback).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{key} `{spec}`: {reason}")]
+pub struct ResolveError {
+    /// Which setting named it, e.g. ``tcp.server `echo` handler``.
+    pub key: String,
+    /// The target as written.
+    pub spec: String,
+    /// Python's formatted exception, or what is wrong with the target.
+    pub reason: String,
+    /// The target's module had been imported before this attempt: a fix to
+    /// its code on disk is not seen until the daemon restarts.
+    pub module_was_loaded: bool,
+}
+
+impl ResolveError {
+    /// Builds an error for `key`/`spec` with a reason that is not a Python exception.
+    pub fn new(key: &str, spec: &str, reason: impl Into<String>) -> Self {
+        Self {
+            key: key.to_string(),
+            spec: spec.to_string(),
+            reason: reason.into(),
+            module_was_loaded: false,
+        }
+    }
+
+    /// What to tell a user whose reload failed: the error, and when the module
+    /// was already imported, that Python code is not re-imported.
+    pub fn with_reload_hint(&self) -> String {
+        let module = self.spec.split(':').next().unwrap_or_default();
+        if self.module_was_loaded {
+            format!(
+                "{} (module `{module}` was imported before this reload and Python code is \
+                 never re-imported: a change to its code needs a restart)",
+                self.to_string().trim_end()
+            )
+        } else {
+            self.to_string()
+        }
+    }
+}
+
+/// Parses and resolves `spec`, named by setting `key`, to the callable it
+/// names (instantiating `Class()` once for `Class.method`).
+///
+/// # Errors
+/// [`ResolveError`] for a malformed target, a bare module (nothing to call),
+/// or any Python exception raised while importing or looking it up.
+pub fn resolve_callable<'py>(
+    py: Python<'py>,
+    key: &str,
+    spec: &str,
+) -> Result<Bound<'py, PyAny>, ResolveError> {
+    let target = Target::parse(spec).map_err(|e| ResolveError::new(key, spec, e.to_string()))?;
+    let module_was_loaded = py
+        .import("sys")
+        .and_then(|sys| sys.getattr("modules")?.contains(target.module.as_str()))
+        .unwrap_or(false);
+    let python_error = |e: &PyErr| ResolveError {
+        module_was_loaded,
+        ..ResolveError::new(
+            key,
+            spec,
+            super::handler::format_exception(py, e).trim_end(),
+        )
+    };
+    match target.resolve(py) {
+        Ok(Some(callable)) => Ok(callable),
+        Ok(None) => Err(ResolveError::new(
+            key,
+            spec,
+            "names a module; use module:function",
+        )),
+        Err(e) => Err(python_error(&e)),
     }
 }
 

@@ -23,15 +23,14 @@ use std::time::Duration;
 
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
-use tokio_util::sync::CancellationToken;
 
 use super::doorbell::Spin;
 use super::ring::{Channel, Dir, Fault, InPlace, LayoutError, MAGIC, State, file_size, flags};
 use crate::config::ShmRegionConfig;
-use crate::py::handler::{Handler, HandlerError, format_exception, with_reply_bytes};
+use crate::py::handler::{Handler, HandlerError, Runs, format_exception, with_reply_bytes};
 use crate::py::lent::Returned;
-use crate::py::pool::GilPool;
-use crate::py::target::Target;
+use crate::py::target::ResolveError;
+use crate::role::Context;
 
 /// How long a sleeping channel thread sleeps before looking at its stop flag
 /// again (shutdown also wakes it at once; a client that publishes without
@@ -57,9 +56,47 @@ pub enum ChannelError {
         /// What is wrong with it.
         source: LayoutError,
     },
-    /// The handler could not be resolved (traceback included).
-    #[error("{0}")]
-    Handler(String),
+}
+
+/// What a channel instance resolved in Python: kept by a replacement whose
+/// handler did not change.
+#[derive(Clone)]
+pub struct ChannelParts {
+    handler: Arc<Handler>,
+}
+
+impl ChannelParts {
+    /// Resolves the handler of `cfg` (a plain `def`: it runs on the channel's
+    /// own thread), or takes `old`'s when `same` says it is unchanged.
+    ///
+    /// # Errors
+    /// [`ResolveError`] if it cannot be resolved.
+    pub fn resolve(
+        py: Python<'_>,
+        cfg: &ShmRegionConfig,
+        old: Option<&ChannelParts>,
+        same: impl Fn(&str) -> bool,
+    ) -> Result<Self, ResolveError> {
+        if let Some(o) = old.filter(|_| same("handler")) {
+            return Ok(o.clone());
+        }
+        let spec = cfg.handler.as_deref().unwrap_or_default();
+        let key = format!("shm.region `{}` handler", cfg.name);
+        let handler = Handler::resolve(py, &cfg.name, &key, spec, Runs::OnOwnThread)?;
+        Ok(Self {
+            handler: Arc::new(handler),
+        })
+    }
+}
+
+/// How [`ShmChannel::open`] treats an existing channel file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Take {
+    /// Initialise it afresh with a new generation (attached clients notice).
+    Fresh,
+    /// Adopt it as it is, from the instance this one replaces: same
+    /// generation, same rings, attached clients notice nothing.
+    Adopt,
 }
 
 /// A channel region, initialised and with its handler resolved.
@@ -75,25 +112,41 @@ pub struct ShmChannel {
 
 impl ShmChannel {
     /// Creates or re-initialises the channel file (bumping its generation so
-    /// attached clients notice the restart) and resolves the handler.
+    /// attached clients notice the restart), or adopts it as the previous
+    /// instance left it ([`Take::Adopt`], after that instance stopped).
     ///
     /// # Errors
-    /// [`ChannelError`] naming the file or the handler.
-    pub fn open(py: Python<'_>, cfg: &ShmRegionConfig) -> Result<Self, ChannelError> {
+    /// [`ChannelError`] naming the file.
+    pub fn open(
+        cfg: &ShmRegionConfig,
+        parts: ChannelParts,
+        take: Take,
+    ) -> Result<Self, ChannelError> {
         let ring = usize::try_from(cfg.ring_size.as_u64()).unwrap_or(usize::MAX);
         let max = usize::try_from(cfg.max_message.as_u64()).unwrap_or(usize::MAX);
         let io = |source| ChannelError::Io {
             path: cfg.path.clone(),
             source,
         };
-        let spec = cfg.handler.as_deref().unwrap_or_default();
-        let target = Target::parse(spec).map_err(|e| ChannelError::Handler(e.to_string()))?;
-        let handler = Handler::resolve(py, &cfg.name, &target)
-            .map_err(|e| ChannelError::Handler(format_exception(py, &e)))?;
-        if handler.is_async() {
-            return Err(ChannelError::Handler(format!(
-                "`{spec}` is async def; channel handlers run on the channel's own thread and must be plain functions"
-            )));
+        let handler = parts.handler;
+        if take == Take::Adopt {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&cfg.path)
+                .map_err(io)?;
+            let map = memmap2::MmapOptions::new().map_raw(&file).map_err(io)?;
+            let foreign = |source| ChannelError::Foreign {
+                path: cfg.path.clone(),
+                source,
+            };
+            let channel = Channel::attach(map).map_err(foreign)?;
+            if channel.ring_size() != ring || channel.max_record() != max {
+                return Err(foreign(LayoutError::Size(
+                    "not the layout the previous instance used".into(),
+                )));
+            }
+            return Ok(Self::serving(cfg, channel, handler));
         }
         let file = std::os::unix::fs::OpenOptionsExt::mode(
             std::fs::OpenOptions::new()
@@ -129,13 +182,17 @@ impl ShmChannel {
                 source,
             }
         })?;
-        Ok(Self {
+        Ok(Self::serving(cfg, channel, handler))
+    }
+
+    fn serving(cfg: &ShmRegionConfig, channel: Channel, handler: Arc<Handler>) -> Self {
+        Self {
             name: Arc::from(cfg.name.as_str()),
             channel,
-            handler: Arc::new(handler),
+            handler,
             zero_copy: cfg.zero_copy,
             view_held_at_stop: AtomicBool::new(false),
-        })
+        }
     }
 
     /// The role's name.
@@ -143,9 +200,11 @@ impl ShmChannel {
         &self.name
     }
 
-    /// Serves until `token` is cancelled (on a thread of its own, whose calls
-    /// `pool`'s stuck-call monitor watches), then marks the channel stopped.
-    pub async fn run(self, pool: Arc<GilPool>, token: CancellationToken) {
+    /// Serves until `ctx.stop` is cancelled (on a thread of its own, whose
+    /// calls the stuck-call monitor watches), then marks the channel stopped,
+    /// unless `handover` was set first: a replacement adopts the file then.
+    pub async fn run(self, ctx: Context, handover: Arc<AtomicBool>) {
+        let token = ctx.stop.clone();
         let stop = Arc::new(AtomicBool::new(false));
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         let name = self.name.clone();
@@ -156,8 +215,10 @@ impl ShmChannel {
             .name(format!("py-shm-{name}"))
             .spawn(move || {
                 crate::py::output::set_thread_role(Some(&served.name));
-                serve(&served, &pool, &flag);
-                served.channel.set_state(State::Stopped);
+                serve(&served, &ctx, &flag);
+                if !handover.load(Ordering::SeqCst) {
+                    served.channel.set_state(State::Stopped);
+                }
                 let _ = done_tx.send(());
             });
         if let Err(e) = spawned {
@@ -229,7 +290,7 @@ struct Counters {
     stale: metrics::Counter,
 }
 
-fn serve(ch: &ShmChannel, pool: &GilPool, stop: &AtomicBool) {
+fn serve(ch: &ShmChannel, ctx: &Context, stop: &AtomicBool) {
     let channel = &ch.channel;
     let role = ch.name.to_string();
     let counters = Counters {
@@ -238,7 +299,9 @@ fn serve(ch: &ShmChannel, pool: &GilPool, stop: &AtomicBool) {
         stale: metrics::counter!("pyipcd_shm_stale_total", "role" => role),
     };
     Python::attach(|py| {
-        let watched = pool.watch(py, &format!("py-shm-{}", ch.name), &ch.name);
+        let watched = ctx
+            .monitor
+            .watch(py, &format!("py-shm-{}", ch.name), ctx.health.clone());
         channel.set_state(State::Ready);
         // Logged once clients can attach.
         tracing::info!(

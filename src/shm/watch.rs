@@ -18,76 +18,91 @@ use tokio_util::sync::CancellationToken;
 
 use super::region::{ShmError, ShmRegion};
 use crate::config::ShmRegionConfig;
-use crate::py::handler::Handler;
-use crate::py::pool::GilPool;
-use crate::py::target::Target;
+use crate::py::handler::{Handler, Runs};
+use crate::py::target::ResolveError;
+use crate::registry::{Generation, RouteGuard, registry};
+use crate::role::Context;
 
 /// Regions larger than this are copied off the tokio workers.
 const INLINE_COPY_MAX: usize = 64 * 1024;
 
-/// A watched region, opened and with its handler resolved.
+/// What a watch instance resolved in Python: kept by a replacement whose
+/// `on_change` did not change.
+#[derive(Clone, Default)]
+pub struct WatchParts {
+    on_change: Option<Arc<Handler>>,
+}
+
+impl WatchParts {
+    /// Resolves `on_change` of `cfg`, or takes `old`'s when `same` says it is unchanged.
+    ///
+    /// # Errors
+    /// [`ResolveError`] if it cannot be resolved.
+    pub fn resolve(
+        py: Python<'_>,
+        cfg: &ShmRegionConfig,
+        old: Option<&WatchParts>,
+        same: impl Fn(&str) -> bool,
+    ) -> Result<Self, ResolveError> {
+        if let Some(o) = old.filter(|_| same("on_change")) {
+            return Ok(o.clone());
+        }
+        let key = format!("shm.region `{}` on_change", cfg.name);
+        let on_change = cfg
+            .on_change
+            .as_deref()
+            .map(|spec| Handler::resolve(py, &cfg.name, &key, spec, Runs::OnPool).map(Arc::new))
+            .transpose()?;
+        Ok(Self { on_change })
+    }
+}
+
+/// A watched region, mapped, with its handler resolved.
 pub struct ShmWatcher {
     config: ShmRegionConfig,
     region: Arc<ShmRegion>,
-    on_change: Option<Arc<Handler>>,
+    parts: WatchParts,
     inbox: (mpsc::Sender<Bytes>, mpsc::Receiver<Bytes>),
+    _route: RouteGuard,
 }
 
 /// Messages from `pyipcd.send` that may wait for the poller.
 const INBOX: usize = 64;
 
-/// Why a watcher could not be set up.
-#[derive(Debug, thiserror::Error)]
-pub enum WatchError {
-    /// The file could not be mapped.
-    #[error(transparent)]
-    Shm(#[from] ShmError),
-    /// The handler could not be resolved (the traceback is in the message).
-    #[error("{0}")]
-    Handler(String),
-}
-
 impl ShmWatcher {
-    /// Maps the region (creating it if configured) and resolves `on_change`.
-    /// Takes the GIL: call at start-up.
+    /// Maps the region (creating it if configured); from now on
+    /// `pyipcd.send(name, data)` writes `data` into it (zeroed, then `data`
+    /// at offset 0, as the scripted writer does).
     ///
     /// # Errors
-    /// [`WatchError`] naming the file or the handler.
-    pub fn open(py: Python<'_>, config: &ShmRegionConfig) -> Result<Self, WatchError> {
+    /// [`ShmError`] naming the file.
+    pub fn open(
+        config: &ShmRegionConfig,
+        parts: WatchParts,
+        generation: Generation,
+    ) -> Result<Self, ShmError> {
         let size = config.size.map_or(0, |s| s.as_u64());
         let len = usize::try_from(size).unwrap_or(usize::MAX);
         let region = Arc::new(ShmRegion::open(&config.path, len, config.create)?);
-        let on_change = match &config.on_change {
-            Some(spec) => {
-                let target = Target::parse(spec).map_err(|e| WatchError::Handler(e.to_string()))?;
-                let h = Handler::resolve(py, &config.name, &target).map_err(|e| {
-                    WatchError::Handler(crate::py::handler::format_exception(py, &e))
-                })?;
-                Some(Arc::new(h))
-            }
-            None => None,
-        };
+        let inbox = mpsc::channel(INBOX);
+        let route = registry().route(&config.name, generation, inbox.0.clone());
         Ok(Self {
             config: config.clone(),
             region,
-            on_change,
-            inbox: mpsc::channel(INBOX),
+            parts,
+            inbox,
+            _route: route,
         })
     }
 
-    /// The role's name.
-    pub fn name(&self) -> &str {
-        &self.config.name
+    /// The resolved Python parts, for a replacement instance.
+    pub fn parts(&self) -> &WatchParts {
+        &self.parts
     }
 
-    /// Makes `pyipcd.send(name, data)` write `data` into the region (zeroed,
-    /// then `data` at offset 0, as the scripted writer does).
-    pub fn register_route(&self) {
-        crate::py::module::register_route(&self.config.name, self.inbox.0.clone());
-    }
-
-    /// Polls (and runs the scripted writer) until `token` is cancelled.
-    pub async fn run(mut self, pool: Arc<GilPool>, token: CancellationToken) {
+    /// Polls (and runs the scripted writer) until `ctx.stop` is cancelled.
+    pub async fn run(mut self, ctx: Context) {
+        let (pool, token) = (&ctx.pool, &ctx.stop);
         let (tx, rx) = mpsc::channel(1);
         let (_, mut inbox) = std::mem::replace(&mut self.inbox, (tx, rx));
         let cfg = &self.config;
@@ -119,7 +134,7 @@ impl ShmWatcher {
             }
             tracing::info!(role = %cfg.name, "changed: {}", preview(&now));
             seen = now;
-            if let Some(h) = &self.on_change {
+            if let Some(h) = &self.parts.on_change {
                 match pool.call(h, Bytes::copy_from_slice(&seen)).await {
                     Ok(Some(back)) => {
                         self.region.write_at_start(&back);
@@ -131,7 +146,6 @@ impl ShmWatcher {
                 }
             }
         }
-        crate::py::module::unregister_route(&cfg.name);
         if let Some(w) = writer {
             let _ = w.await;
         }

@@ -11,7 +11,8 @@
 //! first on the next connection. A message the kernel accepted just before the
 //! connection broke may be lost (TCP gives no receipt): delivery is
 //! at-least-once for failed writes and at-most-once for accepted ones; order
-//! is kept. Messages still in the outbox at shutdown are dropped (logged).
+//! is kept. When a reload replaces the role, messages the old instance did
+//! not send go to the new one; at shutdown they are dropped (logged).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,69 +27,92 @@ use tokio_util::sync::CancellationToken;
 
 use super::framing::FrameCodec;
 use crate::config::TcpClientConfig;
-use crate::py::handler::{Handler, format_exception};
+use crate::py::handler::{Handler, Runs, format_exception};
 use crate::py::pool::GilPool;
-use crate::py::target::Target;
+use crate::py::target::{ResolveError, resolve_callable};
+use crate::registry::{Generation, RouteGuard, registry};
+use crate::role::Context;
 
-/// A configured client role, resolved.
-pub struct TcpClient {
-    config: TcpClientConfig,
+/// What a client instance resolved in Python: kept by a replacement whose
+/// targets did not change.
+#[derive(Clone, Default)]
+pub struct ClientParts {
     on_reply: Option<Arc<Handler>>,
     producer: Option<Arc<Py<PyAny>>>,
-    outbox: (mpsc::Sender<Bytes>, mpsc::Receiver<Bytes>),
 }
 
-fn value_err(e: impl ToString) -> PyErr {
-    pyo3::exceptions::PyValueError::new_err(e.to_string())
+impl ClientParts {
+    /// Resolves `on_reply` and `producer` of `cfg`, taking from `old` each one
+    /// whose target is unchanged (`same(field)` says which). Takes the GIL.
+    ///
+    /// # Errors
+    /// [`ResolveError`] for the first target that cannot be resolved.
+    pub fn resolve(
+        py: Python<'_>,
+        cfg: &TcpClientConfig,
+        old: Option<&ClientParts>,
+        same: impl Fn(&str) -> bool,
+    ) -> Result<Self, ResolveError> {
+        let key = |field: &str| format!("tcp.client `{}` {field}", cfg.name);
+        let on_reply = match (&cfg.on_reply, old.and_then(|o| o.on_reply.as_ref())) {
+            (None, _) => None,
+            (Some(_), Some(h)) if same("on_reply") => Some(h.clone()),
+            (Some(spec), _) => Some(Arc::new(Handler::resolve(
+                py,
+                &cfg.name,
+                &key("on_reply"),
+                spec,
+                Runs::OnPool,
+            )?)),
+        };
+        let producer = match (&cfg.producer, old.and_then(|o| o.producer.as_ref())) {
+            (None, _) => None,
+            (Some(_), Some(p)) if same("producer") => Some(p.clone()),
+            (Some(spec), _) => Some(Arc::new(
+                resolve_callable(py, &key("producer"), spec)?.unbind(),
+            )),
+        };
+        Ok(Self { on_reply, producer })
+    }
+}
+
+/// A client instance, ready to [`TcpClient::run`].
+pub struct TcpClient {
+    config: TcpClientConfig,
+    parts: ClientParts,
+    outbox: (mpsc::Sender<Bytes>, mpsc::Receiver<Bytes>),
+    route: RouteGuard,
 }
 
 impl TcpClient {
-    /// Resolves the role's handler and producer (takes the GIL: call at start-up).
-    ///
-    /// # Errors
-    /// The Python error from resolving a target.
-    pub fn resolve(py: Python<'_>, config: &TcpClientConfig) -> PyResult<Self> {
-        let on_reply = match &config.on_reply {
-            Some(spec) => Some(Arc::new(Handler::resolve(
-                py,
-                &config.name,
-                &Target::parse(spec).map_err(value_err)?,
-            )?)),
-            None => None,
-        };
-        let producer = match &config.producer {
-            Some(spec) => {
-                let f = Target::parse(spec).map_err(value_err)?.resolve(py)?;
-                f.map(|f| Arc::new(f.unbind()))
-            }
-            None => None,
-        };
-        Ok(Self {
-            outbox: mpsc::channel(config.outbox),
-            config: config.clone(),
-            on_reply,
-            producer,
-        })
+    /// A client instance of generation `generation`: from now on
+    /// `pyipcd.send(name, data)` reaches its outbox.
+    pub fn new(cfg: &TcpClientConfig, parts: ClientParts, generation: Generation) -> Self {
+        let outbox = mpsc::channel(cfg.outbox);
+        let route = registry().route(&cfg.name, generation, outbox.0.clone());
+        Self {
+            config: cfg.clone(),
+            parts,
+            outbox,
+            route,
+        }
     }
 
-    /// The role's name.
-    pub fn name(&self) -> &str {
-        &self.config.name
+    /// The resolved Python parts, for a replacement instance.
+    pub fn parts(&self) -> &ClientParts {
+        &self.parts
     }
 
-    /// Makes `pyipcd.send(name, data)` reach this role's outbox from now on.
-    pub fn register_route(&self) {
-        crate::py::module::register_route(&self.config.name, self.outbox.0.clone());
-    }
-
-    /// Runs until `token` is cancelled.
-    pub async fn run(mut self, pool: Arc<GilPool>, token: CancellationToken) {
+    /// Runs until `ctx.stop` is cancelled. Messages not sent by then go to
+    /// the instance that replaced this one, if any (else they are dropped, logged).
+    pub async fn run(mut self, ctx: Context) {
+        let (pool, token) = (&ctx.pool, &ctx.stop);
         let (tx, rx) = mpsc::channel(1);
         let (tx, mut outbox) = std::mem::replace(&mut self.outbox, (tx, rx));
         let cfg = &self.config;
         let feeders = tokio_util::task::TaskTracker::new();
         feeders.spawn(script(cfg.clone(), tx.clone(), token.clone()));
-        if let Some(producer) = self.producer.clone() {
+        if let Some(producer) = self.parts.producer.clone() {
             feeders.spawn(produce(
                 cfg.clone(),
                 producer,
@@ -109,37 +133,36 @@ impl TcpClient {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     tracing::warn!(role = %cfg.name, "connect to {} failed: {e}; retrying in {delay:?}", cfg.connect);
-                    backoff(&mut delay, cfg.backoff_max, &token).await;
+                    backoff(&mut delay, cfg.backoff_max, token).await;
                     continue;
                 }
                 Err(_) => {
                     tracing::warn!(role = %cfg.name, "connect to {} timed out after {:?}; retrying in {delay:?}", cfg.connect, cfg.connect_timeout);
-                    backoff(&mut delay, cfg.backoff_max, &token).await;
+                    backoff(&mut delay, cfg.backoff_max, token).await;
                     continue;
                 }
             };
             delay = cfg.backoff_min;
             let _ = stream.set_nodelay(true);
             tracing::info!(role = %cfg.name, "connected to {}", cfg.connect);
-            crate::admin::health().set(&cfg.name, true);
+            ctx.health.up();
             let why = self
-                .session(stream, &mut outbox, &mut pending, &pool, &token)
+                .session(stream, &mut outbox, &mut pending, pool, token)
                 .await;
-            crate::admin::health().set(&cfg.name, false);
+            ctx.health
+                .down(&format!("connection to {} lost: {why}", cfg.connect));
             if !token.is_cancelled() {
                 tracing::warn!(role = %cfg.name, "connection to {} lost ({why}); reconnecting in {delay:?}", cfg.connect);
-                backoff(&mut delay, cfg.backoff_max, &token).await;
+                backoff(&mut delay, cfg.backoff_max, token).await;
             }
         }
-        crate::py::module::unregister_route(&cfg.name);
         outbox.close();
-        let mut dropped = usize::from(pending.is_some());
-        while outbox.try_recv().is_ok() {
-            dropped += 1;
+        let mut unsent: Vec<Bytes> = pending.into_iter().collect();
+        while let Ok(msg) = outbox.try_recv() {
+            unsent.push(msg);
         }
-        if dropped > 0 {
-            tracing::warn!(role = %cfg.name, "dropping {dropped} unsent message(s) at shutdown");
-        }
+        hand_over(&cfg.name, ctx.generation, unsent).await;
+        drop(self.route);
         feeders.close();
         feeders.wait().await;
     }
@@ -188,7 +211,7 @@ impl TcpClient {
     }
 
     async fn reply(&self, reply: Bytes, pool: &Arc<GilPool>) {
-        match &self.on_reply {
+        match &self.parts.on_reply {
             Some(h) => {
                 // Errors are logged by the pool; a reply handler's return value is ignored.
                 let _ = pool.call(h, reply).await;
@@ -199,6 +222,41 @@ impl TcpClient {
         }
     }
 }
+
+/// Gives messages a retired instance did not send to the instance that
+/// replaced it (in order, ahead of anything newer only if it has not started
+/// sending); without one (shutdown, role removed) they are dropped, logged.
+async fn hand_over(role: &str, generation: Generation, unsent: Vec<Bytes>) {
+    if unsent.is_empty() {
+        return;
+    }
+    let n = unsent.len();
+    if let Some(successor) = registry().successor(role, generation) {
+        let mut handed = 0;
+        for msg in unsent {
+            match tokio::time::timeout(HAND_OVER_WAIT, successor.send(msg)).await {
+                Ok(Ok(())) => handed += 1,
+                _ => break,
+            }
+        }
+        tracing::info!(
+            role,
+            "handed {handed} unsent message(s) to the instance that replaced this one"
+        );
+        if handed < n {
+            tracing::warn!(
+                role,
+                "dropping {} unsent message(s): the new instance's outbox stayed full",
+                n - handed
+            );
+        }
+    } else {
+        tracing::warn!(role, "dropping {n} unsent message(s) at shutdown");
+    }
+}
+
+/// How long a retired client waits for room in its successor's outbox.
+const HAND_OVER_WAIT: Duration = Duration::from_secs(1);
 
 async fn backoff(delay: &mut Duration, max: Duration, token: &CancellationToken) {
     tokio::select! {

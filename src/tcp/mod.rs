@@ -1,12 +1,13 @@
 //! TCP roles: [`server`] accepts; the private `connection` module serves each
-//! connection (hand each message to a Python handler, reply in request
-//! order), and the private `inline` module runs a server role on its own
-//! interpreter thread. [`client`] connects out with reconnect, sends scripted,
+//! connection (decode, submit, reply in request order) through the private
+//! `dispatch` module, the one place that knows whether calls go to the GIL
+//! pool or run inline on the role's own interpreter thread (`inline`). [`client`] connects out with reconnect, sends scripted,
 //! produced or `pyipcd.send` messages and hands replies to Python.
 //! [`framing`] owns the wire formats.
 
 pub mod client;
 mod connection;
+mod dispatch;
 pub mod framing;
 mod inline;
 pub mod server;

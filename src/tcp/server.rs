@@ -1,15 +1,18 @@
 //! `[[tcp.server]]`: accepts connections (at most `max_connections`; more are
-//! refused), decodes messages with the role's framing and hands each to the
-//! Python handler: on the GIL pool (`dispatch = "pool"`), or directly on the
-//! role's own interpreter thread (`dispatch = "inline"`, see `tcp::inline`).
-//! Each connection is served by `tcp::connection`: up to `pipeline`
-//! requests at once, replies in request order, reading while replies are pending.
+//! refused), and serves each with `tcp::connection` through the role's
+//! `tcp::dispatch` (the GIL pool, or for `dispatch = "inline"` the role's
+//! own interpreter thread, see `tcp::inline`).
 //!
 //! Errors never stop the server: an over-size or malformed message closes
 //! its connection; a handler exception (logged with its traceback) means no
 //! reply for that message and the connection stays open, for every framing.
+//!
+//! On a reload the listening socket is handed to the replacement instance
+//! (a duplicate of the same socket, so no connect is refused), and the
+//! retired instance's open connections finish on its handler.
 
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -17,173 +20,157 @@ use std::time::Duration;
 use pyo3::prelude::*;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::config::{Dispatch, TcpServerConfig};
-use crate::py::handler::{CallContext, Handler, format_exception};
-use crate::py::pool::{GilPool, Watched};
-use crate::py::target::Target;
+use super::dispatch::{Dispatch, Hook};
+use crate::config::{Dispatch as Mode, TcpServerConfig};
+use crate::py::handler::{CallContext, Handler, Runs};
+use crate::py::target::ResolveError;
+use crate::role::Context;
 
-/// How a server's connections reach Python.
+/// What a server instance resolved in Python: kept by a replacement whose
+/// targets did not change (a class handler keeps its instance and its state).
 #[derive(Clone)]
-pub enum Calls {
-    /// Each message (or pipelined batch) is handed to the GIL pool.
-    Pool(Arc<GilPool>),
-    /// Handlers are called on the current thread, a dedicated interpreter
-    /// thread watched by the stuck-call monitor.
-    Inline(Arc<Watched>),
+pub struct ServerParts {
+    handler: Arc<Handler>,
+    on_connect: Option<Arc<Hook>>,
+    on_close: Option<Arc<Hook>>,
 }
 
-/// A Python callable run for connection events: `f(conn_id, peer)`.
-#[derive(Debug, Clone)]
-pub struct Hook {
-    label: String,
-    callable: Arc<Py<PyAny>>,
-}
-
-impl Hook {
-    /// Resolves `spec` (`module:function`).
+impl ServerParts {
+    /// Resolves the handler and hooks of `cfg`, taking from `old` each one
+    /// whose target is unchanged (`same(field)` says which). Takes the GIL.
     ///
     /// # Errors
-    /// The Python error raised while importing or looking it up.
-    pub fn resolve(py: Python<'_>, spec: &str) -> PyResult<Self> {
-        let target = Target::parse(spec)
-            .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
-        let callable = target.resolve(py)?.ok_or_else(|| {
-            pyo3::exceptions::PyTypeError::new_err("a hook must be module:function")
-        })?;
+    /// [`ResolveError`] for the first target that cannot be resolved.
+    pub fn resolve(
+        py: Python<'_>,
+        cfg: &TcpServerConfig,
+        old: Option<&ServerParts>,
+        same: impl Fn(&str) -> bool,
+    ) -> Result<Self, ResolveError> {
+        let key = |field: &str| format!("tcp.server `{}` {field}", cfg.name);
+        let runs = match cfg.dispatch {
+            Mode::Pool => Runs::OnPool,
+            Mode::Inline => Runs::OnOwnThread,
+        };
+        let handler = match old {
+            Some(o) if same("handler") && (runs == Runs::OnPool || !o.handler.is_async()) => {
+                o.handler.clone()
+            }
+            _ => Arc::new(Handler::resolve(
+                py,
+                &cfg.name,
+                &key("handler"),
+                &cfg.handler,
+                runs,
+            )?),
+        };
+        let hook = |field: &str, spec: &Option<String>, kept: Option<&Arc<Hook>>| match (spec, kept)
+        {
+            (None, _) => Ok(None),
+            (Some(_), Some(h)) if same(field) => Ok(Some(h.clone())),
+            (Some(s), _) => Hook::resolve(py, &key(field), s).map(|h| Some(Arc::new(h))),
+        };
         Ok(Self {
-            label: spec.to_string(),
-            callable: Arc::new(callable.unbind()),
+            on_connect: hook(
+                "on_connect",
+                &cfg.on_connect,
+                old.and_then(|o| o.on_connect.as_ref()),
+            )?,
+            on_close: hook(
+                "on_close",
+                &cfg.on_close,
+                old.and_then(|o| o.on_close.as_ref()),
+            )?,
+            handler,
         })
     }
-
-    async fn fire(&self, calls: &Calls, role: &str, ctx: &CallContext) {
-        let call = {
-            let (callable, ctx) = (self.callable.clone(), ctx.clone());
-            move |py: Python<'_>| {
-                callable
-                    .bind(py)
-                    .call1((ctx.conn_id, ctx.peer.as_str()))
-                    .map(|_| ())
-                    .map_err(|e| format_exception(py, &e))
-            }
-        };
-        let result = match calls {
-            Calls::Pool(pool) => {
-                let role: Arc<str> = Arc::from(role);
-                pool.run(move |py| {
-                    crate::py::output::set_thread_role(Some(&role));
-                    call(py)
-                })
-                .await
-            }
-            Calls::Inline(watched) => Ok(Python::attach(|py| watched.call(|| call(py)))),
-        };
-        match result {
-            Ok(Ok(())) => {}
-            Ok(Err(tb)) => {
-                tracing::error!(role, hook = %self.label, "hook raised\n{}", tb.trim_end())
-            }
-            Err(e) => tracing::warn!(role, hook = %self.label, "hook not run: {e}"),
-        }
-    }
 }
 
-/// A configured server role, resolved but not yet listening.
+/// A server instance, listening, ready to [`TcpServer::serve`].
 pub struct TcpServer {
     config: TcpServerConfig,
-    handler: Arc<Handler>,
-    on_connect: Option<Hook>,
-    on_close: Option<Hook>,
-}
-
-/// A bound server, ready to [`ListeningServer::run`].
-pub struct ListeningServer {
-    server: Arc<TcpServer>,
+    parts: ServerParts,
     listener: TcpListener,
 }
 
 impl TcpServer {
-    /// Resolves the role's handler and hooks (takes the GIL: call at start-up).
-    ///
-    /// # Errors
-    /// The Python error from resolving a target.
-    pub fn resolve(py: Python<'_>, config: &TcpServerConfig) -> PyResult<Self> {
-        let target = Target::parse(&config.handler)
-            .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
-        let handler = Handler::resolve(py, &config.name, &target)?;
-        if config.dispatch == Dispatch::Inline && handler.is_async() {
-            return Err(pyo3::exceptions::PyTypeError::new_err(format!(
-                "`{target}` is an async def; dispatch = \"inline\" calls plain def handlers only (use dispatch = \"pool\")"
-            )));
-        }
-        Ok(Self {
-            handler: Arc::new(handler),
-            on_connect: config
-                .on_connect
-                .as_deref()
-                .map(|s| Hook::resolve(py, s))
-                .transpose()?,
-            on_close: config
-                .on_close
-                .as_deref()
-                .map(|s| Hook::resolve(py, s))
-                .transpose()?,
-            config: config.clone(),
-        })
-    }
-
-    /// The role's name.
-    pub fn name(&self) -> &str {
-        &self.config.name
-    }
-
-    /// Binds the listening socket.
+    /// Listens on `cfg.listen`: on `handover` (the socket of the instance
+    /// this one replaces) when given, else on a newly bound socket.
     ///
     /// # Errors
     /// If the address is invalid or cannot be bound (in use, no permission).
-    pub async fn bind(self) -> std::io::Result<ListeningServer> {
-        let addr = super::parse_listen(&self.config.listen).map_err(std::io::Error::other)?;
-        let listener = TcpListener::bind(addr).await?;
-        Ok(ListeningServer {
-            server: Arc::new(self),
+    pub async fn listen(
+        cfg: &TcpServerConfig,
+        parts: ServerParts,
+        handover: Option<std::net::TcpListener>,
+    ) -> std::io::Result<Self> {
+        let listener = match handover {
+            Some(socket) => TcpListener::from_std(socket)?,
+            None => {
+                let addr = super::parse_listen(&cfg.listen).map_err(std::io::Error::other)?;
+                TcpListener::bind(addr).await?
+            }
+        };
+        Ok(Self {
+            config: cfg.clone(),
+            parts,
             listener,
         })
     }
-}
 
-impl ListeningServer {
     /// The bound address (useful with port 0).
+    ///
+    /// # Errors
+    /// If the OS cannot tell.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
     }
 
-    /// Serves as the role's `dispatch` says: [`ListeningServer::run`] with the
-    /// pool, or on a dedicated interpreter thread of its own.
-    pub async fn serve(self, pool: Arc<GilPool>, token: CancellationToken) {
-        match self.server.config.dispatch {
-            Dispatch::Pool => self.run(Calls::Pool(pool), token).await,
-            Dispatch::Inline => {
-                let ListeningServer { server, listener } = self;
-                let name = server.config.name.clone();
-                let listener = match listener.into_std() {
+    /// A duplicate of the listening socket, for a replacement instance.
+    ///
+    /// # Errors
+    /// If the descriptor cannot be duplicated (out of descriptors).
+    pub fn socket(&self) -> std::io::Result<std::net::TcpListener> {
+        Ok(self.listener.as_fd().try_clone_to_owned()?.into())
+    }
+
+    /// The resolved Python parts, for a replacement instance.
+    pub fn parts(&self) -> &ServerParts {
+        &self.parts
+    }
+
+    /// Serves as the role's `dispatch` says: with the GIL pool, or on a
+    /// dedicated interpreter thread of its own.
+    pub async fn serve(self, ctx: Context) {
+        match self.config.dispatch {
+            Mode::Pool => {
+                let dispatch = Dispatch::pool(self.parts.handler.clone(), ctx.pool.clone());
+                self.accept(dispatch, &ctx).await;
+            }
+            Mode::Inline => {
+                let listener = match self.listener.into_std() {
                     Ok(l) => l,
                     Err(e) => {
-                        tracing::error!(role = %name, "cannot hand the listener to its thread: {e}");
+                        tracing::error!(role = %ctx.name, "cannot hand the listener to its thread: {e}");
                         return;
                     }
                 };
-                super::inline::on_own_thread(&name, pool, move |watched| async move {
+                let (config, parts) = (self.config, self.parts);
+                super::inline::on_own_thread(ctx, move |watched, ctx| async move {
                     match TcpListener::from_std(listener) {
                         Ok(listener) => {
-                            ListeningServer { server, listener }
-                                .run(Calls::Inline(watched), token)
-                                .await;
+                            let dispatch = Dispatch::inline(parts.handler.clone(), watched);
+                            let server = TcpServer {
+                                config,
+                                parts,
+                                listener,
+                            };
+                            server.accept(dispatch, &ctx).await;
                         }
-                        Err(e) => tracing::error!(role = %server.config.name, "cannot listen: {e}"),
+                        Err(e) => tracing::error!(role = %ctx.name, "cannot listen: {e}"),
                     }
                 })
                 .await;
@@ -191,18 +178,23 @@ impl ListeningServer {
         }
     }
 
-    /// Accepts until `token` is cancelled, then lets open connections finish
-    /// their in-flight requests (they stop reading at once).
-    pub async fn run(self, calls: Calls, token: CancellationToken) {
-        let ListeningServer { server, listener } = self;
-        let cfg = &server.config;
+    /// Accepts until `ctx.intake` is cancelled, then lets open connections
+    /// finish (until they close, or `ctx.stop`: then they stop reading and
+    /// answer what is in flight).
+    async fn accept(self, dispatch: Dispatch, ctx: &Context) {
+        let Self {
+            config: cfg,
+            parts,
+            listener,
+        } = self;
+        let (cfg, parts) = (Arc::new(cfg), Arc::new(parts));
         let limit = Arc::new(Semaphore::new(cfg.max_connections));
         let connections = TaskTracker::new();
         let ids = AtomicU64::new(0);
         tracing::info!(role = %cfg.name, addr = %listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), framing = ?cfg.framing, handler = %cfg.handler, "listening");
         loop {
             let accepted = tokio::select! {
-                _ = token.cancelled() => break,
+                _ = ctx.intake.cancelled() => break,
                 a = listener.accept() => a,
             };
             let (stream, peer) = match accepted {
@@ -218,47 +210,54 @@ impl ListeningServer {
                 metrics::counter!("pyipcd_connections_refused_total", "role" => cfg.name.clone())
                     .increment(1);
                 tracing::warn!(role = %cfg.name, %peer, "refusing connection: max_connections ({}) reached", cfg.max_connections);
-                drop(stream);
                 continue;
             };
             let conn_id = ids.fetch_add(1, Ordering::Relaxed) + 1;
-            metrics::gauge!("pyipcd_connections", "role" => cfg.name.clone()).increment(1.0);
-            let ctx = Arc::new(CallContext {
+            let span = tracing::info_span!("conn", role = %cfg.name, conn_id, %peer);
+            let conn = Arc::new(CallContext {
                 conn_id,
                 peer: peer.to_string(),
             });
-            let span = tracing::info_span!("conn", role = %cfg.name, conn_id, %peer);
-            let (server, calls, token) = (server.clone(), calls.clone(), token.clone());
+            let (cfg, parts, dispatch, stop) = (
+                cfg.clone(),
+                parts.clone(),
+                dispatch.clone(),
+                ctx.stop.clone(),
+            );
             connections.spawn(
                 async move {
+                    let open = metrics::gauge!("pyipcd_connections", "role" => cfg.name.clone());
+                    open.increment(1.0);
                     let _ = stream.set_nodelay(true);
-                    if let Some(h) = &server.on_connect {
-                        h.fire(&calls, &server.config.name, &ctx).await;
+                    if let Some(h) = &parts.on_connect {
+                        dispatch.fire(h, &conn).await;
                     }
-                    super::connection::serve(
-                        &server.config,
-                        &server.handler,
-                        stream,
-                        &ctx,
-                        &calls,
-                        &token,
-                    )
-                    .await;
-                    if let Some(h) = &server.on_close {
-                        h.fire(&calls, &server.config.name, &ctx).await;
+                    super::connection::serve(&cfg, &dispatch, stream, &conn, &stop).await;
+                    if let Some(h) = &parts.on_close {
+                        dispatch.fire(h, &conn).await;
                     }
                     drop(permit);
-                    metrics::gauge!("pyipcd_connections", "role" => server.config.name.clone())
-                        .decrement(1.0);
+                    open.decrement(1.0);
                 }
                 .instrument(span),
             );
         }
-        // Free the port now: a replacement (reload) may bind it while these
-        // connections finish.
+        // Free this instance's hold on the socket now (a replacement holds
+        // its own) while the connections finish.
         drop(listener);
         connections.close();
-        connections.wait().await;
+        if !connections.is_empty() && !ctx.stop.is_cancelled() {
+            tracing::info!(role = %cfg.name, "stopped accepting; {} open connection(s) finish on this instance", connections.len());
+        }
+        tokio::select! {
+            () = connections.wait() => {}
+            () = ctx.stop.cancelled() => {
+                if !connections.is_empty() {
+                    tracing::info!(role = %cfg.name, "closing {} open connection(s) once their in-flight requests are answered", connections.len());
+                }
+                connections.wait().await;
+            }
+        }
         tracing::info!(role = %cfg.name, "stopped listening");
     }
 }

@@ -38,10 +38,12 @@ use tokio::sync::{Notify, oneshot};
 mod worker;
 
 use worker::worker_main;
-pub(crate) use worker::{Job, Shared, WorkerSlot};
+pub(crate) use worker::{Job, Shared};
 
 use super::asyncio::AsyncioLoop;
 use super::handler::{CallContext, Handler, HandlerError, HandlerResult, Invoked, PendingCall};
+use super::monitor::Monitor;
+use crate::registry::lock;
 
 /// Default for [`PoolConfig::spin`]: how long the spinner polls for work before it sleeps.
 pub const SPIN_FOR: Duration = Duration::from_micros(50);
@@ -105,8 +107,6 @@ pub struct PoolStats {
     pub queue_full_waits: AtomicU64,
     /// Calls whose caller gave up after `call_timeout`.
     pub timeouts: AtomicU64,
-    /// Calls reported as stuck by the monitor.
-    pub stuck_reports: AtomicU64,
 }
 
 /// The pool. Cheap to share behind an `Arc`; [`GilPool::close`] stops it.
@@ -114,6 +114,7 @@ pub struct GilPool {
     shared: Arc<Shared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     asyncio: Mutex<Option<AsyncioLoop>>,
+    monitor: Monitor,
 }
 
 impl GilPool {
@@ -125,15 +126,9 @@ impl GilPool {
     pub fn start(config: &PoolConfig) -> Result<Arc<Self>, crate::Error> {
         let asyncio = AsyncioLoop::start()?;
         let locals = Python::attach(|py| asyncio.locals(py));
+        let monitor = Monitor::start(config.call_timeout)?;
         let slots: Box<[_]> = (0..config.workers)
-            .map(|idx| {
-                CachePadded::new(WorkerSlot {
-                    thread: format!("py-pool-{idx}"),
-                    current: AtomicU64::new(0),
-                    py_ident: AtomicU64::new(0),
-                    role: Mutex::new(None),
-                })
-            })
+            .map(|idx| monitor.pool_slot(format!("py-pool-{idx}")))
             .collect();
         let shared = Arc::new(Shared {
             queue: ArrayQueue::new(config.queue.max(1)),
@@ -146,7 +141,6 @@ impl GilPool {
             closed: AtomicBool::new(false),
             progress: CachePadded::new(AtomicU64::new(0)),
             slots,
-            dedicated: Mutex::new(Vec::new()),
             call_timeout: config.call_timeout,
             caller_spin_polls: config.caller_spin_polls,
             spin: config.spin,
@@ -162,11 +156,11 @@ impl GilPool {
                     .spawn(move || worker_main(&s, idx))?,
             );
         }
-        super::monitor::spawn(Arc::downgrade(&shared))?;
         Ok(Arc::new(Self {
             shared,
             threads: Mutex::new(threads),
             asyncio: Mutex::new(Some(asyncio)),
+            monitor,
         }))
     }
 
@@ -305,25 +299,10 @@ impl GilPool {
         }
     }
 
-    /// Registers the calling thread, a dedicated interpreter thread of `role`
-    /// named `thread`, with the stuck-call monitor; calls made through the
-    /// returned [`Watched`] are timed like pool calls.
-    pub fn watch(&self, py: Python<'_>, thread: &str, role: &Arc<str>) -> Watched {
-        let slot = Arc::new(WorkerSlot {
-            thread: thread.to_string(),
-            current: AtomicU64::new(0),
-            py_ident: AtomicU64::new(crate::py::thread_ident(py).unwrap_or(0)),
-            role: Mutex::new(Some(role.clone())),
-        });
-        self.shared
-            .dedicated
-            .lock()
-            .expect("monitor lock")
-            .push(Arc::downgrade(&slot));
-        Watched {
-            slot,
-            seq: AtomicU64::new(0),
-        }
+    /// The stuck-call monitor watching this pool's workers (roles with a
+    /// thread of their own register there too).
+    pub fn monitor(&self) -> &Monitor {
+        &self.monitor
     }
 
     /// The pool's counters.
@@ -350,18 +329,18 @@ impl GilPool {
     /// Returns the number of worker threads still running at the deadline
     /// (wedged in a call that never returns).
     pub async fn close(&self, deadline: Instant) -> usize {
-        if let Some(asyncio) = self.asyncio.lock().expect("asyncio lock").take() {
+        if let Some(asyncio) = lock(&self.asyncio).take() {
             asyncio.stop();
         }
         self.shared.closed.store(true, Ordering::SeqCst);
         self.shared.space.notify_waiters();
         {
-            let _g = self.shared.sleepers.lock().expect("pool lock");
+            let _g = lock(&self.shared.sleepers);
             self.shared.wake.notify_all();
         }
         loop {
             let left = {
-                let mut threads = self.threads.lock().expect("threads lock");
+                let mut threads = lock(&self.threads);
                 threads.retain(|t| !t.is_finished());
                 threads.len()
             };
@@ -483,22 +462,6 @@ impl GilPool {
             self.shared.stats.errors.fetch_add(1, Ordering::Relaxed);
         }
         Ok(result?)
-    }
-}
-
-/// A dedicated interpreter thread's handle on the stuck-call monitor (from
-/// [`GilPool::watch`]); it unregisters when dropped.
-pub struct Watched {
-    slot: Arc<WorkerSlot>,
-    seq: AtomicU64,
-}
-
-impl Watched {
-    /// Runs `f` (one Python call or a batch of them) as a watched call.
-    pub fn call<R>(&self, f: impl FnOnce() -> R) -> R {
-        // Only the owning thread counts; atomics just make this `Sync`.
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
-        self.slot.timed(seq, f)
     }
 }
 

@@ -14,7 +14,9 @@ use tokio::sync::{Notify, oneshot};
 
 use super::PoolStats;
 use crate::py::handler::{CallContext, Handler, Invoked};
+use crate::py::monitor::WorkerSlot;
 use crate::py::output;
+use crate::registry::lock;
 
 type Closure = Box<dyn FnOnce(Python<'_>) + Send>;
 
@@ -38,29 +40,6 @@ pub(crate) enum Job {
     Run(Closure),
 }
 
-/// What the monitor needs to know about one worker.
-pub(crate) struct WorkerSlot {
-    /// The OS thread's name, as logs show it.
-    pub(crate) thread: String,
-    /// The running call's sequence number (unique per worker, never 0); 0 when idle.
-    /// The monitor times calls by watching this; the hot path reads no clock.
-    pub(crate) current: AtomicU64,
-    /// `threading.get_ident()` of the worker.
-    pub(crate) py_ident: AtomicU64,
-    /// Role of the current or last call.
-    pub(crate) role: Mutex<Option<Arc<str>>>,
-}
-
-impl WorkerSlot {
-    /// Runs `f` as call number `seq` (never 0), visible to the monitor meanwhile.
-    pub(crate) fn timed<R>(&self, seq: u64, f: impl FnOnce() -> R) -> R {
-        self.current.store(seq, Ordering::Release);
-        let r = f();
-        self.current.store(0, Ordering::Release);
-        r
-    }
-}
-
 /// Hot fields written by different threads sit on separate cache lines
 /// (`CachePadded`): sharing one made throughput swing 3x between runs,
 /// depending on where the allocator placed this struct.
@@ -74,9 +53,8 @@ pub(crate) struct Shared {
     pub(crate) wake: Condvar,
     pub(crate) closed: AtomicBool,
     pub(crate) progress: CachePadded<AtomicU64>,
-    pub(crate) slots: Box<[CachePadded<WorkerSlot>]>,
-    /// Dedicated interpreter threads outside the pool, also watched by the monitor.
-    pub(crate) dedicated: Mutex<Vec<std::sync::Weak<WorkerSlot>>>,
+    /// Each worker's record, owned by the stuck-call monitor.
+    pub(crate) slots: Box<[Arc<WorkerSlot>]>,
     pub(crate) call_timeout: Duration,
     pub(crate) caller_spin_polls: u32,
     pub(crate) spin: Duration,
@@ -111,7 +89,7 @@ impl Shared {
 
     /// Wakes one sleeping worker (used by callers whose job sits behind a stalled worker).
     pub(crate) fn kick(&self) {
-        let sleepers = self.sleepers.lock().expect("pool lock");
+        let sleepers = lock(&self.sleepers);
         if *sleepers > 0 {
             self.wake.notify_one();
         }
@@ -137,7 +115,7 @@ impl Shared {
                 return w;
             }
         }
-        let mut sleepers = self.sleepers.lock().expect("pool lock");
+        let mut sleepers = lock(&self.sleepers);
         *sleepers += 1;
         loop {
             if !self.queue.is_empty() {
@@ -149,7 +127,10 @@ impl Shared {
                 *sleepers -= 1;
                 return Wake::Stop;
             }
-            sleepers = self.wake.wait(sleepers).expect("pool lock");
+            sleepers = self
+                .wake
+                .wait(sleepers)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
         }
     }
 
@@ -215,7 +196,7 @@ pub(crate) fn worker_main(shared: &Shared, idx: usize) {
 fn note_role(slot: &WorkerSlot, handler: &Handler) {
     if !output::thread_role_is(handler.role()) {
         output::set_thread_role(Some(handler.role()));
-        *slot.role.lock().expect("slot lock") = Some(handler.role().clone());
+        *lock(&slot.role) = Some(handler.role().clone());
     }
 }
 
