@@ -1,6 +1,7 @@
 //! The admin endpoint (`[admin] listen`, off unless configured):
 //! `GET /health` is 200 when every role is up and the GIL pool answers a
-//! probe, else 503 with a JSON reason; `GET /metrics` is Prometheus text.
+//! probe, else 503 with the reasons; either way the JSON lists each role as
+//! up or down, and notes (a failed reload) if any; `GET /metrics` is Prometheus text.
 //!
 //! Roles report up/down into [`crate::registry`], which this reads; counters
 //! and histograms go through the `metrics` facade into a Prometheus recorder
@@ -103,13 +104,22 @@ async fn health_route(State(s): State<AdminState>) -> (StatusCode, String) {
     } else {
         format!(",\"notes\":[{}]", list(&notes))
     };
+    let roles: Vec<String> = registry()
+        .roles()
+        .iter()
+        .map(|(name, up)| format!("{name:?}:\"{}\"", if *up { "up" } else { "down" }))
+        .collect();
+    let roles = format!(",\"roles\":{{{}}}", roles.join(","));
     if reasons.is_empty() {
-        (StatusCode::OK, format!("{{\"status\":\"ok\"{notes}}}\n"))
+        (
+            StatusCode::OK,
+            format!("{{\"status\":\"ok\"{roles}{notes}}}\n"),
+        )
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
-                "{{\"status\":\"unhealthy\",\"reasons\":[{}]{notes}}}\n",
+                "{{\"status\":\"unhealthy\",\"reasons\":[{}]{roles}{notes}}}\n",
                 list(&reasons)
             ),
         )

@@ -103,6 +103,14 @@ impl Registry {
             .collect()
     }
 
+    /// Every role with an entry: whether it is up.
+    pub fn roles(&self) -> Vec<(String, bool)> {
+        lock(&self.health)
+            .iter()
+            .map(|(name, e)| (name.clone(), e.up))
+            .collect()
+    }
+
     /// Whether `role` has an entry and it is up.
     pub fn is_up(&self, role: &str) -> Option<bool> {
         lock(&self.health).get(role).map(|e| e.up)

@@ -322,7 +322,10 @@ fn a_replacement_that_cannot_start_leaves_the_old_instance_serving() {
         T,
     );
     let (code, body) = health(admin);
-    assert_eq!((code, body.trim()), (200, "{\"status\":\"ok\"}"));
+    assert_eq!(
+        (code, body.trim()),
+        (200, "{\"status\":\"ok\",\"roles\":{\"a\":\"up\"}}")
+    );
     let (ok, failed, errors) = prober.finish();
     assert!(ok > 0);
     assert_eq!(
@@ -372,7 +375,10 @@ fn a_new_role_that_fails_to_start_shows_as_down_until_fixed() {
         &["reloaded: started [], replaced [], stopped [\"b\"], failed []"],
         T,
     );
-    assert_eq!(health(admin), (200, "{\"status\":\"ok\"}\n".into()));
+    assert_eq!(
+        health(admin),
+        (200, "{\"status\":\"ok\",\"roles\":{\"a\":\"up\"}}\n".into())
+    );
     d.signal("TERM");
     assert_eq!(d.wait_exit(T).code(), Some(0));
 }
@@ -410,7 +416,10 @@ fn a_late_old_instance_never_marks_its_successor_down() {
     drop(slow);
     d.lines.wait_for(&["stopped listening", "role=a"], T);
     for _ in 0..3 {
-        assert_eq!(health(admin), (200, "{\"status\":\"ok\"}\n".into()));
+        assert_eq!(
+            health(admin),
+            (200, "{\"status\":\"ok\",\"roles\":{\"a\":\"up\"}}\n".into())
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(Line::open(a).echo("still"), "still");

@@ -20,6 +20,11 @@ use pyo3_async_runtimes::TaskLocals;
 
 use super::target::{ResolveError, resolve_callable};
 
+/// Why an `async def` cannot be the handler of a role that [`Runs::OnOwnThread`].
+pub(crate) const ASYNC_ON_OWN_THREAD: &str = "is an async def, but this role calls its handler \
+    on its own thread, which runs no asyncio loop: plain def handlers only (or \
+    dispatch = \"pool\" for a tcp server)";
+
 /// Where a role calls its handler, which decides what kind it may be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Runs {
@@ -100,12 +105,7 @@ impl Handler {
         let handler = Self::from_callable(py, role, spec, callable)
             .map_err(|e| ResolveError::new(key, spec, format_exception(py, &e).trim_end()))?;
         if runs == Runs::OnOwnThread && handler.is_async {
-            return Err(ResolveError::new(
-                key,
-                spec,
-                "is an async def, but this role calls its handler on its own thread, which \
-                 runs no asyncio loop: use a plain def (or dispatch = \"pool\" for a tcp server)",
-            ));
+            return Err(ResolveError::new(key, spec, ASYNC_ON_OWN_THREAD));
         }
         Ok(handler)
     }

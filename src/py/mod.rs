@@ -148,7 +148,8 @@ fn check_one(py: Python<'_>, target: &Target, sync_only: bool) -> PyResult<()> {
         )))
     } else if sync_only && handler::is_async_def(&found)? {
         Err(pyo3::exceptions::PyTypeError::new_err(format!(
-            "`{attr}` is an async def; this role runs it on its own thread: plain def handlers only"
+            "`{attr}` {}",
+            handler::ASYNC_ON_OWN_THREAD
         )))
     } else {
         Ok(())

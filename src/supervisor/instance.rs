@@ -23,7 +23,7 @@ use crate::registry::{Generation, HealthLatch, registry};
 use crate::role::Context;
 use crate::shm::channel::{ChannelParts, ShmChannel, Take};
 use crate::shm::watch::{ShmWatcher, WatchParts};
-use crate::tcp::client::{ClientParts, TcpClient};
+use crate::tcp::client::{ClientParts, Outbox, TcpClient};
 use crate::tcp::server::{ServerParts, TcpServer};
 
 /// What a role resolved in Python, kept for a replacement to reuse.
@@ -102,6 +102,8 @@ pub(crate) struct Instance {
     socket: Option<std::net::TcpListener>,
     /// The address it listens on, for servers.
     pub(crate) addr: Option<SocketAddr>,
+    /// A client's outbox, for a replacement to take over.
+    pub(crate) outbox: Option<Outbox>,
     /// Keeps its health entry while it is the role's instance.
     _health: HealthLatch,
     intake: CancellationToken,
@@ -110,6 +112,17 @@ pub(crate) struct Instance {
     handover: Arc<AtomicBool>,
     /// Resolves when its task has ended.
     pub(crate) done: Done,
+}
+
+/// What a new instance takes over from retiring ones (see [`super::Keep`]).
+#[derive(Default)]
+pub(crate) struct Takeover {
+    /// A duplicate of the listening socket on the same address.
+    pub(crate) socket: Option<std::net::TcpListener>,
+    /// The old user of the same shm file (start once it ended), and how to take the file.
+    pub(crate) file: Option<(Done, Take)>,
+    /// The old client's outbox (take it once that instance ended).
+    pub(crate) outbox: Option<(Outbox, Done)>,
 }
 
 /// Everything an instance needs from the daemon to start.
@@ -123,24 +136,36 @@ pub(crate) struct Launcher<'a> {
 /// A resolved role, its socket taken, ready to launch.
 pub(crate) enum Ready {
     Server(TcpServer),
-    Client(TcpClient),
+    /// A client runs once `after` (the old instance, whose outbox it takes
+    /// over) has ended.
+    Client {
+        client: TcpClient,
+        after: Option<Done>,
+    },
     /// A watcher polls once `after` (the old watcher of its file) has ended.
     Watch {
         watcher: ShmWatcher,
         after: Option<Done>,
     },
-    /// A channel opens its file when it launches (after `after`, if any).
+    /// A channel, its file open.
     Channel {
+        channel: ShmChannel,
+        parts: ChannelParts,
+    },
+    /// A channel that takes its file as `take` says once `after` (the old
+    /// instance using the same file) has ended.
+    ChannelAfter {
         parts: ChannelParts,
         take: Take,
-        after: Option<Done>,
+        after: Done,
     },
 }
 
 impl Launcher<'_> {
     /// Takes the resources of a resolved role: binds a server (or takes
     /// `socket`), maps a watched region. A region whose file `after` (an
-    /// instance being retired) uses starts serving once that one has ended.
+    /// instance being retired) uses starts serving once that one has ended;
+    /// so does a client that takes over `outbox` from it.
     ///
     /// # Errors
     /// What went wrong, ready for the log.
@@ -150,9 +175,13 @@ impl Launcher<'_> {
         cfg: &RoleConfig,
         parts: Parts,
         generation: Generation,
-        socket: Option<std::net::TcpListener>,
-        after: Option<(Done, Take)>,
+        takeover: Takeover,
     ) -> Result<Ready, String> {
+        let Takeover {
+            socket,
+            file: after,
+            outbox,
+        } = takeover;
         Ok(match (cfg, parts) {
             (RoleConfig::Server(c), Parts::Server(p)) => {
                 Ready::Server(TcpServer::listen(c, p, socket).await.map_err(|e| {
@@ -160,20 +189,29 @@ impl Launcher<'_> {
                 })?)
             }
             (RoleConfig::Client(c), Parts::Client(p)) => {
-                Ready::Client(TcpClient::new(c, p, generation))
+                let (outbox, after) = match outbox {
+                    Some((outbox, done)) => (outbox, Some(done)),
+                    None => (Outbox::new(c.outbox), None),
+                };
+                Ready::Client {
+                    client: TcpClient::new(c, p, generation, outbox),
+                    after,
+                }
             }
             (RoleConfig::Region(r), Parts::Watch(p)) => Ready::Watch {
                 watcher: ShmWatcher::open(r, p, generation)
                     .map_err(|e| format!("shm region `{name}`: {e}"))?,
                 after: after.map(|(done, _)| done),
             },
-            (RoleConfig::Region(_), Parts::Channel(parts)) => {
-                let (after, take) = match after {
-                    Some((done, take)) => (Some(done), take),
-                    None => (None, Take::Fresh),
-                };
-                Ready::Channel { parts, take, after }
-            }
+            (RoleConfig::Region(r), Parts::Channel(parts)) => match after {
+                // Its file is free: open it now, so a failure is this role's.
+                None => Ready::Channel {
+                    channel: ShmChannel::open(r, parts.clone(), Take::Fresh)
+                        .map_err(|e| format!("shm region `{name}`: {e}"))?,
+                    parts,
+                },
+                Some((after, take)) => Ready::ChannelAfter { parts, take, after },
+            },
             _ => {
                 return Err(format!(
                     "role `{name}`: resolved parts do not match its kind"
@@ -194,7 +232,7 @@ impl Launcher<'_> {
         let intake = stop.child_token();
         let handover = Arc::new(AtomicBool::new(false));
         let (up, why) = match &ready {
-            Ready::Client(_) => (false, "not connected yet"),
+            Ready::Client { .. } => (false, "not connected yet"),
             _ => (true, ""),
         };
         let health = registry().claim(name, generation, up, why);
@@ -207,7 +245,7 @@ impl Launcher<'_> {
             intake: intake.clone(),
             stop: stop.clone(),
         };
-        let (mut socket, mut addr) = (None, None);
+        let (mut socket, mut addr, mut outbox) = (None, None, None);
         let (parts, run): (Parts, BoxFuture<'static, ()>) = match ready {
             Ready::Server(server) => {
                 socket = server.socket().ok();
@@ -217,10 +255,18 @@ impl Launcher<'_> {
                     server.serve(ctx.clone()).boxed(),
                 )
             }
-            Ready::Client(client) => (
-                Parts::Client(client.parts().clone()),
-                client.run(ctx.clone()).boxed(),
-            ),
+            Ready::Client { client, after } => {
+                outbox = Some(client.outbox().clone());
+                let parts = Parts::Client(client.parts().clone());
+                let ctx = ctx.clone();
+                let run = async move {
+                    if let Some(done) = after {
+                        done.await;
+                    }
+                    client.run(ctx).await;
+                };
+                (parts, run.boxed())
+            }
             Ready::Watch { watcher, after } => {
                 let parts = Parts::Watch(watcher.parts().clone());
                 let ctx = ctx.clone();
@@ -233,7 +279,14 @@ impl Launcher<'_> {
                 };
                 (parts, run.boxed())
             }
-            Ready::Channel {
+            Ready::Channel { channel, parts } => {
+                let handover = handover.clone();
+                (
+                    Parts::Channel(parts),
+                    channel.run(ctx.clone(), handover).boxed(),
+                )
+            }
+            Ready::ChannelAfter {
                 parts: channel_parts,
                 take,
                 after,
@@ -248,9 +301,7 @@ impl Launcher<'_> {
                     handover.clone(),
                 );
                 let run = async move {
-                    if let Some(done) = after {
-                        done.await;
-                    }
+                    after.await;
                     match ShmChannel::open(&r, p, take) {
                         Ok(channel) => channel.run(ctx, handover).await,
                         Err(e) => {
@@ -281,6 +332,7 @@ impl Launcher<'_> {
             parts,
             socket,
             addr,
+            outbox,
             _health: health,
             intake,
             stop,

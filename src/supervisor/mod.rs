@@ -21,7 +21,7 @@ use crate::Error;
 use crate::py::pool::GilPool;
 use crate::registry::{HealthLatch, next_generation, registry};
 use crate::shm::channel::Take;
-use instance::{Instance, Launcher, Parts};
+use instance::{Instance, Launcher, Parts, Takeover};
 pub use plan::{Change, Keep, RoleConfig, plan, role_configs};
 
 /// The running role instances and what a reload needs to change them.
@@ -140,11 +140,12 @@ impl Supervisor {
                     };
                     // Hand-overs come only from instances that are retiring.
                     let mut sources: BTreeMap<&str, &Instance> = BTreeMap::new();
-                    for from in keep
+                    let own = keep.outbox.then_some(&name);
+                    let named = keep
                         .socket_from
                         .iter()
-                        .chain(keep.file_from.iter().map(|f| &f.0))
-                    {
+                        .chain(keep.file_from.iter().map(|f| &f.0));
+                    for from in named.chain(own) {
                         if failures.contains_key(from) {
                             continue;
                         }
@@ -236,18 +237,23 @@ impl Supervisor {
             root: &self.root,
             tracker: &self.tracker,
         };
-        let socket = keep
-            .socket_from
-            .as_deref()
-            .and_then(|from| sources.get(from))
-            .and_then(|i| i.socket());
-        let after = keep
-            .file_from
-            .as_ref()
-            .and_then(|(from, take)| sources.get(from.as_str()).map(|i| (i.done.clone(), *take)));
+        let takeover = Takeover {
+            socket: keep
+                .socket_from
+                .as_deref()
+                .and_then(|from| sources.get(from))
+                .and_then(|i| i.socket()),
+            file: keep.file_from.as_ref().and_then(|(from, take)| {
+                sources.get(from.as_str()).map(|i| (i.done.clone(), *take))
+            }),
+            outbox: sources
+                .get(name)
+                .filter(|_| keep.outbox)
+                .and_then(|i| Some((i.outbox.clone()?, i.done.clone()))),
+        };
         let generation = next_generation();
         let ready = launcher
-            .prepare(name, cfg, parts, generation, socket, after)
+            .prepare(name, cfg, parts, generation, takeover)
             .await?;
         Ok(launcher.launch(name, cfg.clone(), ready, generation))
     }

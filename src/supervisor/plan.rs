@@ -119,6 +119,9 @@ pub struct Keep {
     /// The retired region using the same file: wait for it to stop, then
     /// take the file as this says.
     pub file_from: Option<(String, Take)>,
+    /// A client whose outbox size is unchanged: take over the old
+    /// instance's outbox (with what is queued in it) once it has stopped.
+    pub outbox: bool,
 }
 
 /// The changes that turn the `running` roles into the `wanted` ones, in
@@ -157,6 +160,9 @@ pub fn plan(
                 .filter(|(field, spec)| spec.is_some() && before.get(field) == Some(spec))
                 .map(|(field, _)| field)
                 .collect();
+        }
+        if let (Some(RoleConfig::Client(was)), RoleConfig::Client(now)) = (old, cfg) {
+            keep.outbox = was.outbox == now.outbox;
         }
         if let Some(addr) = cfg.listen() {
             keep.socket_from = sockets.remove(&addr).cloned();
@@ -229,7 +235,7 @@ mod tests {
                 keep: Keep {
                     targets: targets(&["handler"]),
                     socket_from: Some("a".into()),
-                    file_from: None,
+                    ..Keep::default()
                 },
             }]
         );
@@ -320,7 +326,14 @@ mod tests {
         };
         let p = plan(&roles(&client("h:a")), &roles(&client("h:b")));
         assert!(
-            matches!(&p[..], [Change::Replace { keep, .. }] if keep.targets == targets(&["producer"])),
+            matches!(&p[..], [Change::Replace { keep, .. }]
+                if keep.targets == targets(&["producer"]) && keep.outbox),
+            "{p:?}"
+        );
+        let bigger = client("h:a") + "outbox = 4096\n";
+        let p = plan(&roles(&client("h:a")), &roles(&bigger));
+        assert!(
+            matches!(&p[..], [Change::Replace { keep, .. }] if !keep.outbox),
             "{p:?}"
         );
     }

@@ -14,7 +14,7 @@
 //! is kept. When a reload replaces the role, messages the old instance did
 //! not send go to the new one; at shutdown they are dropped (logged).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -30,7 +30,7 @@ use crate::config::TcpClientConfig;
 use crate::py::handler::{Handler, Runs, format_exception};
 use crate::py::pool::GilPool;
 use crate::py::target::{ResolveError, resolve_callable};
-use crate::registry::{Generation, RouteGuard, registry};
+use crate::registry::{Generation, RouteGuard, lock, registry};
 use crate::role::Context;
 
 /// What a client instance resolved in Python: kept by a replacement whose
@@ -80,16 +80,46 @@ impl ClientParts {
 pub struct TcpClient {
     config: TcpClientConfig,
     parts: ClientParts,
-    outbox: (mpsc::Sender<Bytes>, mpsc::Receiver<Bytes>),
+    outbox: Outbox,
     route: RouteGuard,
 }
 
+/// A client role's outbox. It outlives instances: a replacement (with the
+/// same `outbox` size) takes it over once the old instance has stopped, with
+/// the message that instance was sending, so a reload loses and reorders
+/// nothing, and `pyipcd.send` never sees the role missing meanwhile.
+#[derive(Clone)]
+pub struct Outbox {
+    tx: mpsc::Sender<Bytes>,
+    /// The receiving end and the message in progress, while no instance runs.
+    idle: Arc<Mutex<Option<Parked>>>,
+}
+
+/// An outbox between instances: its receiver and the message that was being sent.
+type Parked = (mpsc::Receiver<Bytes>, Option<Bytes>);
+
+impl Outbox {
+    /// An empty outbox of `capacity` messages.
+    pub fn new(capacity: usize) -> Self {
+        let (tx, rx) = mpsc::channel(capacity);
+        Self {
+            tx,
+            idle: Arc::new(Mutex::new(Some((rx, None)))),
+        }
+    }
+}
+
 impl TcpClient {
-    /// A client instance of generation `generation`: from now on
-    /// `pyipcd.send(name, data)` reaches its outbox.
-    pub fn new(cfg: &TcpClientConfig, parts: ClientParts, generation: Generation) -> Self {
-        let outbox = mpsc::channel(cfg.outbox);
-        let route = registry().route(&cfg.name, generation, outbox.0.clone());
+    /// A client instance of generation `generation` using `outbox` (a new
+    /// one, or its predecessor's): from now on `pyipcd.send(name, data)`
+    /// reaches that outbox.
+    pub fn new(
+        cfg: &TcpClientConfig,
+        parts: ClientParts,
+        generation: Generation,
+        outbox: Outbox,
+    ) -> Self {
+        let route = registry().route(&cfg.name, generation, outbox.tx.clone());
         Self {
             config: cfg.clone(),
             parts,
@@ -98,18 +128,28 @@ impl TcpClient {
         }
     }
 
+    /// Its outbox, for a replacement instance.
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
     /// The resolved Python parts, for a replacement instance.
     pub fn parts(&self) -> &ClientParts {
         &self.parts
     }
 
-    /// Runs until `ctx.stop` is cancelled. Messages not sent by then go to
-    /// the instance that replaced this one, if any (else they are dropped, logged).
-    pub async fn run(mut self, ctx: Context) {
+    /// Runs until `ctx.stop` is cancelled. Messages not sent by then stay in
+    /// the outbox for the instance that replaced this one, if any; else they
+    /// are dropped, logged.
+    pub async fn run(self, ctx: Context) {
         let (pool, token) = (&ctx.pool, &ctx.stop);
-        let (tx, rx) = mpsc::channel(1);
-        let (tx, mut outbox) = std::mem::replace(&mut self.outbox, (tx, rx));
         let cfg = &self.config;
+        // The previous instance (if any) gave the outbox back when it stopped.
+        let Some((mut outbox, mut pending)) = lock(&self.outbox.idle).take() else {
+            tracing::error!(role = %cfg.name, "the outbox is still in use by another instance; not started");
+            return;
+        };
+        let tx = self.outbox.tx.clone();
         let feeders = tokio_util::task::TaskTracker::new();
         feeders.spawn(script(cfg.clone(), tx.clone(), token.clone()));
         if let Some(producer) = self.parts.producer.clone() {
@@ -122,7 +162,6 @@ impl TcpClient {
             ));
         }
         drop(tx);
-        let mut pending: Option<Bytes> = None;
         let mut delay = cfg.backoff_min;
         while !token.is_cancelled() {
             let stream = tokio::select! {
@@ -156,15 +195,22 @@ impl TcpClient {
                 backoff(&mut delay, cfg.backoff_max, token).await;
             }
         }
-        outbox.close();
-        let mut unsent: Vec<Bytes> = pending.into_iter().collect();
-        while let Ok(msg) = outbox.try_recv() {
-            unsent.push(msg);
-        }
-        hand_over(&cfg.name, ctx.generation, unsent).await;
-        drop(self.route);
         feeders.close();
         feeders.wait().await;
+        match registry().successor(&cfg.name, ctx.generation) {
+            Some(next) if next.same_channel(&self.outbox.tx) => {
+                *lock(&self.outbox.idle) = Some((outbox, pending));
+            }
+            next => {
+                outbox.close();
+                let mut unsent: Vec<Bytes> = pending.into_iter().collect();
+                while let Ok(msg) = outbox.try_recv() {
+                    unsent.push(msg);
+                }
+                hand_over(&cfg.name, next, unsent).await;
+            }
+        }
+        drop(self.route);
     }
 
     /// One connection: returns why it ended.
@@ -224,14 +270,15 @@ impl TcpClient {
 }
 
 /// Gives messages a retired instance did not send to the instance that
-/// replaced it (in order, ahead of anything newer only if it has not started
-/// sending); without one (shutdown, role removed) they are dropped, logged.
-async fn hand_over(role: &str, generation: Generation, unsent: Vec<Bytes>) {
+/// replaced it with an outbox of its own (a new `outbox` size): they queue
+/// behind what was sent to it meanwhile. Without one (shutdown, role
+/// removed) they are dropped, logged.
+async fn hand_over(role: &str, successor: Option<mpsc::Sender<Bytes>>, unsent: Vec<Bytes>) {
     if unsent.is_empty() {
         return;
     }
     let n = unsent.len();
-    if let Some(successor) = registry().successor(role, generation) {
+    if let Some(successor) = successor {
         let mut handed = 0;
         for msg in unsent {
             match tokio::time::timeout(HAND_OVER_WAIT, successor.send(msg)).await {
