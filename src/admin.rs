@@ -3,7 +3,7 @@
 //! probe, else 503 with the reasons; either way the JSON lists each role as
 //! up or down, and notes (a failed reload) if any; `GET /metrics` is Prometheus text.
 //!
-//! Roles report up/down into [`crate::registry`], which this reads; counters
+//! Roles report up/down into the crate's role registry, which this reads; counters
 //! and histograms go through the `metrics` facade into a Prometheus recorder
 //! installed once per process.
 

@@ -180,7 +180,7 @@ impl Daemon {
 
     /// Re-reads the config file. On an error the running config stays and the
     /// reason is logged; otherwise only roles whose configuration changed are
-    /// replaced, each as a transaction (see [`crate::supervisor`]). Python
+    /// replaced, each as a transaction (see docs/configuration.md). Python
     /// settings, tasks, logging and the admin endpoint need a restart (a
     /// warning says so).
     pub async fn reload(&mut self) {

@@ -1,6 +1,7 @@
 //! The crate-level error, composed from each module's errors.
 
 use crate::config::ConfigError;
+use crate::py::target::ResolveError;
 
 /// Anything that stops the daemon from starting or running.
 #[derive(Debug, thiserror::Error)]
@@ -9,8 +10,8 @@ pub enum Error {
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// A configured Python target could not be imported or resolved (exit code 78).
-    #[error("{0}")]
-    Target(String),
+    #[error(transparent)]
+    Target(#[from] ResolveError),
     /// The configured Python installation or virtualenv cannot be used, or
     /// CPython could not start from it (exit code 78).
     #[error("{0}")]

@@ -5,15 +5,16 @@
 //! - [`config`]: the TOML file (+ `PYIPCD__…` env overrides) as typed, validated structs.
 //! - [`cli`]: command-line arguments.
 //! - [`telemetry`]: tracing set-up; Python output joins the same log.
-//! - [`shutdown`]: signal handling (tokio only).
+//! - `shutdown`: signal handling (tokio only).
 //! - [`admin`]: `/health` and `/metrics`.
-//! - [`systemd`]: readiness, status, stopping and watchdog notices.
+//! - `systemd`: readiness, status, stopping and watchdog notices.
 //! - [`daemon`]: start-up, readiness, reload, ordered shutdown.
-//! - [`supervisor`]: roles built from the config, started, and replaced
-//!   transactionally on reload (the diff is a pure function, [`supervisor::plan`]).
-//! - [`role`]: what every role instance gets from the supervisor.
-//! - [`registry`]: (a leaf) role health and `pyipcd.send` routes, each entry
+//! - `supervisor`: roles built from the config, started, and replaced
+//!   transactionally on reload (the diff is a pure function, `supervisor::plan`).
+//! - `role`: what every role instance gets from the supervisor.
+//! - `registry`: (a leaf) role health and `pyipcd.send` routes, each entry
 //!   owned by one role instance.
+//! - `sync`: the one mutex-poison policy.
 //! - [`tcp`]: TCP server and client roles.
 //! - [`shm`]: shared-memory regions (the only `unsafe` code).
 //! - [`py`]: the embedded interpreter: GIL pool, handlers, asyncio loop, tasks,
@@ -32,13 +33,14 @@ pub mod config;
 pub mod daemon;
 mod error;
 pub mod py;
-pub mod registry;
-pub mod role;
+pub(crate) mod registry;
+pub(crate) mod role;
 #[allow(unsafe_code)]
 pub mod shm;
-pub mod shutdown;
-pub mod supervisor;
-pub mod systemd;
+pub(crate) mod shutdown;
+pub(crate) mod supervisor;
+mod sync;
+pub(crate) mod systemd;
 pub mod tcp;
 pub mod telemetry;
 #[cfg(test)]

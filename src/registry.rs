@@ -11,18 +11,15 @@
 //! newer instance has claimed the name since. So during a reload the old
 //! instance finishing late can never mark its successor down or take its
 //! route away.
-//!
-//! # Locks
-//! One poison policy for the crate ([`lock`]): a panic while a lock was held
-//! cannot leave these tables half-written (every update is one insert or
-//! remove), so a poisoned lock is taken over rather than spreading the panic.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
+
+use crate::sync::lock;
 
 /// A role instance's number, unique for the daemon's life; a replacement
 /// always has a higher one than the instance it replaces.
@@ -32,12 +29,6 @@ pub type Generation = u64;
 pub fn next_generation() -> Generation {
     static NEXT: AtomicU64 = AtomicU64::new(1);
     NEXT.fetch_add(1, Ordering::Relaxed)
-}
-
-/// Locks `m`, taking it over if a panicking thread poisoned it (the crate's
-/// one policy: every critical section leaves its data consistent).
-pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// One role's health as an instance reported it.
@@ -112,7 +103,8 @@ impl Registry {
     }
 
     /// Whether `role` has an entry and it is up.
-    pub fn is_up(&self, role: &str) -> Option<bool> {
+    #[cfg(test)]
+    fn is_up(&self, role: &str) -> Option<bool> {
         lock(&self.health).get(role).map(|e| e.up)
     }
 

@@ -1,7 +1,7 @@
 //! Handlers: Python callables resolved once per role instance
 //! ([`Handler::resolve`]) and called with `bytes`, returning `bytes | None`,
-//! on a GIL pool thread ([`Handler::invoke`], which schedules an `async def`
-//! on the asyncio loop) or on a role's own thread ([`Handler::call_here`]).
+//! on a GIL pool thread (`Handler::invoke`, which schedules an `async def`
+//! on the asyncio loop) or on a role's own thread (`Handler::call_here`).
 //! Converts between Rust [`Bytes`] and Python objects and turns a Python
 //! exception into a [`HandlerError`] carrying the formatted traceback.
 //!

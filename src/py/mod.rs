@@ -9,22 +9,22 @@
 //! - [`interpreter`]: which Python installation is embedded, set through `PyConfig`.
 //! - [`pool`]: the GIL pool that runs handler calls for tokio tasks.
 //! - [`handler`]: handlers, bytes conversion, exceptions as values.
-//! - [`asyncio`]: the event loop thread for `async def` handlers.
-//! - [`task`]: long-running tasks on their own threads.
-//! - [`module`]: the embedded `pyipcd` module.
+//! - `asyncio`: the event loop thread for `async def` handlers.
+//! - `task`: long-running tasks on their own threads.
+//! - `module`: the embedded `pyipcd` module.
 //! - [`monitor`]: the stuck-call monitor and the threads it watches.
 //! - `lent`: memory lent to a handler for one call (zero-copy channel requests).
 
-pub mod asyncio;
+pub(crate) mod asyncio;
 pub mod handler;
 pub mod interpreter;
 pub(crate) mod lent;
-pub mod module;
+pub(crate) mod module;
 pub mod monitor;
-pub mod output;
+pub(crate) mod output;
 pub mod pool;
 pub mod target;
-pub mod task;
+pub(crate) mod task;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;

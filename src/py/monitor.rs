@@ -1,11 +1,11 @@
 //! The stuck-call monitor. It owns the record of every thread that runs
 //! Python calls for roles, the GIL pool's workers and the dedicated threads
-//! of inline TCP roles and shm channels alike: a [`WorkerSlot`] each, where
+//! of inline TCP roles and shm channels alike: a `WorkerSlot` each, where
 //! the thread publishes the call it is running. A low-frequency thread
 //! notices calls running past `python.call_timeout` and logs the Python
 //! stack of the thread running them (once per call). A role served by one
 //! dedicated thread answers nobody meanwhile, so it is marked down through
-//! its [`HealthLatch`] until the call returns.
+//! its `HealthLatch` until the call returns.
 //!
 //! The thread holds only a weak reference and ends when the last
 //! [`Monitor`] handle is dropped.
@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
 
-use crate::registry::{HealthLatch, lock};
+use crate::registry::HealthLatch;
+use crate::sync::lock;
 
 /// What the monitor knows about one thread that runs Python calls.
 pub(crate) struct WorkerSlot {

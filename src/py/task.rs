@@ -6,6 +6,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
+
+use crate::sync::lock;
 use std::time::{Duration, Instant};
 
 use pyo3::exceptions::PySystemExit;
@@ -27,18 +29,18 @@ pub struct StopFlag {
 impl StopFlag {
     /// Sets the flag and wakes every sleeper.
     pub fn set(&self) {
-        *self.stopped.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        *lock(&self.stopped) = true;
         self.cv.notify_all();
     }
 
     /// Whether the flag is set.
     pub fn is_set(&self) -> bool {
-        *self.stopped.lock().unwrap_or_else(PoisonError::into_inner)
+        *lock(&self.stopped)
     }
 
     /// Sleeps up to `d`; returns `true` if the flag was set meanwhile.
     pub fn sleep(&self, d: Duration) -> bool {
-        let guard = self.stopped.lock().unwrap_or_else(PoisonError::into_inner);
+        let guard = lock(&self.stopped);
         let (guard, _) = self
             .cv
             .wait_timeout_while(guard, d, |stopped| !*stopped)

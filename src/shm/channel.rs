@@ -195,11 +195,6 @@ impl ShmChannel {
         }
     }
 
-    /// The role's name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     /// Serves until `ctx.stop` is cancelled (on a thread of its own, whose
     /// calls the stuck-call monitor watches), then marks the channel stopped,
     /// unless `handover` was set first: a replacement adopts the file then.

@@ -89,11 +89,6 @@ impl ShmRegion {
         self.len
     }
 
-    /// Whether the region is empty (never: sizes are validated ≥ 1).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     /// The file.
     pub fn path(&self) -> &Path {
         &self.path

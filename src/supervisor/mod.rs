@@ -9,7 +9,7 @@
 mod instance;
 pub mod plan;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -89,7 +89,7 @@ impl Supervisor {
             };
             let parts = instance::resolve(&wanted[&name], None, &keep)
                 .await
-                .map_err(|e| Error::Target(e.to_string()))?;
+                .map_err(Error::Target)?;
             let instance = self
                 .bring_up(&name, &wanted[&name], parts, &keep, &BTreeMap::new())
                 .await
@@ -256,10 +256,5 @@ impl Supervisor {
             .prepare(name, cfg, parts, generation, takeover)
             .await?;
         Ok(launcher.launch(name, cfg.clone(), ready, generation))
-    }
-
-    /// Names of the running roles.
-    pub fn names(&self) -> BTreeSet<String> {
-        self.running.keys().cloned().collect()
     }
 }

@@ -30,8 +30,9 @@ use crate::config::TcpClientConfig;
 use crate::py::handler::{Handler, Runs, format_exception};
 use crate::py::pool::GilPool;
 use crate::py::target::{ResolveError, resolve_callable};
-use crate::registry::{Generation, RouteGuard, lock, registry};
+use crate::registry::{Generation, RouteGuard, registry};
 use crate::role::Context;
+use crate::sync::lock;
 
 /// What a client instance resolved in Python: kept by a replacement whose
 /// targets did not change.

@@ -1,16 +1,17 @@
-//! TCP roles: [`server`] accepts; the private `connection` module serves each
-//! connection (decode, submit, reply in request order) through the private
-//! `dispatch` module, the one place that knows whether calls go to the GIL
-//! pool or run inline on the role's own interpreter thread (`inline`). [`client`] connects out with reconnect, sends scripted,
-//! produced or `pyipcd.send` messages and hands replies to Python.
-//! [`framing`] owns the wire formats.
+//! TCP roles. `server` accepts; `connection` serves each connection
+//! (decode, submit, reply in request order) through `dispatch`, the one
+//! place that knows whether calls go to the GIL pool or run inline on the
+//! role's own interpreter thread (`inline`). `client` connects out with
+//! reconnect, sends scripted, produced or `pyipcd.send` messages and hands
+//! replies to Python. `framing` owns the wire formats. Only
+//! [`parse_listen`] is public: the roles are started by the supervisor.
 
-pub mod client;
+pub(crate) mod client;
 mod connection;
 mod dispatch;
-pub mod framing;
+pub(crate) mod framing;
 mod inline;
-pub mod server;
+pub(crate) mod server;
 
 use std::net::SocketAddr;
 

@@ -43,7 +43,7 @@ pub(crate) use worker::{Job, Shared};
 use super::asyncio::AsyncioLoop;
 use super::handler::{CallContext, Handler, HandlerError, HandlerResult, Invoked, PendingCall};
 use super::monitor::Monitor;
-use crate::registry::lock;
+use crate::sync::lock;
 
 /// Default for [`PoolConfig::spin`]: how long the spinner polls for work before it sleeps.
 pub const SPIN_FOR: Duration = Duration::from_micros(50);

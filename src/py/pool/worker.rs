@@ -16,7 +16,7 @@ use super::PoolStats;
 use crate::py::handler::{CallContext, Handler, Invoked};
 use crate::py::monitor::WorkerSlot;
 use crate::py::output;
-use crate::registry::lock;
+use crate::sync::lock;
 
 type Closure = Box<dyn FnOnce(Python<'_>) + Send>;
 
