@@ -85,6 +85,19 @@ impl Registry {
         }))
     }
 
+    /// Claims the entry of `role` for `generation` as the instance before it
+    /// left it (a client taking over from a connected one stays up), or
+    /// down with `why` when there was none or it was down.
+    pub fn claim_like_predecessor(
+        self: &Arc<Self>,
+        role: &str,
+        generation: Generation,
+        why: &str,
+    ) -> HealthLatch {
+        let up = lock(&self.health).get(role).is_some_and(|e| e.up);
+        self.claim(role, generation, up, if up { "" } else { why })
+    }
+
     /// Roles that are down, with the reason their instance gave.
     pub fn down(&self) -> Vec<(String, String)> {
         lock(&self.health)

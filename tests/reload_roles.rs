@@ -190,24 +190,30 @@ fn a_channel_handler_reload_is_invisible_to_its_attached_client() {
     assert_eq!(c.call(b"still").unwrap().unwrap(), b"STILL");
 
     // A new module: the new instance adopts the file; the same attached
-    // client gets the new handler's replies with no reset or re-attach.
+    // client, calling without a pause throughout, gets the old handler's
+    // replies, then the new one's, with no error, reset or re-attach.
     s.write("h2.py", "def rev(data):\n    return data[::-1]\n");
+    let busy = std::thread::spawn(move || {
+        let (mut old, deadline) = (0, Instant::now() + T);
+        loop {
+            let reply = c.call(b"abc").unwrap().unwrap();
+            if reply == b"cba" {
+                return (c, old);
+            }
+            assert_eq!(reply, b"ABC", "only the old or the new handler answers");
+            assert!(Instant::now() < deadline, "the new handler never answered");
+            old += 1;
+        }
+    });
+    std::thread::sleep(Duration::from_millis(100));
     std::fs::write(&cfg, channel_config("h2:rev", "64KiB")).unwrap();
     d.signal("HUP");
     d.lines.wait_for(
         &["reloaded: started [], replaced [\"ch\"], stopped [], failed []"],
         T,
     );
-    let deadline = Instant::now() + T;
-    loop {
-        let reply = c.call(b"abc").unwrap().unwrap();
-        if reply == b"cba" {
-            break;
-        }
-        assert_eq!(reply, b"ABC", "only the old or the new handler answers");
-        assert!(Instant::now() < deadline, "the new handler never answered");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let (mut c, old_replies) = busy.join().unwrap();
+    assert!(old_replies > 100, "the client was busy: {old_replies}");
     for i in 0..200u32 {
         let msg = format!("m{i}");
         let want: Vec<u8> = msg.bytes().rev().collect();

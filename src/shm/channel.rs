@@ -19,7 +19,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
@@ -36,6 +36,10 @@ use crate::role::Context;
 /// again (shutdown also wakes it at once; a client that publishes without
 /// ringing the doorbell waits up to this long).
 const STOP_CHECK: Duration = Duration::from_millis(500);
+
+/// How long an instance handing its file to a replacement waits for room
+/// for its last reply while the client reads none.
+const HANDOVER_REPLY_WAIT: Duration = Duration::from_secs(5);
 
 /// Why a channel cannot be served.
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +112,8 @@ pub struct ShmChannel {
     zero_copy: bool,
     /// A zero-copy view was still alive in Python at shutdown.
     view_held_at_stop: AtomicBool,
+    /// Set (before the stop) when a replacement adopts the file.
+    handover: Arc<AtomicBool>,
 }
 
 impl ShmChannel {
@@ -192,13 +198,15 @@ impl ShmChannel {
             handler,
             zero_copy: cfg.zero_copy,
             view_held_at_stop: AtomicBool::new(false),
+            handover: Arc::default(),
         }
     }
 
     /// Serves until `ctx.stop` is cancelled (on a thread of its own, whose
     /// calls the stuck-call monitor watches), then marks the channel stopped,
     /// unless `handover` was set first: a replacement adopts the file then.
-    pub async fn run(self, ctx: Context, handover: Arc<AtomicBool>) {
+    pub async fn run(mut self, ctx: Context, handover: Arc<AtomicBool>) {
+        self.handover = handover;
         let token = ctx.stop.clone();
         let stop = Arc::new(AtomicBool::new(false));
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
@@ -211,7 +219,7 @@ impl ShmChannel {
             .spawn(move || {
                 crate::py::output::set_thread_role(Some(&served.name));
                 serve(&served, &ctx, &flag);
-                if !handover.load(Ordering::SeqCst) {
+                if !served.handover.load(Ordering::SeqCst) {
                     served.channel.set_state(State::Stopped);
                 }
                 let _ = done_tx.send(());
@@ -309,6 +317,12 @@ fn serve(ch: &ShmChannel, ctx: &Context, stop: &AtomicBool) {
         );
         let mut spin = Spin::default();
         loop {
+            // Checked before each request, not only when idle: a busy client
+            // must not keep a stopping instance (or its replacement) waiting.
+            // What is left in the ring is answered by the replacement, if any.
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
             // The request stays in the ring (its space held) until it is
             // answered: zero-copy handlers read it where it lies.
             let served = channel.pop_in_place(Dir::Request, |request| {
@@ -463,12 +477,23 @@ fn push_reply(
     let channel = &ch.channel;
     // Error texts (a traceback line, CPython's message) are cut to fit.
     let reply = &reply[..reply.len().min(channel.max_record())];
+    let mut handing_over = None;
     while channel.epoch() == epoch {
         if channel.try_push(Dir::Response, seq, fl, epoch, reply) {
             return Flow::Next;
         }
         if stop.load(Ordering::Relaxed) {
-            return Flow::Stop;
+            if !ch.handover.load(Ordering::SeqCst) {
+                return Flow::Stop;
+            }
+            // Handing the file over: this request was taken from the ring,
+            // so only this instance can answer it. Wait for the client to
+            // make room, for a while.
+            let since = *handing_over.get_or_insert_with(Instant::now);
+            if since.elapsed() > HANDOVER_REPLY_WAIT {
+                tracing::warn!(role = %ch.name, seq, "handing the channel over: the client read no reply for {HANDOVER_REPLY_WAIT:?}; its reply to request {seq} is lost");
+                return Flow::Stop;
+            }
         }
         py.detach(|| std::thread::sleep(Duration::from_micros(100)));
     }

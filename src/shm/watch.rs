@@ -63,36 +63,36 @@ pub struct ShmWatcher {
     region: Arc<ShmRegion>,
     parts: WatchParts,
     inbox: (mpsc::Sender<Bytes>, mpsc::Receiver<Bytes>),
-    _route: RouteGuard,
+    _route: Option<RouteGuard>,
 }
 
 /// Messages from `pyipcd.send` that may wait for the poller.
 const INBOX: usize = 64;
 
 impl ShmWatcher {
-    /// Maps the region (creating it if configured); from now on
-    /// `pyipcd.send(name, data)` writes `data` into it (zeroed, then `data`
-    /// at offset 0, as the scripted writer does).
+    /// Maps the region (creating it if configured).
     ///
     /// # Errors
     /// [`ShmError`] naming the file.
-    pub fn open(
-        config: &ShmRegionConfig,
-        parts: WatchParts,
-        generation: Generation,
-    ) -> Result<Self, ShmError> {
+    pub fn open(config: &ShmRegionConfig, parts: WatchParts) -> Result<Self, ShmError> {
         let size = config.size.map_or(0, |s| s.as_u64());
         let len = usize::try_from(size).unwrap_or(usize::MAX);
         let region = Arc::new(ShmRegion::open(&config.path, len, config.create)?);
-        let inbox = mpsc::channel(INBOX);
-        let route = registry().route(&config.name, generation, inbox.0.clone());
         Ok(Self {
             config: config.clone(),
             region,
             parts,
-            inbox,
-            _route: route,
+            inbox: mpsc::channel(INBOX),
+            _route: None,
         })
+    }
+
+    /// From now on `pyipcd.send(name, data)` writes `data` into the region
+    /// (zeroed, then `data` at offset 0, as the scripted writer does), as
+    /// instance `generation`.
+    pub fn publish(&mut self, generation: Generation) {
+        let route = registry().route(&self.config.name, generation, self.inbox.0.clone());
+        self._route = Some(route);
     }
 
     /// The resolved Python parts, for a replacement instance.

@@ -4,8 +4,8 @@
 //! health latch and stop tokens, and at last retired.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -23,6 +23,7 @@ use crate::registry::{Generation, HealthLatch, registry};
 use crate::role::Context;
 use crate::shm::channel::{ChannelParts, ShmChannel, Take};
 use crate::shm::watch::{ShmWatcher, WatchParts};
+use crate::sync::lock;
 use crate::tcp::client::{ClientParts, Outbox, TcpClient};
 use crate::tcp::server::{ServerParts, TcpServer};
 
@@ -92,37 +93,32 @@ pub(crate) async fn resolve(
 /// Signals that an instance's task has ended.
 pub(crate) type Done = Shared<BoxFuture<'static, ()>>;
 
+/// A value the instance's task may set or clear while the supervisor holds it.
+type Slot<T> = Arc<Mutex<Option<T>>>;
+
 /// A running role instance, as the supervisor keeps it.
 pub(crate) struct Instance {
     /// The config it runs.
     pub(crate) config: RoleConfig,
     /// What it resolved in Python.
     pub(crate) parts: Parts,
-    /// Its listening socket (a duplicate), for a replacement on the same address.
-    socket: Option<std::net::TcpListener>,
+    /// Its listening socket (a duplicate) while it serves, for a replacement
+    /// on the same address. Cleared when its task ends, so a server that
+    /// died does not keep its port bound.
+    socket: Slot<std::net::TcpListener>,
     /// The address it listens on, for servers.
     pub(crate) addr: Option<SocketAddr>,
     /// A client's outbox, for a replacement to take over.
     pub(crate) outbox: Option<Outbox>,
-    /// Keeps its health entry while it is the role's instance.
-    _health: HealthLatch,
+    /// Its health entry, once claimed (at launch, or when the instance it
+    /// waits for has ended).
+    health: Slot<HealthLatch>,
     intake: CancellationToken,
     stop: CancellationToken,
     /// Set before `stop` when a replacement adopts its shm file.
     handover: Arc<AtomicBool>,
     /// Resolves when its task has ended.
     pub(crate) done: Done,
-}
-
-/// What a new instance takes over from retiring ones (see [`super::Keep`]).
-#[derive(Default)]
-pub(crate) struct Takeover {
-    /// A duplicate of the listening socket on the same address.
-    pub(crate) socket: Option<std::net::TcpListener>,
-    /// The old user of the same shm file (start once it ended), and how to take the file.
-    pub(crate) file: Option<(Done, Take)>,
-    /// The old client's outbox (take it once that instance ended).
-    pub(crate) outbox: Option<(Outbox, Done)>,
 }
 
 /// Everything an instance needs from the daemon to start.
@@ -133,39 +129,65 @@ pub(crate) struct Launcher<'a> {
     pub(crate) tracker: &'a TaskTracker,
 }
 
-/// A resolved role, its socket taken, ready to launch.
+/// What a new instance takes over from retiring ones (see [`Keep`]).
+#[derive(Default)]
+pub(crate) struct Takeover {
+    /// A duplicate of the listening socket on the same address.
+    pub(crate) socket: Option<std::net::TcpListener>,
+    /// The old user of the same shm file (start once it ended), and how to take the file.
+    pub(crate) file: Option<(Done, Take)>,
+    /// The old client's outbox (take it once that instance ended).
+    pub(crate) outbox: Option<(Outbox, Done)>,
+}
+
+/// A resolved role holding its resources, ready to launch. Preparing has
+/// no effect outside it: dropping it (a reload that fails elsewhere) leaves
+/// the running instances as they were.
 pub(crate) enum Ready {
     Server(TcpServer),
-    /// A client runs once `after` (the old instance, whose outbox it takes
-    /// over) has ended.
+    /// A client, which runs once `after` (the old instance, whose outbox it
+    /// takes over) has ended.
     Client {
         client: TcpClient,
         after: Option<Done>,
     },
-    /// A watcher polls once `after` (the old watcher of its file) has ended.
+    /// A watcher, which polls once `after` (the old watcher of its file) has ended.
     Watch {
         watcher: ShmWatcher,
         after: Option<Done>,
     },
-    /// A channel, its file open.
+    /// A channel with its file open (fresh, or attached to adopt it from
+    /// `after`, which it waits for).
     Channel {
         channel: ShmChannel,
         parts: ChannelParts,
+        after: Option<Done>,
     },
-    /// A channel that takes its file as `take` says once `after` (the old
-    /// instance using the same file) has ended.
+    /// A channel that re-initialises its file once `after` (the old
+    /// instance using it, with another layout) has ended.
     ChannelAfter {
         parts: ChannelParts,
-        take: Take,
         after: Done,
     },
 }
 
+impl Ready {
+    /// The instance it must wait for before it serves.
+    fn after(&self) -> Option<&Done> {
+        match self {
+            Ready::Server(_) => None,
+            Ready::Client { after, .. }
+            | Ready::Watch { after, .. }
+            | Ready::Channel { after, .. } => after.as_ref(),
+            Ready::ChannelAfter { after, .. } => Some(after),
+        }
+    }
+}
+
 impl Launcher<'_> {
-    /// Takes the resources of a resolved role: binds a server (or takes
-    /// `socket`), maps a watched region. A region whose file `after` (an
-    /// instance being retired) uses starts serving once that one has ended;
-    /// so does a client that takes over `outbox` from it.
+    /// Takes the resources of a resolved role: binds a server (or takes the
+    /// old socket), maps a watched region, opens a channel's file (or
+    /// attaches to the old instance's to adopt it). Nothing starts yet.
     ///
     /// # Errors
     /// What went wrong, ready for the log.
@@ -174,14 +196,14 @@ impl Launcher<'_> {
         name: &str,
         cfg: &RoleConfig,
         parts: Parts,
-        generation: Generation,
         takeover: Takeover,
     ) -> Result<Ready, String> {
         let Takeover {
             socket,
-            file: after,
+            file,
             outbox,
         } = takeover;
+        let region_err = |e: &dyn std::fmt::Display| format!("shm region `{name}`: {e}");
         Ok(match (cfg, parts) {
             (RoleConfig::Server(c), Parts::Server(p)) => {
                 Ready::Server(TcpServer::listen(c, p, socket).await.map_err(|e| {
@@ -194,23 +216,29 @@ impl Launcher<'_> {
                     None => (Outbox::new(c.outbox), None),
                 };
                 Ready::Client {
-                    client: TcpClient::new(c, p, generation, outbox),
+                    client: TcpClient::new(c, p, outbox),
                     after,
                 }
             }
             (RoleConfig::Region(r), Parts::Watch(p)) => Ready::Watch {
-                watcher: ShmWatcher::open(r, p, generation)
-                    .map_err(|e| format!("shm region `{name}`: {e}"))?,
-                after: after.map(|(done, _)| done),
+                watcher: ShmWatcher::open(r, p).map_err(|e| region_err(&e))?,
+                after: file.map(|(done, _)| done),
             },
-            (RoleConfig::Region(r), Parts::Channel(parts)) => match after {
-                // Its file is free: open it now, so a failure is this role's.
+            (RoleConfig::Region(r), Parts::Channel(parts)) => match file {
                 None => Ready::Channel {
                     channel: ShmChannel::open(r, parts.clone(), Take::Fresh)
-                        .map_err(|e| format!("shm region `{name}`: {e}"))?,
+                        .map_err(|e| region_err(&e))?,
                     parts,
+                    after: None,
                 },
-                Some((after, take)) => Ready::ChannelAfter { parts, take, after },
+                // Attaching only reads: the old instance serves on meanwhile.
+                Some((after, Take::Adopt)) => Ready::Channel {
+                    channel: ShmChannel::open(r, parts.clone(), Take::Adopt)
+                        .map_err(|e| region_err(&e))?,
+                    parts,
+                    after: Some(after),
+                },
+                Some((after, Take::Fresh)) => Ready::ChannelAfter { parts, after },
             },
             _ => {
                 return Err(format!(
@@ -220,7 +248,9 @@ impl Launcher<'_> {
         })
     }
 
-    /// Starts `ready` as instance `generation` of `name`.
+    /// Starts `ready` as instance `generation` of `name`: it claims its
+    /// health entry (when the instance it waits for has ended, if any) and
+    /// its `pyipcd.send` route (at once).
     pub(crate) fn launch(
         &self,
         name: &str,
@@ -231,100 +261,107 @@ impl Launcher<'_> {
         let stop = self.root.child_token();
         let intake = stop.child_token();
         let handover = Arc::new(AtomicBool::new(false));
-        let (up, why) = match &ready {
-            Ready::Client { .. } => (false, "not connected yet"),
-            _ => (true, ""),
-        };
-        let health = registry().claim(name, generation, up, why);
-        let ctx = Context {
-            name: Arc::from(name),
-            generation,
-            pool: self.pool.clone(),
-            monitor: self.monitor.clone(),
-            health: health.clone(),
-            intake: intake.clone(),
-            stop: stop.clone(),
-        };
-        let (mut socket, mut addr, mut outbox) = (None, None, None);
-        let (parts, run): (Parts, BoxFuture<'static, ()>) = match ready {
+        let is_client = matches!(ready, Ready::Client { .. });
+        let after = ready.after().cloned();
+        let health: Slot<HealthLatch> = Arc::default();
+        let socket: Slot<std::net::TcpListener> = Arc::default();
+        let (mut addr, mut outbox) = (None, None);
+        let (parts, body): (Parts, Body) = match ready {
             Ready::Server(server) => {
-                socket = server.socket().ok();
+                *lock(&socket) = server.socket().ok();
                 addr = server.local_addr().ok();
                 (
                     Parts::Server(server.parts().clone()),
-                    server.serve(ctx.clone()).boxed(),
+                    Box::new(move |ctx| server.serve(ctx).boxed()),
                 )
             }
-            Ready::Client { client, after } => {
+            Ready::Client { mut client, .. } => {
+                client.publish(generation);
                 outbox = Some(client.outbox().clone());
-                let parts = Parts::Client(client.parts().clone());
-                let ctx = ctx.clone();
-                let run = async move {
-                    if let Some(done) = after {
-                        done.await;
-                    }
-                    client.run(ctx).await;
-                };
-                (parts, run.boxed())
+                (
+                    Parts::Client(client.parts().clone()),
+                    Box::new(move |ctx| client.run(ctx).boxed()),
+                )
             }
-            Ready::Watch { watcher, after } => {
-                let parts = Parts::Watch(watcher.parts().clone());
-                let ctx = ctx.clone();
-                let run = async move {
-                    if let Some(done) = after {
-                        // The old watcher writes the same file: let it finish.
-                        done.await;
-                    }
-                    watcher.run(ctx).await;
-                };
-                (parts, run.boxed())
+            Ready::Watch { mut watcher, .. } => {
+                watcher.publish(generation);
+                (
+                    Parts::Watch(watcher.parts().clone()),
+                    Box::new(move |ctx| watcher.run(ctx).boxed()),
+                )
             }
-            Ready::Channel { channel, parts } => {
+            Ready::Channel { channel, parts, .. } => {
                 let handover = handover.clone();
                 (
                     Parts::Channel(parts),
-                    channel.run(ctx.clone(), handover).boxed(),
+                    Box::new(move |ctx| channel.run(ctx, handover).boxed()),
                 )
             }
-            Ready::ChannelAfter {
-                parts: channel_parts,
-                take,
-                after,
-            } => {
-                let RoleConfig::Region(r) = &cfg else {
+            Ready::ChannelAfter { parts, .. } => {
+                let RoleConfig::Region(r) = cfg.clone() else {
                     unreachable!("a channel's config is a region")
                 };
-                let (r, p, ctx, handover) = (
-                    r.clone(),
-                    channel_parts.clone(),
-                    ctx.clone(),
-                    handover.clone(),
-                );
-                let run = async move {
-                    after.await;
-                    match ShmChannel::open(&r, p, take) {
-                        Ok(channel) => channel.run(ctx, handover).await,
-                        Err(e) => {
-                            tracing::error!(role = %ctx.name, "not started: {e}");
-                            ctx.health.down(&format!("not started: {e}"));
-                            // Stay (down) until stopped, so the role is not seen as ended.
-                            ctx.stop.cancelled().await;
+                let (p, handover) = (parts.clone(), handover.clone());
+                let body: Body = Box::new(move |ctx: Context| {
+                    async move {
+                        match ShmChannel::open(&r, p, Take::Fresh) {
+                            Ok(channel) => channel.run(ctx, handover).await,
+                            Err(e) => {
+                                tracing::error!(role = %ctx.name, "not started: {e}");
+                                ctx.health.down(&format!("not started: {e}"));
+                                // Down until stopped, not "stopped by itself".
+                                ctx.stop.cancelled().await;
+                            }
                         }
                     }
-                };
-                (Parts::Channel(channel_parts), run.boxed())
+                    .boxed()
+                });
+                (Parts::Channel(parts), body)
             }
         };
-        // A retired instance ends after `intake` (a child of `stop`) fired.
-        let (task_health, task_intake) = (health.clone(), intake.clone());
-        let role = name.to_string();
+        // A client is up once connected; one that takes over from a
+        // connected predecessor stays up meanwhile.
+        let claim = {
+            let (role, health) = (name.to_string(), health.clone());
+            move || {
+                let latch = if is_client {
+                    registry().claim_like_predecessor(&role, generation, "not connected yet")
+                } else {
+                    registry().claim(&role, generation, true, "")
+                };
+                *lock(&health) = Some(latch.clone());
+                latch
+            }
+        };
+        let claimed = after.is_none().then(&claim);
+        let (role, pool, monitor) = (Arc::from(name), self.pool.clone(), self.monitor.clone());
+        let (task_intake, task_stop, task_socket) = (intake.clone(), stop.clone(), socket.clone());
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         self.tracker.spawn(async move {
-            run.await;
+            let health = match (claimed, after) {
+                (Some(h), _) => h,
+                (None, Some(after)) => {
+                    after.await;
+                    claim()
+                }
+                (None, None) => unreachable!("claimed at launch when nothing is awaited"),
+            };
+            let ctx = Context {
+                name: role,
+                generation,
+                pool,
+                monitor,
+                health: health.clone(),
+                intake: task_intake.clone(),
+                stop: task_stop,
+            };
+            body(ctx).await;
+            // A retired instance ends after `intake` (a child of `stop`) fired.
             if !task_intake.is_cancelled() {
-                tracing::error!(role = %role, "stopped by itself; the role is down until the next reload");
-                task_health.down("stopped by itself");
+                tracing::error!(role = %health.role(), "stopped by itself; the next reload starts it again");
+                health.down("stopped by itself");
             }
+            *lock(&task_socket) = None;
             let _ = done_tx.send(());
         });
         Instance {
@@ -333,7 +370,7 @@ impl Launcher<'_> {
             socket,
             addr,
             outbox,
-            _health: health,
+            health,
             intake,
             stop,
             handover,
@@ -342,10 +379,18 @@ impl Launcher<'_> {
     }
 }
 
+/// What runs a launched instance, given its context.
+type Body = Box<dyn FnOnce(Context) -> BoxFuture<'static, ()> + Send>;
+
 impl Instance {
     /// A duplicate of its listening socket, for a replacement.
     pub(crate) fn socket(&self) -> Option<std::net::TcpListener> {
-        self.socket.as_ref().and_then(|s| s.try_clone().ok())
+        lock(&self.socket).as_ref().and_then(|s| s.try_clone().ok())
+    }
+
+    /// Whether its task has ended (by itself, when it was not retired).
+    pub(crate) fn has_ended(&self) -> bool {
+        self.done.peek().is_some()
     }
 
     /// Ends the instance: a server stops accepting and its open connections
@@ -367,12 +412,13 @@ impl Instance {
             intake,
             stop,
             done,
-            _health: health,
+            health,
             config,
             ..
         } = self;
-        drop(socket);
-        if matches!(config, RoleConfig::Server(_)) {
+        lock(&socket).take();
+        let is_server = matches!(config, RoleConfig::Server(_));
+        if is_server {
             intake.cancel();
         } else {
             stop.cancel();
@@ -380,7 +426,7 @@ impl Instance {
         tracker.spawn(async move {
             tokio::select! {
                 () = done.clone() => {}
-                () = tokio::time::sleep(drain) => {
+                () = tokio::time::sleep(drain), if is_server => {
                     tracing::warn!(role = %name, "reload_drain ({drain:?}) passed: closing the previous instance's connections");
                     stop.cancel();
                     done.await;

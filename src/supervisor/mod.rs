@@ -90,10 +90,13 @@ impl Supervisor {
             let parts = instance::resolve(&wanted[&name], None, &keep)
                 .await
                 .map_err(Error::Target)?;
-            let instance = self
-                .bring_up(&name, &wanted[&name], parts, &keep, &BTreeMap::new())
+            let ready = self
+                .prepare(&name, &wanted[&name], parts, &keep)
                 .await
                 .map_err(Error::Startup)?;
+            let instance =
+                self.launcher()
+                    .launch(&name, wanted[&name].clone(), ready, next_generation());
             self.running.insert(name, instance);
         }
         Ok(self
@@ -103,19 +106,22 @@ impl Supervisor {
             .collect())
     }
 
-    /// Changes the running roles into `wanted` (a reload), role by role:
-    /// new instances first, then the retirement of the ones they replace.
+    /// Changes the running roles into `wanted` (a reload), as a transaction
+    /// per role: every new instance is resolved in Python and given its
+    /// resources first; then those whose sources all succeeded are launched;
+    /// then the instances they replace and the roles that are gone retire.
     pub async fn apply(&mut self, wanted: &BTreeMap<String, RoleConfig>) -> Applied {
+        // An instance that ended by itself counts as absent: it starts again.
         let running: BTreeMap<String, RoleConfig> = self
             .running
             .iter()
+            .filter(|(_, i)| !i.has_ended())
             .map(|(n, i)| (n.clone(), i.config.clone()))
             .collect();
         let changes = plan(&running, wanted);
-        // Python first, for every role: a role whose replacement cannot be
-        // resolved keeps its instance, and nothing is handed over from it.
-        let mut resolved = BTreeMap::new();
         let mut failures: BTreeMap<String, Failure> = BTreeMap::new();
+        // 1. Python, for every new or changed role.
+        let mut resolved = BTreeMap::new();
         for change in &changes {
             let (Change::Start { name, keep } | Change::Replace { name, keep }) = change else {
                 continue;
@@ -130,57 +136,67 @@ impl Supervisor {
                 }
             }
         }
-        let mut applied = Applied::default();
-        let mut retiring: BTreeMap<String, (Instance, bool)> = BTreeMap::new();
-        for change in changes {
-            match change {
-                Change::Start { name, keep } | Change::Replace { name, keep } => {
-                    let Some(parts) = resolved.remove(&name) else {
-                        continue;
-                    };
-                    // Hand-overs come only from instances that are retiring.
-                    let mut sources: BTreeMap<&str, &Instance> = BTreeMap::new();
-                    let own = keep.outbox.then_some(&name);
-                    let named = keep
-                        .socket_from
-                        .iter()
-                        .chain(keep.file_from.iter().map(|f| &f.0));
-                    for from in named.chain(own) {
-                        if failures.contains_key(from) {
-                            continue;
-                        }
-                        if let Some(i) = self.running.get(from).or(retiring.get(from).map(|r| &r.0))
-                        {
-                            sources.insert(from.as_str(), i);
-                        }
-                    }
-                    let brought = self
-                        .bring_up(&name, &wanted[&name], parts, &keep, &sources)
-                        .await;
-                    let instance = match brought {
-                        Ok(i) => i,
-                        Err(e) => {
-                            failures.insert(name, Failure::Start(e));
-                            continue;
-                        }
-                    };
-                    let adopted = keep.file_from.as_ref() == Some(&(name.clone(), Take::Adopt));
-                    if let Some(old) = self.running.insert(name.clone(), instance) {
-                        retiring.insert(name.clone(), (old, adopted));
-                        applied.replaced.push(name);
-                    } else {
-                        applied.started.push(name);
-                    }
-                }
-                Change::Stop { name } => {
-                    if let Some(old) = self.running.remove(&name) {
-                        retiring.insert(name.clone(), (old, false));
-                        applied.stopped.push(name);
-                    }
+        // 2. Resources. Nothing new runs yet, so every source a `Keep`
+        // names is still the old instance.
+        let mut prepared = Vec::new();
+        for change in &changes {
+            let (Change::Start { name, keep } | Change::Replace { name, keep }) = change else {
+                continue;
+            };
+            let Some(parts) = resolved.remove(name) else {
+                continue;
+            };
+            match self.prepare(name, &wanted[name], parts, keep).await {
+                Ok(ready) => prepared.push((name.clone(), keep.clone(), ready)),
+                Err(e) => {
+                    failures.insert(name.clone(), Failure::Start(e));
                 }
             }
         }
-        for (name, (old, adopted)) in retiring {
+        // 3. A role whose change failed keeps its old instance, and with it
+        // its socket and file: whatever was to take them fails too.
+        loop {
+            let before = failures.len();
+            prepared.retain(|(name, keep, _)| {
+                let blocked = keep.sources(name).find(|from| failures.contains_key(*from));
+                if let Some(from) = blocked {
+                    failures.insert(
+                        name.clone(),
+                        Failure::Start(format!(
+                            "it takes over the socket or file of role `{from}`, whose reload failed"
+                        )),
+                    );
+                }
+                blocked.is_none()
+            });
+            if failures.len() == before {
+                break;
+            }
+        }
+        // 4. Launch, then retire what they replace and the roles that are gone.
+        let mut applied = Applied::default();
+        let mut retiring = Vec::new();
+        for (name, keep, ready) in prepared {
+            let instance =
+                self.launcher()
+                    .launch(&name, wanted[&name].clone(), ready, next_generation());
+            let adopted = keep.file_from.as_ref() == Some(&(name.clone(), Take::Adopt));
+            if let Some(old) = self.running.insert(name.clone(), instance) {
+                retiring.push((name.clone(), old, adopted));
+                applied.replaced.push(name);
+            } else {
+                applied.started.push(name);
+            }
+        }
+        for change in &changes {
+            if let Change::Stop { name } = change
+                && let Some(old) = self.running.remove(name)
+            {
+                retiring.push((name.clone(), old, false));
+                applied.stopped.push(name.clone());
+            }
+        }
+        for (name, old, adopted) in retiring {
             old.retire(&name, self.drain, adopted, &self.tracker);
         }
         self.record_failures(failures, &mut applied);
@@ -221,40 +237,39 @@ impl Supervisor {
         registry().set_notes(notes);
     }
 
-    /// Takes a resolved role's resources (from `sources`, the retiring
-    /// instances that `keep` names, where it says so) and launches it.
-    async fn bring_up(
+    /// Takes a resolved role's resources, from the running (old) instances
+    /// that `keep` names where it says so.
+    async fn prepare(
         &self,
         name: &str,
         cfg: &RoleConfig,
         parts: Parts,
         keep: &Keep,
-        sources: &BTreeMap<&str, &Instance>,
-    ) -> Result<Instance, String> {
-        let launcher = Launcher {
-            pool: &self.pool,
-            monitor: self.pool.monitor(),
-            root: &self.root,
-            tracker: &self.tracker,
-        };
+    ) -> Result<instance::Ready, String> {
+        let old = |from: &str| self.running.get(from);
         let takeover = Takeover {
             socket: keep
                 .socket_from
                 .as_deref()
-                .and_then(|from| sources.get(from))
-                .and_then(|i| i.socket()),
-            file: keep.file_from.as_ref().and_then(|(from, take)| {
-                sources.get(from.as_str()).map(|i| (i.done.clone(), *take))
-            }),
-            outbox: sources
-                .get(name)
+                .and_then(old)
+                .and_then(Instance::socket),
+            file: keep
+                .file_from
+                .as_ref()
+                .and_then(|(from, take)| old(from).map(|i| (i.done.clone(), *take))),
+            outbox: old(name)
                 .filter(|_| keep.outbox)
                 .and_then(|i| Some((i.outbox.clone()?, i.done.clone()))),
         };
-        let generation = next_generation();
-        let ready = launcher
-            .prepare(name, cfg, parts, generation, takeover)
-            .await?;
-        Ok(launcher.launch(name, cfg.clone(), ready, generation))
+        self.launcher().prepare(name, cfg, parts, takeover).await
+    }
+
+    fn launcher(&self) -> Launcher<'_> {
+        Launcher {
+            pool: &self.pool,
+            monitor: self.pool.monitor(),
+            root: &self.root,
+            tracker: &self.tracker,
+        }
     }
 }

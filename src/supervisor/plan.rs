@@ -55,13 +55,14 @@ impl RoleConfig {
         }
     }
 
-    /// The listening address of a server, normalised (`:80` = `127.0.0.1:80`).
+    /// The listening address of a server, normalised (`:80` = `127.0.0.1:80`);
+    /// none for port 0 (each bind is another port: nothing to hand over).
     fn listen(&self) -> Option<String> {
         match self {
-            RoleConfig::Server(s) => Some(
-                crate::tcp::parse_listen(&s.listen)
-                    .map_or_else(|_| s.listen.clone(), |a| a.to_string()),
-            ),
+            RoleConfig::Server(s) => crate::tcp::parse_listen(&s.listen)
+                .ok()
+                .filter(|a| a.port() != 0)
+                .map(|a| a.to_string()),
             _ => None,
         }
     }
@@ -122,6 +123,18 @@ pub struct Keep {
     /// A client whose outbox size is unchanged: take over the old
     /// instance's outbox (with what is queued in it) once it has stopped.
     pub outbox: bool,
+}
+
+impl Keep {
+    /// The other roles whose resources this takes (their change must succeed for this one's to).
+    pub fn sources<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        let socket = self.socket_from.as_deref();
+        let file = self.file_from.as_ref().map(|(from, _)| from.as_str());
+        socket
+            .into_iter()
+            .chain(file)
+            .filter(move |from| *from != name)
+    }
 }
 
 /// The changes that turn the `running` roles into the `wanted` ones, in

@@ -82,7 +82,7 @@ pub struct TcpClient {
     config: TcpClientConfig,
     parts: ClientParts,
     outbox: Outbox,
-    route: RouteGuard,
+    route: Option<RouteGuard>,
 }
 
 /// A client role's outbox. It outlives instances: a replacement (with the
@@ -111,22 +111,21 @@ impl Outbox {
 }
 
 impl TcpClient {
-    /// A client instance of generation `generation` using `outbox` (a new
-    /// one, or its predecessor's): from now on `pyipcd.send(name, data)`
-    /// reaches that outbox.
-    pub fn new(
-        cfg: &TcpClientConfig,
-        parts: ClientParts,
-        generation: Generation,
-        outbox: Outbox,
-    ) -> Self {
-        let route = registry().route(&cfg.name, generation, outbox.tx.clone());
+    /// A client instance using `outbox` (a new one, or its predecessor's).
+    pub fn new(cfg: &TcpClientConfig, parts: ClientParts, outbox: Outbox) -> Self {
         Self {
             config: cfg.clone(),
             parts,
             outbox,
-            route,
+            route: None,
         }
+    }
+
+    /// Makes `pyipcd.send(name, data)` reach this instance's outbox from now
+    /// on, as instance `generation`.
+    pub fn publish(&mut self, generation: Generation) {
+        let route = registry().route(&self.config.name, generation, self.outbox.tx.clone());
+        self.route = Some(route);
     }
 
     /// Its outbox, for a replacement instance.
@@ -172,11 +171,15 @@ impl TcpClient {
             let stream = match stream {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
+                    ctx.health
+                        .down(&format!("connect to {} failed: {e}", cfg.connect));
                     tracing::warn!(role = %cfg.name, "connect to {} failed: {e}; retrying in {delay:?}", cfg.connect);
                     backoff(&mut delay, cfg.backoff_max, token).await;
                     continue;
                 }
                 Err(_) => {
+                    ctx.health
+                        .down(&format!("connect to {} timed out", cfg.connect));
                     tracing::warn!(role = %cfg.name, "connect to {} timed out after {:?}; retrying in {delay:?}", cfg.connect, cfg.connect_timeout);
                     backoff(&mut delay, cfg.backoff_max, token).await;
                     continue;
@@ -299,7 +302,7 @@ async fn hand_over(role: &str, successor: Option<mpsc::Sender<Bytes>>, unsent: V
             );
         }
     } else {
-        tracing::warn!(role, "dropping {n} unsent message(s) at shutdown");
+        tracing::warn!(role, "dropping {n} unsent message(s): the role stopped");
     }
 }
 
