@@ -7,12 +7,13 @@
 //! and histograms go through the `metrics` facade into a Prometheus recorder
 //! installed once per process.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::routing::get;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
@@ -80,7 +81,22 @@ pub async fn serve(listener: TcpListener, pool: Arc<GilPool>, token: Cancellatio
     }
 }
 
-async fn health_route(State(s): State<AdminState>) -> (StatusCode, String) {
+/// The `/health` answer, fields in this order.
+#[derive(serde::Serialize)]
+struct HealthBody {
+    status: &'static str,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    reasons: Vec<String>,
+    roles: BTreeMap<String, &'static str>,
+    /// A failed reload whose previous instances still serve: shown, but not
+    /// a reason to be unhealthy.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    notes: Vec<String>,
+}
+
+async fn health_route(
+    State(s): State<AdminState>,
+) -> (StatusCode, [(header::HeaderName, &'static str); 1], String) {
     let mut reasons = Vec::new();
     match tokio::time::timeout(PROBE_TIMEOUT, s.pool.run(|_py| ())).await {
         Ok(Ok(())) => {}
@@ -90,40 +106,31 @@ async fn health_route(State(s): State<AdminState>) -> (StatusCode, String) {
     for (role, why) in registry().down() {
         reasons.push(format!("role {role} is down: {why}"));
     }
-    let notes = registry().notes();
-    let list = |v: &[String]| {
-        v.iter()
-            .map(|r| format!("{r:?}"))
-            .collect::<Vec<_>>()
-            .join(",")
-    };
-    // Notes (a failed reload whose previous instances still serve) do not
-    // make the daemon unhealthy, but are shown.
-    let notes = if notes.is_empty() {
-        String::new()
+    let code = if reasons.is_empty() {
+        StatusCode::OK
     } else {
-        format!(",\"notes\":[{}]", list(&notes))
+        StatusCode::SERVICE_UNAVAILABLE
     };
-    let roles: Vec<String> = registry()
-        .roles()
-        .iter()
-        .map(|(name, up)| format!("{name:?}:\"{}\"", if *up { "up" } else { "down" }))
-        .collect();
-    let roles = format!(",\"roles\":{{{}}}", roles.join(","));
-    if reasons.is_empty() {
-        (
-            StatusCode::OK,
-            format!("{{\"status\":\"ok\"{roles}{notes}}}\n"),
-        )
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "{{\"status\":\"unhealthy\",\"reasons\":[{}]{roles}{notes}}}\n",
-                list(&reasons)
-            ),
-        )
-    }
+    let body = HealthBody {
+        status: if reasons.is_empty() {
+            "ok"
+        } else {
+            "unhealthy"
+        },
+        reasons,
+        roles: registry()
+            .roles()
+            .into_iter()
+            .map(|(name, up)| (name, if up { "up" } else { "down" }))
+            .collect(),
+        notes: registry().notes(),
+    };
+    let json = serde_json::to_string(&body).unwrap_or_else(|e| format!("{{\"status\":\"{e}\"}}"));
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        json + "\n",
+    )
 }
 
 async fn metrics_route(State(s): State<AdminState>) -> String {

@@ -71,6 +71,11 @@ fn health(admin: u16) -> (u16, String) {
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
     let code = text[9..12].parse().unwrap();
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("content-type: application/json"),
+        "{text}"
+    );
     (
         code,
         text.split("\r\n\r\n").nth(1).unwrap_or("").to_string(),

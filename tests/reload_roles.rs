@@ -261,6 +261,10 @@ fn a_watch_region_whose_new_handler_fails_keeps_watching() {
         bytes.resize(64, 0);
         std::fs::write(s.path("w.shm"), bytes).unwrap();
     };
+    // The poller's first snapshot is taken just after it logs this; a
+    // write before that would be its baseline, not a change.
+    d.lines.wait_for(&["watching every", "role=w"], T);
+    std::thread::sleep(Duration::from_millis(100));
     write("one");
     d.lines.wait_for(&["seen one"], T);
     std::fs::write(&cfg, region("h:gone")).unwrap();
