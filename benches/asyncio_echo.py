@@ -46,14 +46,20 @@ class Echo(asyncio.Protocol):
 
 async def main(port):
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(Echo, "127.0.0.1", port)
+    # The same listen backlog as the pyipcd server beside it (not asyncio's 100).
+    server = await loop.create_server(Echo, "127.0.0.1", port, backlog=BACKLOG)
     print("ready", flush=True)
     async with server:
         await server.serve_forever()
 
 
+BACKLOG = 4096  # --backlog N
+
+
 if __name__ == "__main__":
     port = int(sys.argv[1])
+    if "--backlog" in sys.argv:
+        BACKLOG = int(sys.argv[sys.argv.index("--backlog") + 1])
     if "--uvloop" in sys.argv:
         import uvloop
 

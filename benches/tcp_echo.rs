@@ -7,7 +7,8 @@
 //! - a Rust-only tokio len32 echo (the ceiling).
 //!
 //! Rows: C=1 ping-pong 64 B, C=64 ping-pong 64 B, C=64 pipelined ×16 64 B,
-//! C=16 ping-pong 16 KiB. Every server is warmed up before each row.
+//! C=16 ping-pong 16 KiB, C=1000 ping-pong 64 B (fairness: its p99). Every
+//! server is warmed up before each row.
 //!
 //! Run: `cargo build --release && cargo bench --bench tcp_echo -- --seconds 2`
 //! (`--io-threads N --workers N` set pyipcd's `daemon.io_threads` / `python.workers`;
@@ -260,6 +261,12 @@ fn main() {
             conns: 16,
             depth: 1,
             size: 16 * 1024,
+        },
+        Row {
+            label: "C=1000 ping-pong 64 B",
+            conns: 1000,
+            depth: 1,
+            size: 64,
         },
     ];
     // `--only A,B` / `--row TEXT`: keep servers whose name contains A or B /

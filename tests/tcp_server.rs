@@ -481,3 +481,52 @@ fn raw_reads_longer_than_max_message_arrive_in_pieces_with_nothing_lost() {
     assert_eq!(pieces.concat().as_bytes(), sent);
     assert_eq!(d.lines.count(&["closing connection"]), 0);
 }
+
+#[test]
+fn a_connection_that_went_quiet_gave_back_its_buffers_and_still_answers_in_order() {
+    let (_s, d, port) = server("len32", "echo", "");
+    let mut c = connect(port);
+    // Quiet past a second: its buffers go back; the next messages (one
+    // larger than the first read buffer, and a pipelined burst) get new ones.
+    c.write_all(&frame(b"before")).unwrap();
+    assert_eq!(read_frame(&mut c), b"before");
+    std::thread::sleep(Duration::from_millis(1500));
+    let big: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+    c.write_all(&frame(&big)).unwrap();
+    assert_eq!(read_frame(&mut c), big);
+    std::thread::sleep(Duration::from_millis(1500));
+    let burst: Vec<u8> = (0..50u8).flat_map(|i| frame(&[i; 300])).collect();
+    c.write_all(&burst).unwrap();
+    for i in 0..50u8 {
+        assert_eq!(read_frame(&mut c), [i; 300]);
+    }
+    drop(d);
+}
+
+#[test]
+fn a_backlog_over_somaxconn_is_capped_and_said_and_zero_is_refused() {
+    let somaxconn: u64 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let over = somaxconn + 1;
+    let (_s, d, port) = server("len32", "echo", &format!("backlog = {over}"));
+    d.lines.wait_for(
+        &[
+            &format!("backlog {over} capped to {somaxconn} by net.core.somaxconn"),
+            "role=srv",
+        ],
+        T,
+    );
+    let mut c = connect(port);
+    c.write_all(&frame(b"ok")).unwrap();
+    assert_eq!(read_frame(&mut c), b"ok");
+    let s = Scenario::new();
+    let cfg = s.config(
+        "[[tcp.server]]\nname = \"srv\"\nlisten = \"127.0.0.1:0\"\nhandler = \"h:echo\"\nbacklog = 0\n",
+    );
+    let (code, _, err) = common::run_to_end(&["check", "-c", cfg.to_str().unwrap()], &[]);
+    assert_eq!(code, 78, "{err}");
+    assert!(err.contains("backlog must be at least 1"), "{err}");
+}

@@ -206,7 +206,7 @@ impl Launcher<'_> {
         let region_err = |e: &dyn std::fmt::Display| format!("shm region `{name}`: {e}");
         Ok(match (cfg, parts) {
             (RoleConfig::Server(c), Parts::Server(p)) => {
-                Ready::Server(TcpServer::listen(c, p, socket).await.map_err(|e| {
+                Ready::Server(TcpServer::listen(c, p, socket).map_err(|e| {
                     format!("tcp server `{name}` cannot listen on {}: {e}", c.listen)
                 })?)
             }

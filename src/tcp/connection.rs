@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, SinkExt, StreamExt};
 use tokio::net::TcpStream;
@@ -19,9 +19,17 @@ use crate::config::TcpServerConfig;
 use crate::py::handler::CallContext;
 use crate::py::pool::CallError;
 
-/// Initial read buffer per connection: a typical message (and several
+/// Read buffer taken when data arrives: a typical message (and several
 /// pipelined ones) arrives in one read instead of several.
 const READ_BUFFER: usize = 32 * 1024;
+
+/// Replies buffered before they are written out even if more are coming.
+const WRITE_BATCH: usize = 8 * 1024;
+
+/// A connection that has read nothing for this long, with nothing in
+/// flight, gives its buffers back: ten thousand idle connections cost their
+/// sockets and tasks, not their buffers.
+const QUIET: Duration = Duration::from_secs(1);
 
 /// What one read step brought.
 enum Read {
@@ -42,8 +50,10 @@ pub(crate) async fn serve(
 ) {
     let max = usize::try_from(cfg.max_message.as_u64()).unwrap_or(usize::MAX);
     let (r, w) = stream.into_split();
-    let mut reader = FramedRead::with_capacity(r, FrameCodec::new(cfg.framing, max), READ_BUFFER);
-    let mut writer = FramedWrite::new(w, FrameCodec::new(cfg.framing, max));
+    // No buffers until there is traffic (see `next_frame`).
+    let mut reader = FramedRead::with_capacity(r, FrameCodec::new(cfg.framing, max), 0);
+    let mut writer = FramedWrite::with_capacity(w, FrameCodec::new(cfg.framing, max), 0);
+    writer.set_backpressure_boundary(WRITE_BATCH);
     let mut reply_codec = FrameCodec::new(cfg.framing, max);
     let m = ConnMetrics::new(&cfg.name);
     let mut in_flight = FuturesOrdered::new();
@@ -56,6 +66,9 @@ pub(crate) async fn serve(
     tokio::pin!(cancelled);
     let idle = tokio::time::sleep(cfg.idle_timeout);
     tokio::pin!(idle);
+    let quiet = tokio::time::sleep(QUIET);
+    tokio::pin!(quiet);
+    let mut holding_buffers = false;
     let mut last_read = tokio::time::Instant::now();
     tracing::debug!("connection opened");
     while reading || !in_flight.is_empty() {
@@ -79,8 +92,22 @@ pub(crate) async fn serve(
                     idle.as_mut().reset(deadline.max(tokio::time::Instant::now() + Duration::from_millis(1)));
                 }
             }
-            frame = reader.next(), if reading && pending < cfg.pipeline => {
+            () = &mut quiet, if reading && holding_buffers => {
+                let deadline = last_read + QUIET;
+                if tokio::time::Instant::now() >= deadline && in_flight.is_empty()
+                    && release_buffers(&mut reader, &mut writer)
+                {
+                    holding_buffers = false;
+                } else {
+                    quiet.as_mut().reset(deadline.max(tokio::time::Instant::now() + Duration::from_millis(1)));
+                }
+            }
+            frame = next_frame(&mut reader), if reading && pending < cfg.pipeline => {
                 last_read = tokio::time::Instant::now();
+                if !holding_buffers {
+                    holding_buffers = true;
+                    quiet.as_mut().reset(last_read + QUIET);
+                }
                 let batch = match read_batch(frame, &mut reader, cfg.pipeline - pending, &mut reading) {
                     Read::Batch(b) => b,
                     Read::End => continue,
@@ -122,6 +149,43 @@ pub(crate) async fn serve(
         tracing::debug!("final flush failed: {e}");
     }
     tracing::debug!("connection closed");
+}
+
+/// The next frame. A connection without a read buffer (new, or quiet for a
+/// while) waits for the socket to be readable before it takes one, so an
+/// idle connection holds none.
+async fn next_frame(
+    reader: &mut FramedRead<OwnedReadHalf, FrameCodec>,
+) -> Option<Result<Bytes, FrameError>> {
+    if reader.read_buffer().capacity() == 0 {
+        // `peek` waits for a byte (or the end) without taking it; readiness
+        // alone can be reported for a socket with nothing to read yet.
+        if let Err(e) = reader.get_mut().peek(&mut [0u8; 1]).await {
+            return Some(Err(e.into()));
+        }
+        reader.read_buffer_mut().reserve(READ_BUFFER);
+    }
+    reader.next().await
+}
+
+/// Gives back the buffers of a quiet connection if they hold nothing;
+/// returns whether both were released.
+fn release_buffers(
+    reader: &mut FramedRead<OwnedReadHalf, FrameCodec>,
+    writer: &mut FramedWrite<OwnedWriteHalf, FrameCodec>,
+) -> bool {
+    let mut released = true;
+    if reader.read_buffer().is_empty() {
+        *reader.read_buffer_mut() = BytesMut::new();
+    } else {
+        released = false;
+    }
+    if writer.write_buffer().is_empty() {
+        *writer.write_buffer_mut() = BytesMut::new();
+    } else {
+        released = false;
+    }
+    released
 }
 
 /// Takes `first` and every further message already decoded or readable

@@ -24,7 +24,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::dispatch::{Dispatch, Hook};
-use crate::config::{Dispatch as Mode, TcpServerConfig};
+use crate::config::{DEFAULT_BACKLOG, Dispatch as Mode, TcpServerConfig};
 use crate::py::handler::{CallContext, Handler, Runs};
 use crate::py::target::ResolveError;
 use crate::role::Context;
@@ -89,6 +89,30 @@ impl ServerParts {
     }
 }
 
+/// The listen backlog for `cfg`: its `backlog`, capped (and logged) by the
+/// kernel's `net.core.somaxconn`, which Linux applies silently.
+fn backlog(cfg: &TcpServerConfig) -> i32 {
+    let set = cfg.backlog.unwrap_or(DEFAULT_BACKLOG);
+    let wanted = i32::try_from(set).unwrap_or(i32::MAX);
+    let cap = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok());
+    match cap {
+        Some(cap) if cap < wanted => {
+            let why = format!(
+                "backlog {wanted} capped to {cap} by net.core.somaxconn (sysctl -w net.core.somaxconn={wanted} lifts it)"
+            );
+            if cfg.backlog.is_some() {
+                tracing::warn!(role = %cfg.name, "{why}");
+            } else {
+                tracing::info!(role = %cfg.name, "{why}");
+            }
+            cap
+        }
+        _ => wanted,
+    }
+}
+
 /// A server instance, listening, ready to [`TcpServer::serve`].
 pub struct TcpServer {
     config: TcpServerConfig,
@@ -97,23 +121,36 @@ pub struct TcpServer {
 }
 
 impl TcpServer {
-    /// Listens on `cfg.listen`: on `handover` (the socket of the instance
-    /// this one replaces) when given, else on a newly bound socket.
+    /// Listens on `cfg.listen` with `cfg.backlog`: on `handover` (the socket
+    /// of the instance this one replaces) when given, else on a newly bound
+    /// socket.
     ///
     /// # Errors
     /// If the address is invalid or cannot be bound (in use, no permission).
-    pub async fn listen(
+    pub fn listen(
         cfg: &TcpServerConfig,
         parts: ServerParts,
         handover: Option<std::net::TcpListener>,
     ) -> std::io::Result<Self> {
-        let listener = match handover {
-            Some(socket) => TcpListener::from_std(socket)?,
+        let backlog = backlog(cfg);
+        let socket = match handover {
+            Some(socket) => socket2::Socket::from(std::os::fd::OwnedFd::from(socket)),
             None => {
                 let addr = super::parse_listen(&cfg.listen).map_err(std::io::Error::other)?;
-                TcpListener::bind(addr).await?
+                let socket = socket2::Socket::new(
+                    socket2::Domain::for_address(addr),
+                    socket2::Type::STREAM.cloexec(),
+                    None,
+                )?;
+                socket.set_reuse_address(true)?;
+                socket.bind(&addr.into())?;
+                socket
             }
         };
+        // On a handed-over socket this only sets the (maybe new) backlog.
+        socket.listen(backlog)?;
+        socket.set_nonblocking(true)?;
+        let listener = TcpListener::from_std(std::net::TcpListener::from(socket))?;
         Ok(Self {
             config: cfg.clone(),
             parts,
@@ -230,11 +267,11 @@ impl TcpServer {
                     open.increment(1.0);
                     let _ = stream.set_nodelay(true);
                     if let Some(h) = &parts.on_connect {
-                        dispatch.fire(h, &conn).await;
+                        Box::pin(dispatch.fire(h, &conn)).await;
                     }
                     super::connection::serve(&cfg, &dispatch, stream, &conn, &stop).await;
                     if let Some(h) = &parts.on_close {
-                        dispatch.fire(h, &conn).await;
+                        Box::pin(dispatch.fire(h, &conn)).await;
                     }
                     drop(permit);
                     open.decrement(1.0);
