@@ -3,7 +3,11 @@
 //! `spawn_blocking` + `Python::attach` per call (the obvious design), and
 //! (3) through pyipcd's `GilPool`, at several concurrencies.
 //!
-//! Run: `cargo bench --bench gil_pool` (options: `--seconds S`, `--workers N`).
+//! (4) through a plain channel-fed pool (attached threads, one channel, a
+//! oneshot per call, no spinning: the baseline the GilPool must beat).
+//!
+//! Run: `cargo bench --bench gil_pool` (options: `--seconds S`, `--workers N`,
+//! `--io-threads N`, `--busy N` for N CPU-bound processes beside it).
 //! Each row runs for a bounded time after a warm-up; figures go to docs/PERFORMANCE.md.
 
 use std::ffi::CString;
@@ -19,6 +23,8 @@ use pyo3::types::{PyBytes, PyModule};
 
 #[path = "common/args.rs"]
 mod args;
+#[path = "common/busy.rs"]
+mod busy;
 use args::arg;
 
 const PAYLOAD: usize = 64;
@@ -137,6 +143,45 @@ where
     })
 }
 
+type PlainJob = (Bytes, tokio::sync::oneshot::Sender<Bytes>);
+
+/// A plain pool: attached threads taking jobs from one channel (a mutex
+/// around the receiver), each detaching while it waits; no spinning.
+#[derive(Clone)]
+struct PlainPool {
+    tx: std::sync::mpsc::Sender<PlainJob>,
+}
+
+impl PlainPool {
+    fn start(workers: usize) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<PlainJob>();
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        for _ in 0..workers {
+            let rx = rx.clone();
+            std::thread::spawn(move || {
+                Python::attach(|py| {
+                    let f = echo(py);
+                    loop {
+                        let job = py.detach(|| rx.lock().unwrap().recv());
+                        let Ok((payload, reply)) = job else { return };
+                        let r = f.call1((PyBytes::new(py, &payload),)).unwrap();
+                        let _ = reply.send(Bytes::copy_from_slice(
+                            r.cast::<PyBytes>().unwrap().as_bytes(),
+                        ));
+                    }
+                });
+            });
+        }
+        Self { tx }
+    }
+
+    async fn call(&self, payload: Bytes) -> Bytes {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.tx.send((payload, reply)).unwrap();
+        rx.await.unwrap()
+    }
+}
+
 fn main() {
     let seconds = arg("--seconds", 2.0);
     let workers = arg("--workers", 2.0) as usize;
@@ -147,11 +192,19 @@ fn main() {
         .build()
         .unwrap();
     let only_pool = std::env::args().any(|a| a == "--only-pool");
+    // `--busy N`: N CPU-bound processes beside the bench.
+    let busy = arg("--busy", 0.0) as usize;
+    let _busy = busy::busy_host(busy);
+    if busy > 0 {
+        println!("({busy} CPU-bound processes running beside the bench)\n");
+    }
     let mut rows = vec![direct(seconds)];
 
     let mut config = PoolConfig::new(workers, 1024, Duration::from_secs(10));
     config.caller_spin_polls =
         arg("--caller-spin-polls", f64::from(config.caller_spin_polls)) as u32;
+    config.io_threads = arg("--io-threads", 2.0) as usize;
+    config.spin = Duration::from_micros(arg("--spin-us", config.spin.as_micros() as f64) as u64);
     let pool = GilPool::start(&config).unwrap();
     let handler = Arc::new(Python::attach(|py| {
         Handler::from_callable(py, "bench", "bench_handlers:echo", echo(py)).unwrap()
@@ -171,6 +224,26 @@ fn main() {
                         .await
                         .unwrap()
                         .unwrap();
+                    assert_eq!(out.len(), PAYLOAD);
+                }
+            },
+        ));
+    }
+
+    // The plain pool: `workers` attached threads fed by one channel, a
+    // oneshot per call, no spinning anywhere (the baseline to beat).
+    let plain = PlainPool::start(workers);
+    for c in [1, 16, 256] {
+        let plain = plain.clone();
+        rows.push(closed_loop(
+            &rt,
+            &format!("plain channel-fed pool ({workers} workers)"),
+            c,
+            seconds,
+            move || {
+                let plain = plain.clone();
+                async move {
+                    let out = plain.call(Bytes::from_static(&[7u8; PAYLOAD])).await;
                     assert_eq!(out.len(), PAYLOAD);
                 }
             },

@@ -14,7 +14,7 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -25,19 +25,14 @@ use pyipcd::shm::ring::{Channel, Dir, file_size, flags};
 
 #[path = "common/args.rs"]
 mod args;
+#[path = "common/busy.rs"]
+mod busy;
+use busy::{Kill, busy_host};
 #[path = "common/daemon.rs"]
 mod daemon;
 use args::arg;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
-
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Prints a row from a helper's `round_trips_per_s=… p50_us=… p99_us=…` line.
 fn external_row(name: &str, size: usize, text: &str) {
@@ -140,20 +135,6 @@ fn iceoryx2_row(secs: f64, size: usize) {
         size,
         &text,
     );
-}
-
-/// CPU-bound processes that run for the whole bench (a busy host).
-fn busy_host(n: usize) -> Vec<Kill> {
-    (0..n)
-        .map(|_| {
-            Kill(
-                Command::new("sh")
-                    .args(["-c", "while :; do :; done"])
-                    .spawn()
-                    .unwrap(),
-            )
-        })
-        .collect()
 }
 
 fn main() {

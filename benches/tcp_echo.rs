@@ -11,6 +11,7 @@
 //! server is warmed up before each row.
 //!
 //! Run: `cargo build --release && cargo bench --bench tcp_echo -- --seconds 2`
+//! (`--busy N`: N CPU-bound processes run beside it, a busy host)
 //! (`--io-threads N --workers N` set pyipcd's `daemon.io_threads` / `python.workers`;
 //! `--only A,B` / `--row TEXT` keep the servers / rows whose name contains one of them).
 
@@ -24,6 +25,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 #[path = "common/args.rs"]
 mod args;
+#[path = "common/busy.rs"]
+mod busy;
 #[path = "common/daemon.rs"]
 mod daemon;
 use args::{arg, arg_text};
@@ -211,6 +214,12 @@ async fn drive(addr: SocketAddr, row: &Row, seconds: f64) -> (f64, Histogram<u64
 
 fn main() {
     let seconds = arg("--seconds", 2.0);
+    // `--busy N`: N CPU-bound processes beside servers and clients.
+    let busy = arg("--busy", 0.0) as usize;
+    let _busy = busy::busy_host(busy);
+    if busy > 0 {
+        println!("({busy} CPU-bound processes running beside the bench)\n");
+    }
     let load = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

@@ -88,6 +88,7 @@ impl Daemon {
         );
         pool_config.spin = config.python.spin;
         pool_config.caller_spin_polls = config.python.caller_polls;
+        pool_config.io_threads = config.io_threads();
         let pool = GilPool::start(&pool_config)?;
         let stop = Arc::new(StopFlag::default());
         let (roles, token) = (TaskTracker::new(), CancellationToken::new());

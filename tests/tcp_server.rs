@@ -530,3 +530,29 @@ fn a_backlog_over_somaxconn_is_capped_and_said_and_zero_is_refused() {
     assert_eq!(code, 78, "{err}");
     assert!(err.contains("backlog must be at least 1"), "{err}");
 }
+
+#[test]
+fn a_pool_with_more_threads_than_cores_does_not_spin_and_still_serves() {
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let s = Scenario::new();
+    s.write("h.py", HANDLERS);
+    let cfg = s.config(&format!(
+        "io_threads = {cores}\n[python]\npaths = [\".\"]\nworkers = 2\n\
+         [[tcp.server]]\nname = \"srv\"\nlisten = \"127.0.0.1:0\"\nframing = \"len32\"\nhandler = \"h:echo\"\n"
+    ));
+    let mut d = Daemon::start(&cfg, &[]);
+    d.wait_ready();
+    d.lines.wait_for(
+        &[&format!(
+            "{} pool and I/O threads on {cores} core(s): the GIL pool will not spin",
+            cores + 2
+        )],
+        T,
+    );
+    let mut c = connect(d.listening_port("srv"));
+    for i in 0..100u32 {
+        let msg = i.to_be_bytes();
+        c.write_all(&frame(&msg)).unwrap();
+        assert_eq!(read_frame(&mut c), msg);
+    }
+}

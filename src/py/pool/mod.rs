@@ -10,7 +10,9 @@
 //! - the others sleep on a condvar; a submitter pays for a wake-up only when
 //!   no worker is spinning and one is asleep;
 //! - on the caller side, the awaiting task first re-polls its oneshot by
-//!   yielding to the scheduler (other tasks still run), then parks.
+//!   yielding to the scheduler (other tasks still run), then parks;
+//! - neither spins when no core is free for it (`spin_gate`: more threads
+//!   than cores, or CPU pressure from other processes).
 //!
 //! While one worker drains the queue the others sleep (taking the GIL from a
 //! busy thread costs a forced switch, not a speed-up). If that worker makes no
@@ -35,7 +37,10 @@ use crossbeam_utils::CachePadded;
 use pyo3::prelude::*;
 use tokio::sync::{Notify, oneshot};
 
+mod spin_gate;
 mod worker;
+
+use spin_gate::SpinGate;
 
 use worker::worker_main;
 pub(crate) use worker::{Job, Shared};
@@ -67,6 +72,9 @@ pub struct PoolConfig {
     pub caller_spin_polls: u32,
     /// How long an idle worker spins before sleeping.
     pub spin: Duration,
+    /// OS threads that submit calls (the tokio workers): with the pool's,
+    /// more than the cores means no spinning (see `spin_gate`).
+    pub io_threads: usize,
 }
 
 impl PoolConfig {
@@ -78,6 +86,7 @@ impl PoolConfig {
             call_timeout,
             caller_spin_polls: CALLER_SPIN_POLLS,
             spin: SPIN_FOR,
+            io_threads: 1,
         }
     }
 }
@@ -144,6 +153,7 @@ impl GilPool {
             call_timeout: config.call_timeout,
             caller_spin_polls: config.caller_spin_polls,
             spin: config.spin,
+            spin_gate: SpinGate::new(config.workers + config.io_threads),
             stats: CachePadded::new(PoolStats::default()),
             locals: Some(locals),
         });
@@ -398,7 +408,12 @@ impl GilPool {
         // Re-poll without registering a waker first: a reply that lands while
         // we spin costs the worker no futex wake-up, and other tasks on this
         // runtime thread keep running in between.
-        for _ in 0..self.shared.caller_spin_polls {
+        let polls = if self.shared.spin_gate.allows() {
+            self.shared.caller_spin_polls
+        } else {
+            0
+        };
+        for _ in 0..polls {
             match rx.try_recv() {
                 Ok(v) => return Ok(v),
                 Err(oneshot::error::TryRecvError::Closed) => return Err(CallError::Closed),

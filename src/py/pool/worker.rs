@@ -58,6 +58,7 @@ pub(crate) struct Shared {
     pub(crate) call_timeout: Duration,
     pub(crate) caller_spin_polls: u32,
     pub(crate) spin: Duration,
+    pub(crate) spin_gate: super::SpinGate,
     pub(crate) stats: CachePadded<PoolStats>,
     pub(crate) locals: Option<TaskLocals>,
 }
@@ -101,6 +102,7 @@ impl Shared {
         // Spin only when nobody else is draining the queue: a second thread
         // taking the GIL from a busy one costs a forced switch, not a speed-up.
         if self.active.load(Ordering::SeqCst) == 0
+            && self.spin_gate.allows()
             && self
                 .spinner
                 .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
