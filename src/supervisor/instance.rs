@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::plan::{Keep, RoleConfig};
-use crate::config::ShmMode;
+use crate::config::{ShmMode, ShmRegionConfig};
 use crate::py::monitor::Monitor;
 use crate::py::pool::GilPool;
 use crate::py::target::ResolveError;
@@ -166,6 +166,7 @@ pub(crate) enum Ready {
     /// A channel that re-initialises its file once `after` (the old
     /// instance using it, with another layout) has ended.
     ChannelAfter {
+        cfg: Box<ShmRegionConfig>,
         parts: ChannelParts,
         after: Done,
     },
@@ -238,7 +239,11 @@ impl Launcher<'_> {
                     parts,
                     after: Some(after),
                 },
-                Some((after, Take::Fresh)) => Ready::ChannelAfter { parts, after },
+                Some((after, Take::Fresh)) => Ready::ChannelAfter {
+                    cfg: Box::new(r.clone()),
+                    parts,
+                    after,
+                },
             },
             _ => {
                 return Err(format!(
@@ -297,10 +302,7 @@ impl Launcher<'_> {
                     Box::new(move |ctx| channel.run(ctx, handover).boxed()),
                 )
             }
-            Ready::ChannelAfter { parts, .. } => {
-                let RoleConfig::Region(r) = cfg.clone() else {
-                    unreachable!("a channel's config is a region")
-                };
+            Ready::ChannelAfter { cfg: r, parts, .. } => {
                 let (p, handover) = (parts.clone(), handover.clone());
                 let body: Body = Box::new(move |ctx: Context| {
                     async move {
@@ -338,13 +340,14 @@ impl Launcher<'_> {
         let (task_intake, task_stop, task_socket) = (intake.clone(), stop.clone(), socket.clone());
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         self.tracker.spawn(async move {
-            let health = match (claimed, after) {
-                (Some(h), _) => h,
-                (None, Some(after)) => {
-                    after.await;
+            let health = match claimed {
+                Some(h) => h,
+                None => {
+                    if let Some(after) = after {
+                        after.await;
+                    }
                     claim()
                 }
-                (None, None) => unreachable!("claimed at launch when nothing is awaited"),
             };
             let ctx = Context {
                 name: role,
