@@ -17,22 +17,17 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 #[path = "common/args.rs"]
 mod args;
 #[path = "common/daemon.rs"]
 mod daemon;
+#[path = "common/python_echo.rs"]
+mod python_echo;
 use args::{arg, arg_text};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use python_echo::free_port;
 
 struct Server {
     name: &'static str,
@@ -73,30 +68,7 @@ fn pyipcd(dir: &std::path::Path, conns: usize) -> Server {
 }
 
 fn python(uvloop: bool) -> Option<Server> {
-    if uvloop
-        && !Command::new("python3")
-            .args(["-c", "import uvloop"])
-            .status()
-            .is_ok_and(|s| s.success())
-    {
-        eprintln!("uvloop not importable: skipping (pip install uvloop)");
-        return None;
-    }
-    let port = free_port();
-    let mut cmd = Command::new("python3");
-    cmd.arg(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/benches/asyncio_echo.py"
-    ))
-    .arg(port.to_string())
-    .stdout(Stdio::null());
-    if uvloop {
-        cmd.arg("--uvloop");
-    }
-    cmd.args(["--backlog", &backlog().to_string()]);
-    let child = cmd.spawn().unwrap();
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    daemon::wait_listening(addr);
+    let (child, addr) = python_echo::spawn_python_echo(uvloop, backlog())?;
     Some(Server {
         name: if uvloop {
             "uvloop Protocol"
