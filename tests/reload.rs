@@ -500,19 +500,13 @@ fn reloads_on_the_same_port_refuse_no_connect_even_across_dispatch_modes() {
     let mut d = Daemon::start(&cfg, &[]);
     d.wait_ready();
     let prober = Prober::start(a);
-    for (i, extra) in modes.iter().enumerate() {
-        std::fs::write(
+    for extra in modes {
+        d.reload(
             &cfg,
-            one_role(admin, a, "", &format!("handler = \"h:echo\"\n{extra}")),
-        )
-        .unwrap();
-        let before = d.lines.count(&["reloaded: started [], replaced [\"a\"]"]);
-        d.signal("HUP");
-        let deadline = Instant::now() + T;
-        while d.lines.count(&["reloaded: started [], replaced [\"a\"]"]) == before {
-            assert!(Instant::now() < deadline, "reload {i} not seen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            &one_role(admin, a, "", &format!("handler = \"h:echo\"\n{extra}")),
+            &["reloaded: started [], replaced [\"a\"]"],
+            T,
+        );
         std::thread::sleep(Duration::from_millis(300));
     }
     // Log lines carry thread names: two inline instances listened.
@@ -548,20 +542,7 @@ fn a_socket_passes_between_roles_and_never_from_a_role_whose_reload_failed() {
     let cfg = s.write("pyipcd.toml", &two_roles(admin, p1, None));
     let mut d = Daemon::start(&cfg, &[]);
     d.wait_ready();
-    let reload = |d: &Daemon, text: &str, want: &str| {
-        std::fs::write(&cfg, text).unwrap();
-        let seen = d.lines.count(&[want]);
-        d.signal("HUP");
-        let deadline = Instant::now() + T;
-        while d.lines.count(&[want]) == seen {
-            assert!(
-                Instant::now() < deadline,
-                "no {want:?}:\n{}",
-                d.lines.text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
+    let reload = |d: &Daemon, text: &str, want: &str| d.reload(&cfg, text, &[want], T);
     // `a` (processed first) moves to p2; new role `b` takes p1 from it, so
     // p1 never refuses a connect.
     let on_p1 = Prober::start(p1);

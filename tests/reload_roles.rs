@@ -97,14 +97,12 @@ fn client_reloads_lose_nothing_pyipcd_send_queued_and_a_failed_one_keeps_the_old
     // a failed one.
     for interval in ["2ms", "1ms", "3ms"] {
         let before = sink.numbers().len();
-        std::fs::write(&cfg, client_config(port, "h:on_reply", interval)).unwrap();
-        let seen = d.lines.count(&["replaced [\"c\"]"]);
-        d.signal("HUP");
-        let deadline = Instant::now() + T;
-        while d.lines.count(&["replaced [\"c\"]"]) == seen {
-            assert!(Instant::now() < deadline, "reload not seen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        d.reload(
+            &cfg,
+            &client_config(port, "h:on_reply", interval),
+            &["replaced [\"c\"]"],
+            T,
+        );
         sink.wait_beyond(before + 200);
     }
     std::fs::write(&cfg, client_config(port, "h:missing", "1ms")).unwrap();

@@ -130,7 +130,6 @@ pub(crate) struct Launcher<'a> {
 }
 
 /// What a new instance takes over from retiring ones (see [`Keep`]).
-#[derive(Default)]
 pub(crate) struct Takeover {
     /// A duplicate of the listening socket on the same address.
     pub(crate) socket: Option<std::net::TcpListener>,
@@ -192,7 +191,7 @@ impl Launcher<'_> {
     ///
     /// # Errors
     /// What went wrong, ready for the log.
-    pub(crate) async fn prepare(
+    pub(crate) fn prepare(
         &self,
         name: &str,
         cfg: &RoleConfig,

@@ -92,7 +92,6 @@ impl Supervisor {
                 .map_err(Error::Target)?;
             let ready = self
                 .prepare(&name, &wanted[&name], parts, &keep)
-                .await
                 .map_err(Error::Startup)?;
             let instance =
                 self.launcher()
@@ -146,7 +145,7 @@ impl Supervisor {
             let Some(parts) = resolved.remove(name) else {
                 continue;
             };
-            match self.prepare(name, &wanted[name], parts, keep).await {
+            match self.prepare(name, &wanted[name], parts, keep) {
                 Ok(ready) => prepared.push((name.clone(), keep.clone(), ready)),
                 Err(e) => {
                     failures.insert(name.clone(), Failure::Start(e));
@@ -239,7 +238,7 @@ impl Supervisor {
 
     /// Takes a resolved role's resources, from the running (old) instances
     /// that `keep` names where it says so.
-    async fn prepare(
+    fn prepare(
         &self,
         name: &str,
         cfg: &RoleConfig,
@@ -261,7 +260,7 @@ impl Supervisor {
                 .filter(|_| keep.outbox)
                 .and_then(|i| Some((i.outbox.clone()?, i.done.clone()))),
         };
-        self.launcher().prepare(name, cfg, parts, takeover).await
+        self.launcher().prepare(name, cfg, parts, takeover)
     }
 
     fn launcher(&self) -> Launcher<'_> {

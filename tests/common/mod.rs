@@ -185,6 +185,23 @@ impl Daemon {
         out
     }
 
+    /// Writes `text` to the config file `cfg`, sends SIGHUP and waits until
+    /// one more log line than before contains every one of `parts`.
+    pub fn reload(&self, cfg: &Path, text: &str, parts: &[&str], timeout: Duration) {
+        std::fs::write(cfg, text).unwrap();
+        let seen = self.lines.count(parts);
+        self.signal("HUP");
+        let deadline = Instant::now() + timeout;
+        while self.lines.count(parts) == seen {
+            assert!(
+                Instant::now() < deadline,
+                "no new line with {parts:?} within {timeout:?}; log:\n{}",
+                self.lines.text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Sends a signal by name (`TERM`, `INT`).
     pub fn signal(&self, sig: &str) {
         let ok = Command::new("kill")
