@@ -38,6 +38,8 @@ struct Server {
     name: String,
     addr: SocketAddr,
     child: Option<Child>,
+    /// pyipcd's admin endpoint (`--metrics` prints its pool counters).
+    admin: Option<SocketAddr>,
 }
 
 impl Drop for Server {
@@ -52,12 +54,13 @@ impl Drop for Server {
 /// pyipcd with `dispatch = "pool"` (the default) or `"inline"`.
 fn pyipcd_server(dir: &std::path::Path, dispatch: &str) -> Server {
     let port = free_port();
+    let admin_port = free_port();
     let root = env!("CARGO_MANIFEST_DIR");
     let cfg = dir.join(format!("bench-{dispatch}.toml"));
     std::fs::write(
         &cfg,
         format!(
-            "[log]\nlevel = \"warn\"\n[daemon]\nio_threads = {}\n[python]\npaths = [\"{root}/python\"]\nworkers = {}\nspin = \"{}us\"\ncaller_polls = {}\n\
+            "[log]\nlevel = \"warn\"\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n[daemon]\nio_threads = {}\n[python]\npaths = [\"{root}/python\"]\nworkers = {}\nspin = \"{}us\"\ncaller_polls = {}\n\
              [[tcp.server]]\nname = \"bench\"\nlisten = \"127.0.0.1:{port}\"\nframing = \"len32\"\nhandler = \"handlers:echo\"\n\
              max_message = \"1MiB\"\npipeline = 64\ndispatch = \"{dispatch}\"\n",
             arg("--io-threads", 1.0) as usize,
@@ -82,7 +85,26 @@ fn pyipcd_server(dir: &std::path::Path, dispatch: &str) -> Server {
         },
         addr,
         child: Some(child),
+        admin: Some(SocketAddr::from(([127, 0, 0, 1], admin_port))),
     }
+}
+
+/// `name value` of each `pyipcd_pool_*` series on `admin`'s `/metrics`.
+fn pool_counters(admin: SocketAddr) -> Vec<(String, f64)> {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(admin) else {
+        return Vec::new();
+    };
+    let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n");
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text.lines()
+        .filter(|l| l.starts_with("pyipcd_pool_"))
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
 }
 
 fn python_server(uvloop: bool) -> Option<Server> {
@@ -95,6 +117,7 @@ fn python_server(uvloop: bool) -> Option<Server> {
         },
         addr,
         child: Some(child),
+        admin: None,
     })
 }
 
@@ -193,20 +216,26 @@ fn main() {
     if busy > 0 {
         println!("({busy} CPU-bound processes running beside the bench)\n");
     }
-    let load = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+    // The load generator: one thread, a current-thread runtime, whose run
+    // queue is FIFO and unbounded, so it is fair to 1000 connections (a
+    // one-worker multi-thread runtime overflows its 256-task local queue
+    // into a global one that waits, which showed in every server's p99).
+    let load = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let rust_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let rust_listener = rust_rt.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+    // The ceiling runs like pyipcd's default: one current-thread runtime on a thread of its own.
+    let rust_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let rust_addr = rust_listener.local_addr().unwrap();
-    rust_rt.spawn(rust_echo(rust_listener));
+    rust_listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move { rust_echo(TcpListener::from_std(rust_listener).unwrap()).await });
+    });
 
     let mut servers = vec![
         pyipcd_server(dir.path(), "pool"),
@@ -218,6 +247,7 @@ fn main() {
         name: "Rust-only tokio echo (ceiling)".into(),
         addr: rust_addr,
         child: None,
+        admin: None,
     });
     let rows = [
         Row {
@@ -258,9 +288,27 @@ fn main() {
     servers.retain(|s| only.split(',').any(|o| s.name.contains(o)));
     println!("| workload | server | msg/s | p50 µs | p99 µs |");
     println!("| --- | --- | ---: | ---: | ---: |");
+    // `--metrics`: after each pyipcd row, how its calls were made.
+    let metrics = std::env::args().any(|a| a == "--metrics");
     for row in rows.iter().filter(|r| r.label.contains(&row_filter)) {
         for server in &servers {
+            let before = server.admin.filter(|_| metrics).map(pool_counters);
             let (rate, hist) = load.block_on(drive(server.addr, row, seconds));
+            if let (Some(admin), Some(before)) = (server.admin, before) {
+                let after = pool_counters(admin);
+                let delta = |k: &str| {
+                    let v =
+                        |c: &[(String, f64)]| c.iter().find(|(n, _)| n == k).map_or(0.0, |x| x.1);
+                    v(&after) - v(&before)
+                };
+                eprintln!(
+                    "  {}: {:.0} calls, {:.0} made on the I/O thread, {:.0} spin gate shuts",
+                    server.name,
+                    delta("pyipcd_pool_calls"),
+                    delta("pyipcd_pool_calls_here"),
+                    delta("pyipcd_pool_spin_gate_shuts")
+                );
+            }
             println!(
                 "| {} | {} | {:.0} | {:.1} | {:.1} |",
                 row.label,

@@ -143,6 +143,8 @@ async fn metrics_route(State(s): State<AdminState>) -> String {
     metrics::gauge!("pyipcd_pool_errors").set(load(&stats.errors));
     metrics::gauge!("pyipcd_pool_queue_full_waits").set(load(&stats.queue_full_waits));
     metrics::gauge!("pyipcd_pool_timeouts").set(load(&stats.timeouts));
+    metrics::gauge!("pyipcd_pool_calls_here").set(load(&stats.calls_here));
+    metrics::gauge!("pyipcd_pool_spin_gate_shuts").set(s.pool.spin_gate_shuts() as f64);
     s.metrics.render()
 }
 

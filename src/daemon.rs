@@ -293,6 +293,22 @@ async fn futures_join<F: Future<Output = ()>>(futs: impl Iterator<Item = F>) {
     }
 }
 
+/// The I/O runtime. One I/O thread gets a current-thread runtime, whose run
+/// queue is FIFO and unbounded, so every connection gets its turn: a
+/// one-worker multi-thread runtime overflows its 256-task local queue into a
+/// global queue polled only every 61 tasks, which starved some of 1000 busy
+/// connections (p99 2-3x uvloop's; docs/PERFORMANCE.md, "Many connections").
+fn io_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    };
+    builder.thread_name("pyipcd-io").enable_all().build()
+}
+
 /// Runs the daemon for `config` on a runtime of its own until SIGINT/SIGTERM,
 /// and returns the process exit code. Signals are registered before the
 /// interpreter starts.
@@ -300,11 +316,7 @@ async fn futures_join<F: Future<Output = ()>>(futs: impl Iterator<Item = F>) {
 /// # Errors
 /// [`Error`] if start-up fails.
 pub fn run(config: Config, python_log_level: u32) -> Result<i32, Error> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.io_threads())
-        .thread_name("pyipcd-io")
-        .enable_all()
-        .build()?;
+    let runtime = io_runtime(config.io_threads())?;
     let mut signals = runtime.block_on(async { crate::shutdown::Signals::register() })?;
     let daemon = Daemon::start(config, python_log_level)?;
     let outcome = runtime.block_on(async move {

@@ -18,6 +18,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyMemoryView, PyString};
 use pyo3_async_runtimes::TaskLocals;
 
+use super::pool::CallSpeed;
 use super::target::{ResolveError, resolve_callable};
 
 /// Why an `async def` cannot be the handler of a role that [`Runs::OnOwnThread`].
@@ -42,6 +43,8 @@ pub struct Handler {
     is_async: bool,
     wants_peer: bool,
     wants_conn_id: bool,
+    /// Whether its calls are fast enough to run on an I/O thread.
+    pub(crate) speed: CallSpeed,
 }
 
 /// Where a message came from, passed to handlers that declare a `peer` or
@@ -131,6 +134,7 @@ impl Handler {
             is_async,
             wants_peer,
             wants_conn_id,
+            speed: CallSpeed::default(),
         })
     }
 

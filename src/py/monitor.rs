@@ -90,6 +90,18 @@ impl Monitor {
         })
     }
 
+    /// A new slot for the calling I/O thread, `thread`, which runs pool
+    /// calls itself when a hand-off would not pay (several roles' calls).
+    pub(crate) fn io_slot(&self, py: Python<'_>, thread: String) -> Arc<WorkerSlot> {
+        self.register(WorkerSlot {
+            thread,
+            current: CachePadded::new(AtomicU64::new(0)),
+            py_ident: AtomicU64::new(crate::py::thread_ident(py).unwrap_or(0)),
+            role: Mutex::new(None),
+            health: None,
+        })
+    }
+
     /// Registers the calling thread, `thread`, as the one thread that serves
     /// the role whose health is `health`; calls made through the returned
     /// [`Watched`] are timed like pool calls.

@@ -129,6 +129,17 @@ impl Dispatch {
                 Submitted::Written(self.answer_here(watched, batch, ctx, codec, out))
             }
             To::Pool(pool) => {
+                // When a hand-off would not pay, the pool lets this I/O thread
+                // make the call itself (see `py::pool::here`).
+                let here = pool.here(&self.handler, batch.len() as u64, |py| {
+                    self.frame_replies(py, &batch, ctx, codec, out)
+                });
+                if let Some(written) = here {
+                    if let Ok(w) = &written {
+                        pool.count_raised(w.errors);
+                    }
+                    return Submitted::Written(written);
+                }
                 let (pool, handler, ctx) = (pool.clone(), self.handler.clone(), ctx.clone());
                 Submitted::Later(async move {
                     match batch {
@@ -154,28 +165,36 @@ impl Dispatch {
         codec: &mut FrameCodec,
         out: &mut BytesMut,
     ) -> Result<Written, FrameError> {
+        Python::attach(|py| watched.call(|| self.frame_replies(py, &batch, ctx, codec, out)))
+    }
+
+    /// The handler's replies to `batch`, called here and framed into `out`.
+    fn frame_replies(
+        &self,
+        py: Python<'_>,
+        batch: &Batch,
+        ctx: &CallContext,
+        codec: &mut FrameCodec,
+        out: &mut BytesMut,
+    ) -> Result<Written, FrameError> {
         let mut written = Written::default();
-        let msgs = match &batch {
+        let msgs = match batch {
             Batch::One(m) => std::slice::from_ref(m),
             Batch::Many(v) => &v[..],
         };
-        Python::attach(|py| {
-            watched.call(|| {
-                for msg in msgs {
-                    let arg = PyBytes::new(py, msg).into_any();
-                    let framed = self.handler.call_here(py, arg, Some(ctx), |reply| {
-                        written.bytes += reply.len();
-                        codec.encode_slice(reply, out)
-                    });
-                    match framed {
-                        Ok(Some(result)) => result?,
-                        Ok(None) => {}
-                        Err(_) => written.errors += 1,
-                    }
-                }
-                Ok(written)
-            })
-        })
+        for msg in msgs {
+            let arg = PyBytes::new(py, msg).into_any();
+            let framed = self.handler.call_here(py, arg, Some(ctx), |reply| {
+                written.bytes += reply.len();
+                codec.encode_slice(reply, out)
+            });
+            match framed {
+                Ok(Some(result)) => result?,
+                Ok(None) => {}
+                Err(_) => written.errors += 1,
+            }
+        }
+        Ok(written)
     }
 
     /// Runs `hook(conn_id, peer)` where this role's calls run; a failure is logged.

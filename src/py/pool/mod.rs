@@ -12,7 +12,9 @@
 //! - on the caller side, the awaiting task first re-polls its oneshot by
 //!   yielding to the scheduler (other tasks still run), then parks;
 //! - neither spins when no core is free for it (`spin_gate`: more threads
-//!   than cores, or CPU pressure from other processes).
+//!   than cores, or more runnable threads on the host than cores); then a
+//!   proven-fast handler runs on the calling I/O thread instead of being
+//!   handed off (`here`), since every hand-off would cost two wake-ups.
 //!
 //! While one worker drains the queue the others sleep (taking the GIL from a
 //! busy thread costs a forced switch, not a speed-up). If that worker makes no
@@ -37,9 +39,12 @@ use crossbeam_utils::CachePadded;
 use pyo3::prelude::*;
 use tokio::sync::{Notify, oneshot};
 
+mod here;
 mod spin_gate;
 mod worker;
 
+pub(crate) use here::CallSpeed;
+pub use here::{PROVEN_AFTER, SLOW_CALL};
 use spin_gate::SpinGate;
 
 use worker::worker_main;
@@ -116,6 +121,8 @@ pub struct PoolStats {
     pub queue_full_waits: AtomicU64,
     /// Calls whose caller gave up after `call_timeout`.
     pub timeouts: AtomicU64,
+    /// Of `calls`, those the calling I/O thread made itself (see `here`).
+    pub calls_here: AtomicU64,
 }
 
 /// The pool. Cheap to share behind an `Arc`; [`GilPool::close`] stops it.
@@ -198,15 +205,24 @@ impl GilPool {
         payload: Bytes,
         ctx: Option<Arc<CallContext>>,
     ) -> Result<Option<Bytes>, CallError> {
-        let (tx, rx) = oneshot::channel();
-        self.submit(Job::Call {
-            handler: handler.clone(),
-            payload,
-            ctx,
-            reply: tx,
-        })
-        .await?;
-        let invoked = self.wait_reply(rx).await?;
+        let locals = self.shared.locals.as_ref();
+        let here = self.here(handler, 1, |py| {
+            handler.invoke(py, &payload, ctx.as_deref(), locals)
+        });
+        let invoked = if let Some(invoked) = here {
+            self.count_errors(std::slice::from_ref(&invoked));
+            invoked
+        } else {
+            let (tx, rx) = oneshot::channel();
+            self.submit(Job::Call {
+                handler: handler.clone(),
+                payload,
+                ctx,
+                reply: tx,
+            })
+            .await?;
+            self.wait_reply(rx).await?
+        };
         match invoked {
             Invoked::Done(result) => Ok(result?),
             Invoked::Pending(pending) => self.finish_async(handler, pending).await,
@@ -225,22 +241,34 @@ impl GilPool {
         ctx: Option<Arc<CallContext>>,
     ) -> Vec<Result<Option<Bytes>, CallError>> {
         let n = payloads.len();
-        let (tx, rx) = oneshot::channel();
-        let submitted = self
-            .submit(Job::Batch {
-                handler: handler.clone(),
-                payloads,
-                ctx,
-                reply: tx,
-            })
-            .await;
-        let invoked = match submitted {
-            Ok(()) => self.wait_reply(rx).await,
-            Err(e) => Err(e),
-        };
-        let invoked = match invoked {
-            Ok(v) => v,
-            Err(e) => return vec![Err(e); n],
+        let locals = self.shared.locals.as_ref();
+        let here = self.here(handler, n as u64, |py| {
+            payloads
+                .iter()
+                .map(|p| handler.invoke(py, p, ctx.as_deref(), locals))
+                .collect::<Vec<_>>()
+        });
+        let invoked = if let Some(invoked) = here {
+            self.count_errors(&invoked);
+            invoked
+        } else {
+            let (tx, rx) = oneshot::channel();
+            let submitted = self
+                .submit(Job::Batch {
+                    handler: handler.clone(),
+                    payloads,
+                    ctx,
+                    reply: tx,
+                })
+                .await;
+            let invoked = match submitted {
+                Ok(()) => self.wait_reply(rx).await,
+                Err(e) => Err(e),
+            };
+            match invoked {
+                Ok(v) => v,
+                Err(e) => return vec![Err(e); n],
+            }
         };
         let mut out = Vec::with_capacity(n);
         for inv in invoked {
@@ -309,6 +337,25 @@ impl GilPool {
         }
     }
 
+    /// Counts the calls among `invoked` that raised (calls made by the caller itself).
+    fn count_errors(&self, invoked: &[Invoked]) {
+        let raised = invoked
+            .iter()
+            .filter(|r| matches!(r, Invoked::Done(Err(_))))
+            .count();
+        self.count_raised(raised);
+    }
+
+    /// Counts `raised` handler calls made by the caller itself that raised.
+    pub(crate) fn count_raised(&self, raised: usize) {
+        if raised > 0 {
+            self.shared
+                .stats
+                .errors
+                .fetch_add(raised as u64, Ordering::Relaxed);
+        }
+    }
+
     /// The stuck-call monitor watching this pool's workers (roles with a
     /// thread of their own register there too).
     pub fn monitor(&self) -> &Monitor {
@@ -318,6 +365,11 @@ impl GilPool {
     /// The pool's counters.
     pub fn stats(&self) -> &PoolStats {
         &self.shared.stats
+    }
+
+    /// Times spinning stopped because no core was free (see `spin_gate`).
+    pub fn spin_gate_shuts(&self) -> u64 {
+        self.shared.spin_gate.shuts.load(Ordering::Relaxed)
     }
 
     /// Jobs waiting in the queue.

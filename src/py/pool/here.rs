@@ -1,0 +1,248 @@
+//! Caller runs: when a hand-off to the pool would cost more than the call,
+//! the calling I/O thread makes the call itself.
+//!
+//! A hand-off pays when a pool worker takes the job without a wake-up (it is
+//! draining the queue, or spinning for work) and the caller can re-poll for
+//! the reply. When the pool does not spin (more threads than cores, or a
+//! host busy with other processes: see `spin_gate`), every hand-off costs two
+//! wake-ups, each waiting for a time slice on a busy host, so a fast handler
+//! runs here instead, on the tokio thread, as `dispatch = "inline"` does.
+//!
+//! Only handlers known to be fast run here, so the I/O thread is not held
+//! by a slow one: a plain `def` whose first [`PROVEN_AFTER`] calls (on the
+//! pool) were fast. A call that takes longer than [`SLOW_OUT`], or
+//! [`STRIKES`] calls over [`SLOW_CALL`] within [`STRIKE_WINDOW`] calls,
+//! mark the handler slow for good (logged once): its calls go to the pool
+//! again. (Strikes, not one slow call, because on a busy host a fast call is
+//! sometimes preempted for a time slice or two.) A handler that is fast for
+//! a while and then blocks holds this I/O thread for that one call, as an
+//! inline role would; a handler known to block belongs on the pool, which is
+//! where its first calls go.
+//! Calls here are watched by the stuck-call monitor like pool calls.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use pyo3::prelude::*;
+
+use super::GilPool;
+use crate::py::handler::Handler;
+use crate::py::monitor::WorkerSlot;
+use crate::py::output;
+use crate::sync::lock;
+
+/// Calls a handler must make on the pool, all fast, before it may run on an I/O thread.
+pub const PROVEN_AFTER: u32 = 16;
+/// A call longer than this (GIL waits inside it included) is a strike.
+pub const SLOW_CALL: Duration = Duration::from_millis(2);
+/// A call longer than this keeps its handler off the I/O threads at once.
+pub const SLOW_OUT: Duration = Duration::from_millis(50);
+/// Strikes within [`STRIKE_WINDOW`] calls that keep a handler off the I/O threads.
+pub const STRIKES: u32 = 4;
+/// Calls without a strike after which strikes are forgotten.
+pub const STRIKE_WINDOW: u32 = 256;
+
+/// How long a handler's calls take, as far as running it on an I/O thread is concerned.
+#[derive(Debug, Default)]
+pub(crate) struct CallSpeed {
+    /// Fast calls seen, saturating at [`PROVEN_AFTER`].
+    fast: AtomicU32,
+    /// Recent strikes, and calls since the last one.
+    strikes: AtomicU32,
+    since_strike: AtomicU32,
+    /// Kept off the I/O threads for good.
+    slow: AtomicBool,
+}
+
+impl CallSpeed {
+    /// Enough fast calls and not slow.
+    pub(crate) fn proven(&self) -> bool {
+        self.fast.load(Ordering::Relaxed) >= PROVEN_AFTER && !self.slow.load(Ordering::Relaxed)
+    }
+
+    /// Whether pool calls still need timing (not yet proven, not yet slow).
+    pub(crate) fn learning(&self) -> bool {
+        self.fast.load(Ordering::Relaxed) < PROVEN_AFTER && !self.slow.load(Ordering::Relaxed)
+    }
+
+    /// Records one call; returns true when this call made the handler slow.
+    pub(crate) fn record(&self, took: Duration) -> bool {
+        let out = took > SLOW_OUT
+            || (took > SLOW_CALL && {
+                self.since_strike.store(0, Ordering::Relaxed);
+                self.strikes.fetch_add(1, Ordering::Relaxed) + 1 >= STRIKES
+            });
+        if out {
+            return !self.slow.swap(true, Ordering::Relaxed);
+        }
+        if took <= SLOW_CALL {
+            if self.fast.load(Ordering::Relaxed) < PROVEN_AFTER {
+                self.fast.fetch_add(1, Ordering::Relaxed);
+            }
+            if self.since_strike.fetch_add(1, Ordering::Relaxed) + 1 >= STRIKE_WINDOW {
+                self.since_strike.store(0, Ordering::Relaxed);
+                self.strikes.store(0, Ordering::Relaxed);
+            }
+        }
+        false
+    }
+}
+
+/// This thread's record with the monitor of the pool it last ran calls for.
+struct HereThread {
+    /// The pool's monitor, by address: a thread serving another pool re-registers.
+    pool: usize,
+    slot: Arc<WorkerSlot>,
+    seq: u64,
+}
+
+thread_local! {
+    static HERE: RefCell<Option<HereThread>> = const { RefCell::new(None) };
+    /// This thread keeps an interpreter thread state for life (see `keep_thread_state`).
+    static KEPT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Gives the calling thread an interpreter thread state that outlives each
+/// call: without one, every `Python::attach` here would create and destroy
+/// a `PyThreadState` (about 3x the cost of the call itself).
+#[allow(unsafe_code)]
+fn keep_thread_state() {
+    if KEPT.get() {
+        return;
+    }
+    // SAFETY: the interpreter is initialised (a pool exists) and this thread
+    // holds no GIL (checked by the caller). Ensure creates the thread state
+    // and takes the GIL; SaveThread releases the GIL and keeps the state,
+    // with the GILState counter at 1, so later `Python::attach` calls on
+    // this thread reuse it. It lives as long as the thread.
+    unsafe {
+        let _ = pyo3::ffi::PyGILState_Ensure();
+        let _ = pyo3::ffi::PyEval_SaveThread();
+    }
+    KEPT.set(true);
+}
+
+/// Whether this thread holds the GIL already (a call from inside Python).
+#[allow(unsafe_code)]
+fn holds_gil() -> bool {
+    // SAFETY: a plain query of this thread's state, valid once Python is up.
+    unsafe { pyo3::ffi::PyGILState_Check() != 0 }
+}
+
+impl GilPool {
+    /// Whether a call to `handler` should run on the calling thread rather
+    /// than be handed off (see the module docs).
+    pub(crate) fn runs_here(&self, handler: &Handler) -> bool {
+        let shared = &self.shared;
+        !handler.is_async()
+            && handler.speed.proven()
+            // Whatever is queued: a worker still draining finishes what it
+            // has (this thread waits for the GIL meanwhile, once), and with
+            // nothing more handed off the queue empties for good.
+            && !shared.spin_gate.allows()
+            && !shared.closed.load(Ordering::Relaxed)
+            && !holds_gil()
+    }
+
+    /// Runs `f` (`calls` handler calls) on this thread for `handler`, as a
+    /// call the monitor watches, if [`GilPool::runs_here`] says so; `None`
+    /// means "hand it off".
+    pub(crate) fn here<R>(
+        &self,
+        handler: &Handler,
+        calls: u64,
+        f: impl FnOnce(Python<'_>) -> R,
+    ) -> Option<R> {
+        if !self.runs_here(handler) {
+            return None;
+        }
+        keep_thread_state();
+        let pool = std::ptr::from_ref(self) as usize;
+        let (r, took) = Python::attach(|py| {
+            let started = Instant::now();
+            // The slot is cloned out so that `f` may call into the pool again.
+            let (slot, seq) = HERE.with_borrow_mut(|here| {
+                if here.as_ref().is_none_or(|h| h.pool != pool) {
+                    let name = std::thread::current().name().unwrap_or("io").to_string();
+                    let slot = self.monitor.io_slot(py, name);
+                    *here = Some(HereThread { pool, slot, seq: 0 });
+                }
+                let h = here.as_mut().expect("set above");
+                h.seq += 1;
+                (h.slot.clone(), h.seq)
+            });
+            if !output::thread_role_is(handler.role()) {
+                output::set_thread_role(Some(handler.role()));
+                *lock(&slot.role) = Some(handler.role().clone());
+            }
+            let r = slot.timed(seq, || f(py));
+            (r, started.elapsed())
+        });
+        // Per call: a pipelined batch may take long in all.
+        let took = took / u32::try_from(calls.max(1)).unwrap_or(u32::MAX);
+        if handler.speed.record(took) {
+            tracing::info!(
+                role = %handler.role(),
+                handler = %handler.target(),
+                "calls take up to {:.1} ms: this handler's calls stay on the GIL pool from now on (not on the I/O thread)",
+                took.as_secs_f64() * 1e3
+            );
+        }
+        let stats = &self.shared.stats;
+        stats.calls.fetch_add(calls, Ordering::Relaxed);
+        stats.calls_here.fetch_add(calls, Ordering::Relaxed);
+        Some(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FAST: Duration = Duration::from_micros(5);
+
+    #[test]
+    fn proven_after_enough_fast_calls() {
+        let speed = CallSpeed::default();
+        for _ in 1..PROVEN_AFTER {
+            assert!(!speed.record(FAST));
+        }
+        assert!(!speed.proven() && speed.learning());
+        speed.record(FAST);
+        assert!(speed.proven() && !speed.learning());
+    }
+
+    #[test]
+    fn one_very_slow_call_is_enough() {
+        let speed = CallSpeed::default();
+        for _ in 0..PROVEN_AFTER {
+            speed.record(FAST);
+        }
+        assert!(speed.record(SLOW_OUT * 2), "reported once");
+        assert!(!speed.proven());
+        assert!(!speed.record(SLOW_OUT * 2), "not reported again");
+    }
+
+    #[test]
+    fn strikes_add_up_within_the_window_only() {
+        let speed = CallSpeed::default();
+        let strike = SLOW_CALL * 2;
+        for _ in 0..PROVEN_AFTER {
+            speed.record(FAST);
+        }
+        for _ in 1..STRIKES {
+            assert!(!speed.record(strike));
+        }
+        for _ in 0..STRIKE_WINDOW {
+            speed.record(FAST);
+        }
+        for _ in 1..STRIKES {
+            assert!(!speed.record(strike), "strikes were forgotten");
+        }
+        assert!(speed.proven());
+        assert!(speed.record(strike));
+        assert!(!speed.proven());
+    }
+}
