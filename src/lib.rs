@@ -32,6 +32,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 mod error;
+mod memory;
 pub mod py;
 pub(crate) mod registry;
 pub(crate) mod role;

@@ -69,6 +69,8 @@ pub(crate) async fn serve(
     let quiet = tokio::time::sleep(QUIET);
     tokio::pin!(quiet);
     let mut holding_buffers = false;
+    // When to come back to purge freed memory (see `crate::memory`).
+    let mut purge_at = None;
     let mut last_read = tokio::time::Instant::now();
     tracing::debug!("connection opened");
     while reading || !in_flight.is_empty() {
@@ -77,7 +79,15 @@ pub(crate) async fn serve(
             Some(replies) = in_flight.next(), if !in_flight.is_empty() => {
                 let replies: Replies = replies;
                 pending -= replies.len();
-                if let Err(e) = write_replies(&mut writer, replies, in_flight.is_empty(), &m).await {
+                // Framed synchronously, then one flush: no per-reply future
+                // in this task's state, which every idle connection pays for.
+                let written = match put_replies(&mut reply_codec, writer.write_buffer_mut(), replies, &m) {
+                    Ok(()) if in_flight.is_empty() || writer.write_buffer().len() >= WRITE_BATCH => {
+                        writer.flush().await
+                    }
+                    other => other,
+                };
+                if let Err(e) = written {
                     tracing::info!("write failed, closing: {e}");
                     break;
                 }
@@ -92,20 +102,30 @@ pub(crate) async fn serve(
                     idle.as_mut().reset(deadline.max(tokio::time::Instant::now() + Duration::from_millis(1)));
                 }
             }
-            () = &mut quiet, if reading && holding_buffers => {
-                let deadline = last_read + QUIET;
-                if tokio::time::Instant::now() >= deadline && in_flight.is_empty()
-                    && release_buffers(&mut reader, &mut writer)
-                {
-                    holding_buffers = false;
+            () = &mut quiet, if reading && (holding_buffers || purge_at.is_some()) => {
+                if holding_buffers {
+                    let deadline = last_read + QUIET;
+                    if tokio::time::Instant::now() >= deadline && in_flight.is_empty()
+                        && release_buffers(&mut reader, &mut writer)
+                    {
+                        holding_buffers = false;
+                        purge_at = crate::memory::freed();
+                    } else {
+                        quiet.as_mut().reset(deadline.max(tokio::time::Instant::now() + Duration::from_millis(1)));
+                    }
                 } else {
-                    quiet.as_mut().reset(deadline.max(tokio::time::Instant::now() + Duration::from_millis(1)));
+                    // Back for a purge that was too soon when our buffers went.
+                    purge_at = crate::memory::freed();
+                }
+                if let (false, Some(at)) = (holding_buffers, purge_at) {
+                    quiet.as_mut().reset(tokio::time::Instant::from_std(at));
                 }
             }
             frame = next_frame(&mut reader), if reading && pending < cfg.pipeline => {
                 last_read = tokio::time::Instant::now();
                 if !holding_buffers {
                     holding_buffers = true;
+                    purge_at = None;
                     quiet.as_mut().reset(last_read + QUIET);
                 }
                 let batch = match read_batch(frame, &mut reader, cfg.pipeline - pending, &mut reading) {
@@ -115,22 +135,10 @@ pub(crate) async fn serve(
                 let n = batch.len();
                 m.received(n, batch.bytes());
                 let started = m.timed.then(Instant::now);
-                match dispatch.submit(batch, ctx, &mut reply_codec, writer.write_buffer_mut()) {
-                    Submitted::Written(written) => {
-                        m.record(started);
-                        let flushed = match written {
-                            Ok(w) => {
-                                m.bytes_out.increment(w.bytes as u64);
-                                m.errors.increment(w.errors as u64);
-                                writer.flush().await
-                            }
-                            Err(e) => Err(e),
-                        };
-                        if let Err(e) = flushed {
-                            tracing::info!("write failed, closing: {e}");
-                            break;
-                        }
-                    }
+                // The submission is settled before any await, so its future
+                // (a pool call's whole state) is never part of this task's.
+                let written = match dispatch.submit(batch, ctx, &mut reply_codec, writer.write_buffer_mut()) {
+                    Submitted::Written(written) => Some(written),
                     Submitted::Later(replies) => {
                         pending += n;
                         let latency = m.latency.clone();
@@ -140,6 +148,22 @@ pub(crate) async fn serve(
                             }
                             r
                         }));
+                        None
+                    }
+                };
+                if let Some(written) = written {
+                    m.record(started);
+                    let flushed = match written {
+                        Ok(w) => {
+                            m.bytes_out.increment(w.bytes as u64);
+                            m.errors.increment(w.errors as u64);
+                            writer.flush().await
+                        }
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = flushed {
+                        tracing::info!("write failed, closing: {e}");
+                        break;
                     }
                 }
             }
@@ -268,37 +292,30 @@ impl ConnMetrics {
     }
 }
 
-/// Writes the replies in order (flushing when nothing else is in flight).
-async fn write_replies(
-    writer: &mut FramedWrite<OwnedWriteHalf, FrameCodec>,
+/// Frames the replies into `out` in order; a failed call is counted (and
+/// has been logged) and sends nothing.
+fn put_replies(
+    codec: &mut FrameCodec,
+    out: &mut BytesMut,
     replies: Replies,
-    flush: bool,
     m: &ConnMetrics,
 ) -> Result<(), FrameError> {
     match replies {
-        Replies::One(r) => put(writer, r, m).await?,
-        Replies::Many(v) => {
-            for r in v {
-                put(writer, r, m).await?;
-            }
-        }
+        Replies::One(r) => put(codec, out, r, m),
+        Replies::Many(v) => v.into_iter().try_for_each(|r| put(codec, out, r, m)),
     }
-    if flush {
-        writer.flush().await?;
-    }
-    Ok(())
 }
 
-/// Queues one reply; a failed call is counted (and has been logged) and sends nothing.
-async fn put(
-    writer: &mut FramedWrite<OwnedWriteHalf, FrameCodec>,
+fn put(
+    codec: &mut FrameCodec,
+    out: &mut BytesMut,
     r: Reply,
     m: &ConnMetrics,
 ) -> Result<(), FrameError> {
     match r {
         Ok(Some(reply)) => {
             m.bytes_out.increment(reply.len() as u64);
-            writer.feed(reply).await
+            codec.encode_slice(&reply, out)
         }
         Ok(None) => Ok(()),
         Err(CallError::Handler(_)) => {
