@@ -8,12 +8,13 @@
 //! - **idle memory**: the server's RSS with the N connections open and idle,
 //!   minus its RSS before them, per connection;
 //! - **after traffic**: every connection sends one 64 B message and reads
-//!   the reply, then all go quiet for 1.5 s: RSS per connection again.
+//!   the reply, then all go quiet for 3 s: RSS per connection again.
 //!
 //! Run: `cargo build --release && cargo bench --bench connections -- --conns 10000`
 //! (the file-descriptor limit must allow N per process; `--only A,B` keeps
 //! the servers whose name contains A or B; `--settle S` how long the
-//! connections stay quiet before the last reading, 1.5 s).
+//! connections stay quiet before the last reading, 3 s: pyipcd releases a
+//! quiet connection's buffers after 1 s and purges freed memory within 1 s more).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -124,7 +125,7 @@ fn main() {
         let pid = server.child.id();
         // Warm up: the first connections and messages allocate once-only state.
         for _ in 0..50 {
-            echo(&mut TcpStream::connect(server.addr).unwrap());
+            echo(&mut connect(server.addr));
         }
         std::thread::sleep(Duration::from_millis(1500));
         let before = rss_kib(pid);
@@ -133,7 +134,7 @@ fn main() {
         let mut open = Vec::with_capacity(n);
         for _ in 0..n {
             let t = Instant::now();
-            open.push(TcpStream::connect(server.addr).unwrap());
+            open.push(connect(server.addr));
             slowest = slowest.max(t.elapsed());
         }
         let connects = started.elapsed();
@@ -144,7 +145,7 @@ fn main() {
             s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
             echo(s);
         }
-        std::thread::sleep(Duration::from_secs_f64(arg("--settle", 1.5)));
+        std::thread::sleep(Duration::from_secs_f64(arg("--settle", 3.0)));
         let after = rss_kib(pid);
         let per = |kib: u64| kib.saturating_sub(before) as f64 / n as f64;
         println!(
@@ -157,4 +158,16 @@ fn main() {
         );
         drop(open);
     }
+}
+
+/// Connects with `SO_LINGER` 0, so closing sends a reset and leaves no
+/// `TIME_WAIT` behind: the next run, often on the same server port, would
+/// otherwise sometimes reuse a 4-tuple still in `TIME_WAIT` and wait 1 s for
+/// a SYN retry (seen as a 1,000 ms "slowest connect" for every server).
+fn connect(addr: std::net::SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap();
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    s
 }

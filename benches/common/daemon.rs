@@ -5,21 +5,22 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Starts `target/release/pyipcd run -c config` with an empty environment.
+/// Starts `target/release/pyipcd run -c config` (or the binary given with
+/// `--bin PATH`, to compare builds in one bench run) with an empty environment.
 ///
 /// # Panics
 /// If the release binary has not been built.
 pub fn spawn_release(config: &Path) -> Child {
-    Command::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/target/release/pyipcd"
-    ))
-    .args(["run", "-c"])
-    .arg(config)
-    .env_clear()
-    .stderr(Stdio::null())
-    .spawn()
-    .expect("build the release binary first: cargo build --release")
+    let bin = crate::args::arg_text("--bin").unwrap_or_else(|| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/pyipcd").to_string()
+    });
+    Command::new(bin)
+        .args(["run", "-c"])
+        .arg(config)
+        .env_clear()
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("build the release binary first: cargo build --release")
 }
 
 /// Waits (up to 20 s) until something accepts connections on `addr`.

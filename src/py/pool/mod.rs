@@ -460,7 +460,10 @@ impl GilPool {
         // Re-poll without registering a waker first: a reply that lands while
         // we spin costs the worker no futex wake-up, and other tasks on this
         // runtime thread keep running in between.
-        let polls = if self.shared.spin_gate.allows() {
+        // A lone call in the pool: this caller's thread has nothing else
+        // to do and is about to poll, so it is not counted as work.
+        let alone = self.shared.queue.len() + self.shared.active.load(Ordering::Relaxed) <= 1;
+        let polls = if self.shared.spin_gate.allows(alone) {
             self.shared.caller_spin_polls
         } else {
             0

@@ -3,13 +3,14 @@
 //! a core is free for the spinning thread. Two signals say none is:
 //! - more pool and I/O threads than cores: the spinning threads would take
 //!   the cores from the threads doing the work, so such a pool never spins;
-//! - more runnable threads on the host than cores, right now: other
-//!   processes (a busy host), or the clients on a small one, are waiting
-//!   for a core. The kernel's count of runnable threads (`/proc/loadavg`,
-//!   fourth field) is sampled at most every [`SAMPLE_EVERY`] while calls
-//!   flow (never when idle) and smoothed; the gate shuts above `cores + ½`
-//!   and opens again below `cores − ½` (room for one more thread), so the
-//!   threads it stops spinning do not reopen it.
+//! - no core free for a spinner, right now: the kernel's count of runnable
+//!   threads (`/proc/loadavg`, fourth field), minus this pool's threads
+//!   that are only spinning or polling, exceeds the core count: other
+//!   processes (a busy host), or the clients and the I/O thread on a small
+//!   one, keep every core busy. It is sampled at most every
+//!   [`SAMPLE_EVERY`] while calls flow (never when idle) and smoothed; the
+//!   gate shuts above `cores + ¼` (a thread waits for a core even without
+//!   the spinners) and opens again below `cores − ¾` (a core is free).
 //!
 //! While the gate is shut, fast handlers run on the calling I/O thread
 //! instead of being handed off (`here`).
@@ -27,7 +28,7 @@ use std::time::{Duration, Instant};
 /// How often the runnable count is sampled while calls flow.
 pub(crate) const SAMPLE_EVERY: Duration = Duration::from_millis(5);
 /// Fixed-point scale of the smoothed runnable count.
-const SCALE: u32 = 16;
+const SCALE: u32 = 256;
 
 /// The gate, shared by a pool's workers and callers.
 #[derive(Debug)]
@@ -40,10 +41,14 @@ pub(crate) struct SpinGate {
     next_sample: AtomicU64,
     /// `/proc/loadavg`, kept open (re-read from offset 0); `None` if unreadable.
     loadavg: Mutex<Option<File>>,
-    /// Smoothed runnable threads on the host, times [`SCALE`].
-    runnable: AtomicU32,
+    /// Smoothed threads doing work on the host, times [`SCALE`].
+    working: AtomicU32,
     /// No core free: nobody spins.
     shut: AtomicBool,
+    /// Pool workers spinning for work now. (Callers re-polling for a reply
+    /// are not subtracted: their thread, the I/O thread, does real work for
+    /// other connections between polls.)
+    spinners: AtomicU32,
     /// Times the gate shut, for the stats.
     pub(crate) shuts: AtomicU64,
 }
@@ -65,14 +70,16 @@ impl SpinGate {
             epoch: Instant::now(),
             next_sample: AtomicU64::new(0),
             loadavg: Mutex::new(File::open("/proc/loadavg").ok()),
-            runnable: AtomicU32::new(0),
+            working: AtomicU32::new(0),
             shut: AtomicBool::new(false),
+            spinners: AtomicU32::new(0),
             shuts: AtomicU64::new(0),
         }
     }
 
-    /// Whether to spin.
-    pub(crate) fn allows(&self) -> bool {
+    /// Whether to spin; `about_to_spin` when the asking thread would only
+    /// spin or poll (it is not counted as work then).
+    pub(crate) fn allows(&self, about_to_spin: bool) -> bool {
         if self.oversubscribed {
             return false;
         }
@@ -90,22 +97,31 @@ impl SpinGate {
                 .is_ok()
             && let Some(runnable) = self.sample()
         {
-            self.observe(runnable);
+            let own = self.spinners.load(Ordering::Relaxed) + u32::from(about_to_spin);
+            self.observe(runnable.saturating_sub(own));
         }
         !self.shut.load(Ordering::Relaxed)
     }
 
-    /// Folds one count of runnable threads (the sampling thread included) into the state.
-    fn observe(&self, runnable: u32) {
-        let old = self.runnable.load(Ordering::Relaxed);
-        // An exponential average over about four samples.
-        let avg = (old * 3 + runnable.saturating_mul(SCALE)) / 4;
-        self.runnable.store(avg, Ordering::Relaxed);
+    /// Counts the calling thread as spinning until the guard drops.
+    pub(crate) fn spinning(&self) -> Spinning<'_> {
+        self.spinners.fetch_add(1, Ordering::Relaxed);
+        Spinning(&self.spinners)
+    }
+
+    /// Folds one count of threads doing work (runnable, less this pool's
+    /// spinning workers) into the state.
+    fn observe(&self, working: u32) {
+        let old = self.working.load(Ordering::Relaxed);
+        // An exponential average over about eight samples (40 ms).
+        let avg = (old * 7 + working.saturating_mul(SCALE)) / 8;
+        self.working.store(avg, Ordering::Relaxed);
         let shut = self.shut.load(Ordering::Relaxed);
-        if !shut && avg > self.cores * SCALE + SCALE / 2 {
+        let cores = self.cores * SCALE;
+        if !shut && avg > cores + SCALE / 4 {
             self.shut.store(true, Ordering::Relaxed);
             self.shuts.fetch_add(1, Ordering::Relaxed);
-        } else if shut && avg + SCALE / 2 < self.cores * SCALE {
+        } else if shut && avg < cores - SCALE * 3 / 4 {
             self.shut.store(false, Ordering::Relaxed);
         }
     }
@@ -117,6 +133,15 @@ impl SpinGate {
         let mut buf = [0u8; 128];
         let n = file.read_at(&mut buf, 0).ok()?;
         parse_runnable(&buf[..n])
+    }
+}
+
+/// Keeps a worker counted as spinning (see [`SpinGate::spinning`]).
+pub(crate) struct Spinning<'a>(&'a AtomicU32);
+
+impl Drop for Spinning<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -152,43 +177,49 @@ mod tests {
     }
 
     #[test]
-    fn shuts_when_threads_wait_for_cores_and_reopens_with_room_for_one() {
+    fn shuts_when_threads_wait_for_cores_and_reopens_with_one_free() {
         let g = gate(2);
-        for _ in 0..8 {
+        for _ in 0..32 {
             g.observe(2);
         }
         assert!(
             !g.shut.load(Ordering::Relaxed),
-            "2 runnable on 2 cores: open"
+            "2 working on 2 cores: open"
         );
-        for _ in 0..8 {
-            g.observe(4);
+        for _ in 0..32 {
+            g.observe(3);
         }
-        assert!(
-            g.shut.load(Ordering::Relaxed),
-            "4 runnable on 2 cores: shut"
-        );
-        for _ in 0..8 {
+        assert!(g.shut.load(Ordering::Relaxed), "3 working on 2 cores: shut");
+        for _ in 0..32 {
             g.observe(2);
         }
         assert!(
             g.shut.load(Ordering::Relaxed),
-            "no room for a spinner yet: stays shut"
+            "no core free yet: stays shut"
         );
-        for _ in 0..8 {
+        for _ in 0..32 {
             g.observe(1);
         }
-        assert!(!g.shut.load(Ordering::Relaxed), "room for one more: open");
+        assert!(!g.shut.load(Ordering::Relaxed), "a core free again: open");
         assert_eq!(g.shuts.load(Ordering::Relaxed), 1);
     }
 
     #[test]
     fn one_busy_sample_does_not_shut_it() {
         let g = gate(2);
-        for _ in 0..8 {
-            g.observe(1);
+        for _ in 0..32 {
+            g.observe(0);
         }
         g.observe(4);
         assert!(!g.shut.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn a_spinning_worker_is_not_counted_as_work() {
+        let g = gate(2);
+        let spinning = g.spinning();
+        assert_eq!(g.spinners.load(Ordering::Relaxed), 1);
+        drop(spinning);
+        assert_eq!(g.spinners.load(Ordering::Relaxed), 0);
     }
 }

@@ -102,13 +102,15 @@ impl Shared {
         // Spin only when nobody else is draining the queue: a second thread
         // taking the GIL from a busy one costs a forced switch, not a speed-up.
         if self.active.load(Ordering::SeqCst) == 0
-            && self.spin_gate.allows()
+            && self.spin_gate.allows(true)
             && self
                 .spinner
                 .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
                 .is_ok()
         {
+            let spinning = self.spin_gate.spinning();
             let woke = self.spin();
+            drop(spinning);
             self.spinner.store(false, Ordering::SeqCst);
             // Pairs with the fence in `notify_workers`: either the submitter
             // sees no spinner and wakes a sleeper, or we see its job below.
