@@ -210,14 +210,23 @@ fn main() {
         Handler::from_callable(py, "bench", "bench_handlers:echo", echo(py)).unwrap()
     }));
     for c in [1, 16, 256] {
-        let (pool, handler) = (pool.clone(), handler.clone());
+        let (caller_pool, handler) = (pool.clone(), handler.clone());
+        let pool_before = (
+            pool.stats()
+                .calls
+                .load(std::sync::atomic::Ordering::Relaxed),
+            pool.stats()
+                .calls_here
+                .load(std::sync::atomic::Ordering::Relaxed),
+            pool.spin_gate_shuts(),
+        );
         rows.push(closed_loop(
             &rt,
             &format!("pyipcd GilPool ({workers} workers)"),
             c,
             seconds,
             move || {
-                let (pool, handler) = (pool.clone(), handler.clone());
+                let (pool, handler) = (caller_pool.clone(), handler.clone());
                 async move {
                     let out = pool
                         .call(&handler, Bytes::from_static(&[7u8; PAYLOAD]))
@@ -228,6 +237,13 @@ fn main() {
                 }
             },
         ));
+        let stats = pool.stats();
+        eprintln!(
+            "  GilPool, {c} in flight: {} calls, {} made by the calling thread, {} spin gate shuts",
+            stats.calls.load(std::sync::atomic::Ordering::Relaxed) - pool_before.0,
+            stats.calls_here.load(std::sync::atomic::Ordering::Relaxed) - pool_before.1,
+            pool.spin_gate_shuts() - pool_before.2
+        );
     }
 
     // The plain pool: `workers` attached threads fed by one channel, a

@@ -141,7 +141,7 @@ impl GilPool {
             // Whatever is queued: a worker still draining finishes what it
             // has (this thread waits for the GIL meanwhile, once), and with
             // nothing more handed off the queue empties for good.
-            && !shared.spin_gate.allows(false)
+            && !shared.spin_gate.allows(|| false)
             && !shared.closed.load(Ordering::Relaxed)
             && !holds_gil()
     }

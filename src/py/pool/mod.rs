@@ -462,7 +462,7 @@ impl GilPool {
         // runtime thread keep running in between.
         // A lone call in the pool: this caller's thread has nothing else
         // to do and is about to poll, so it is not counted as work.
-        let alone = self.shared.queue.len() + self.shared.active.load(Ordering::Relaxed) <= 1;
+        let alone = || self.shared.queue.len() + self.shared.active.load(Ordering::Relaxed) <= 1;
         let polls = if self.shared.spin_gate.allows(alone) {
             self.shared.caller_spin_polls
         } else {

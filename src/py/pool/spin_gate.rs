@@ -8,7 +8,8 @@
 //!   that are only spinning or polling, exceeds the core count: other
 //!   processes (a busy host), or the clients and the I/O thread on a small
 //!   one, keep every core busy. It is sampled at most every
-//!   [`SAMPLE_EVERY`] while calls flow (never when idle) and smoothed; the
+//!   [`SAMPLE_EVERY`] while calls flow (never when idle; the clock is read
+//!   on one call in [`CHECK_EVERY`]) and smoothed; the
 //!   gate shuts above `cores + ¼` (a thread waits for a core even without
 //!   the spinners) and opens again below `cores − ¾` (a core is free).
 //!
@@ -27,8 +28,16 @@ use std::time::{Duration, Instant};
 
 /// How often the runnable count is sampled while calls flow.
 pub(crate) const SAMPLE_EVERY: Duration = Duration::from_millis(5);
+/// A thread reads the clock (to see whether a sample is due) on one
+/// [`SpinGate::allows`] call in this many.
+pub(crate) const CHECK_EVERY: u32 = 32;
 /// Fixed-point scale of the smoothed runnable count.
 const SCALE: u32 = 256;
+
+thread_local! {
+    /// This thread's calls to [`SpinGate::allows`], for [`CHECK_EVERY`].
+    static TICKS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
 
 /// The gate, shared by a pool's workers and callers.
 #[derive(Debug)]
@@ -77,12 +86,23 @@ impl SpinGate {
         }
     }
 
-    /// Whether to spin; `about_to_spin` when the asking thread would only
-    /// spin or poll (it is not counted as work then).
-    pub(crate) fn allows(&self, about_to_spin: bool) -> bool {
+    /// Whether to spin; `about_to_spin` says whether the asking thread would
+    /// only spin or poll (then it is not counted as work). Cheap: the clock
+    /// is read on one call in [`CHECK_EVERY`] per thread.
+    pub(crate) fn allows(&self, about_to_spin: impl FnOnce() -> bool) -> bool {
         if self.oversubscribed {
             return false;
         }
+        let tick = TICKS.get().wrapping_add(1);
+        TICKS.set(tick);
+        if tick % CHECK_EVERY == 0 {
+            self.maybe_sample(about_to_spin);
+        }
+        !self.shut.load(Ordering::Relaxed)
+    }
+
+    /// Samples the runnable count if the last sample is [`SAMPLE_EVERY`] old.
+    fn maybe_sample(&self, about_to_spin: impl FnOnce() -> bool) {
         let now = nanos(self.epoch.elapsed());
         let next = self.next_sample.load(Ordering::Relaxed);
         if now >= next
@@ -97,10 +117,9 @@ impl SpinGate {
                 .is_ok()
             && let Some(runnable) = self.sample()
         {
-            let own = self.spinners.load(Ordering::Relaxed) + u32::from(about_to_spin);
+            let own = self.spinners.load(Ordering::Relaxed) + u32::from(about_to_spin());
             self.observe(runnable.saturating_sub(own));
         }
-        !self.shut.load(Ordering::Relaxed)
     }
 
     /// Counts the calling thread as spinning until the guard drops.
