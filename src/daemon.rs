@@ -318,25 +318,40 @@ fn io_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
 pub fn run(config: Config, python_log_level: u32) -> Result<i32, Error> {
     let runtime = io_runtime(config.io_threads())?;
     let mut signals = runtime.block_on(async { crate::shutdown::Signals::register() })?;
+    crate::shutdown::exit_on_second_signal()?;
     let daemon = Daemon::start(config, python_log_level)?;
-    let outcome = runtime.block_on(async move {
-        let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(async move {
-            loop {
-                match signals.next().await {
-                    SignalEvent::Reload => {
-                        let _ = tx.send(Control::Reload).await;
+    // The runtime is driven from a thread named like the I/O threads (with
+    // one I/O thread it is the I/O thread), not Python's main thread.
+    let io = std::thread::Builder::new()
+        .name("pyipcd-io".into())
+        .spawn(move || {
+            let outcome = runtime.block_on(async move {
+                let (tx, rx) = mpsc::channel(4);
+                tokio::spawn(async move {
+                    loop {
+                        match signals.next().await {
+                            SignalEvent::Reload => {
+                                let _ = tx.send(Control::Reload).await;
+                            }
+                            SignalEvent::Stop(name, _) => {
+                                tracing::info!("{name} received");
+                                // A second one ends the process in the signal
+                                // handler (`shutdown::exit_on_second_signal`).
+                                let _ = tx.send(Control::Stop).await;
+                                return;
+                            }
+                        }
                     }
-                    SignalEvent::Stop(name, _) => {
-                        tracing::info!("{name} received");
-                        let _ = tx.send(Control::Stop).await;
-                        signals.exit_on_second();
-                        return;
-                    }
-                }
-            }
-        });
-        daemon.run_until(rx).await
-    })?;
+                });
+                daemon.run_until(rx).await
+            });
+            // A worker thread held by a call that never returns must not
+            // hold the exit up (the stuck call was reported).
+            runtime.shutdown_timeout(Duration::from_secs(1));
+            outcome
+        })?;
+    let outcome = io
+        .join()
+        .map_err(|_| Error::Startup("the I/O thread panicked (logged above)".into()))??;
     Ok(outcome.exit_code())
 }

@@ -28,10 +28,8 @@ pub(crate) fn freed() -> Option<Instant> {
     let due = LAST_PURGE.get().map(|last| last + PURGE_EVERY);
     match due {
         Some(due) if now < due => {
-            // A promise not kept (its connection closed) expires.
-            let owed = OWED_AT.get().is_some_and(|at| now < at + PURGE_EVERY);
-            if owed {
-                None
+            if OWED_AT.get() == Some(due) {
+                None // promised for this period already
             } else {
                 OWED_AT.set(Some(due));
                 Some(due)

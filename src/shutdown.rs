@@ -1,7 +1,43 @@
-//! Signals, handled in tokio only: SIGINT/SIGTERM begin a graceful stop, a
-//! second one exits at once; SIGHUP asks for a configuration reload.
+//! Signals, handled in tokio: SIGINT/SIGTERM begin a graceful stop, a
+//! second one exits at once; SIGHUP asks for a configuration reload. The
+//! second stop signal is also caught outside tokio ([`exit_on_second_signal`]),
+//! so it works even when every I/O thread is held by a call that never returns.
+
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use tokio::signal::unix::{Signal, SignalKind, signal};
+
+/// Stop signals received so far (counted in the signal handler).
+static STOP_SIGNALS: AtomicU32 = AtomicU32::new(0);
+
+/// Ends the process at the second SIGINT/SIGTERM from inside the signal
+/// handler itself (only async-signal-safe calls: an atomic, `write`,
+/// `_exit`), with exit status 128 + signal number. The tokio handlers still
+/// see every signal; this is the path that needs no thread to be free.
+///
+/// # Errors
+/// If the handler cannot be installed.
+#[allow(unsafe_code)]
+pub fn exit_on_second_signal() -> std::io::Result<()> {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the action only touches an atomic and calls write(2) and
+        // _exit(2), which are async-signal-safe.
+        unsafe {
+            signal_hook_registry::register(sig, move || {
+                if STOP_SIGNALS.fetch_add(1, Ordering::SeqCst) >= 1 {
+                    let msg: &[u8] = if sig == libc::SIGINT {
+                        b"pyipcd: SIGINT received again: exiting immediately\n"
+                    } else {
+                        b"pyipcd: SIGTERM received again: exiting immediately\n"
+                    };
+                    let _ = libc::write(2, msg.as_ptr().cast(), msg.len());
+                    libc::_exit(128 + sig);
+                }
+            })?;
+        }
+    }
+    Ok(())
+}
 
 /// What a signal asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,24 +76,5 @@ impl Signals {
             _ = self.term.recv() => SignalEvent::Stop("SIGTERM", 15),
             _ = self.hup.recv() => SignalEvent::Reload,
         }
-    }
-
-    /// Waits for SIGINT or SIGTERM and returns its name and number (SIGHUP is ignored here).
-    pub async fn stop_requested(&mut self) -> (&'static str, i32) {
-        loop {
-            if let SignalEvent::Stop(name, num) = self.next().await {
-                return (name, num);
-            }
-        }
-    }
-
-    /// After the first stop signal: a second one ends the process at once
-    /// with exit status 128 + signal number.
-    pub fn exit_on_second(mut self) {
-        tokio::spawn(async move {
-            let (name, num) = self.stop_requested().await;
-            tracing::error!("{name} received again: exiting immediately");
-            std::process::exit(128 + num);
-        });
     }
 }

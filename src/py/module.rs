@@ -115,8 +115,28 @@ fn send(py: Python<'_>, role: &str, data: &[u8]) -> PyResult<()> {
         ))
     })?;
     let data = Bytes::copy_from_slice(data);
+    let on_io_thread = crate::py::pool::sending_from_io_thread();
     let sent = match sender.try_send(data) {
         Ok(()) => Ok(()),
+        // A call the pool let an I/O thread make (its handler is never run
+        // there again, see `py::pool::here`): waiting here could wait for
+        // the very thread that drains the queue, so the message waits in a
+        // task of its own instead.
+        Err(mpsc::error::TrySendError::Full(data)) if on_io_thread => {
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(async move {
+                        if sender.send(data).await.is_err() {
+                            tracing::warn!(
+                                "pyipcd.send: the role stopped before a queued message went out"
+                            );
+                        }
+                    });
+                    Ok(())
+                }
+                Err(_) => Err(()),
+            }
+        }
         // Not `blocking_send`: it panics on a thread that drives a tokio
         // runtime, which an inline server's own thread does.
         Err(mpsc::error::TrySendError::Full(data)) => py

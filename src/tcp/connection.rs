@@ -137,7 +137,7 @@ pub(crate) async fn serve(
                 let started = m.timed.then(Instant::now);
                 // The submission is settled before any await, so its future
                 // (a pool call's whole state) is never part of this task's.
-                let written = match dispatch.submit(batch, ctx, &mut reply_codec, writer.write_buffer_mut()) {
+                let written = match dispatch.submit(batch, ctx, in_flight.is_empty(), &mut reply_codec, writer.write_buffer_mut()) {
                     Submitted::Written(written) => Some(written),
                     Submitted::Later(replies) => {
                         pending += n;

@@ -116,11 +116,15 @@ impl Dispatch {
     }
 
     /// Hands `batch` to the handler. Inline, the replies are framed with
-    /// `codec` into `out` before this returns; on the pool, a future brings them.
+    /// `codec` into `out` before this returns; on the pool, a future brings
+    /// them, unless the pool lets this thread make the call, which it may
+    /// only when the connection has no earlier request in flight
+    /// (`nothing_in_flight`): replies go out in request order.
     pub(crate) fn submit(
         &self,
         batch: Batch,
         ctx: &Arc<CallContext>,
+        nothing_in_flight: bool,
         codec: &mut FrameCodec,
         out: &mut BytesMut,
     ) -> Submitted<impl Future<Output = Replies> + Send + 'static + use<>> {
@@ -131,9 +135,13 @@ impl Dispatch {
             To::Pool(pool) => {
                 // When a hand-off would not pay, the pool lets this I/O thread
                 // make the call itself (see `py::pool::here`).
-                let here = pool.here(&self.handler, batch.len() as u64, |py| {
-                    self.frame_replies(py, &batch, ctx, codec, out)
-                });
+                let here = nothing_in_flight
+                    .then(|| {
+                        pool.here(&self.handler, batch.len() as u64, |py| {
+                            self.frame_replies(py, &batch, ctx, codec, out)
+                        })
+                    })
+                    .flatten();
                 if let Some(written) = here {
                     if let Ok(w) = &written {
                         pool.count_raised(w.errors);

@@ -9,18 +9,22 @@
 //! runs here instead, on the tokio thread, as `dispatch = "inline"` does.
 //!
 //! Only handlers known to be fast run here, so the I/O thread is not held
-//! by a slow one: a plain `def` whose first [`PROVEN_AFTER`] calls (on the
-//! pool) were fast. A call that takes longer than [`SLOW_OUT`], or
-//! [`STRIKES`] calls over [`SLOW_CALL`] within [`STRIKE_WINDOW`] calls,
-//! mark the handler slow for good (logged once): its calls go to the pool
-//! again. (Strikes, not one slow call, because on a busy host a fast call is
-//! sometimes preempted for a time slice or two.) A handler that is fast for
-//! a while and then blocks holds this I/O thread for that one call, as an
-//! inline role would; a handler known to block belongs on the pool, which is
-//! where its first calls go.
-//! Calls here are watched by the stuck-call monitor like pool calls.
+//! by a slow one: a plain `def` that has made [`PROVEN_AFTER`] fast calls on
+//! the pool and never called `pyipcd.send` (which may wait for a queue that
+//! a task on this very thread drains; a first send from here that finds the
+//! queue full is handed to a task instead of waiting). Calls are timed from
+//! before the GIL is taken. A call (or pipelined batch) longer than
+//! [`SLOW_OUT`], or [`STRIKES`] calls over [`SLOW_CALL`] within
+//! [`STRIKE_WINDOW`] calls, keep the handler on the pool for good (logged
+//! once). Strikes, not one slow call, because on a busy host a fast call is
+//! sometimes preempted for a time slice or two. A handler that is fast for a
+//! while and then blocks holds this I/O thread (and every connection it
+//! serves) for that call, as an inline role would, and its caller gets no
+//! `call_timeout` error: the reply is sent when the call returns.
+//! Calls here are watched by the stuck-call monitor (a call past
+//! `call_timeout` has its Python stack logged).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -47,6 +51,9 @@ pub const STRIKE_WINDOW: u32 = 256;
 /// How long a handler's calls take, as far as running it on an I/O thread is concerned.
 #[derive(Debug, Default)]
 pub(crate) struct CallSpeed {
+    /// It called `pyipcd.send`, which may wait for a queue that a task on
+    /// the I/O thread drains: never on an I/O thread.
+    sends: AtomicBool,
     /// Fast calls seen, saturating at [`PROVEN_AFTER`].
     fast: AtomicU32,
     /// Recent strikes, and calls since the last one.
@@ -57,9 +64,21 @@ pub(crate) struct CallSpeed {
 }
 
 impl CallSpeed {
-    /// Enough fast calls and not slow.
+    /// Enough fast calls, not slow, and no `pyipcd.send`.
     pub(crate) fn proven(&self) -> bool {
-        self.fast.load(Ordering::Relaxed) >= PROVEN_AFTER && !self.slow.load(Ordering::Relaxed)
+        self.fast.load(Ordering::Relaxed) >= PROVEN_AFTER
+            && !self.slow.load(Ordering::Relaxed)
+            && !self.sends.load(Ordering::Relaxed)
+    }
+
+    /// Runs `f` (calls of this handler) noting whether they used `pyipcd.send`.
+    pub(crate) fn watch_sends<R>(&self, f: impl FnOnce() -> R) -> R {
+        SENT.set(false);
+        let r = f();
+        if SENT.get() {
+            self.sends.store(true, Ordering::Relaxed);
+        }
+        r
     }
 
     /// Whether pool calls still need timing (not yet proven, not yet slow).
@@ -67,9 +86,14 @@ impl CallSpeed {
         self.fast.load(Ordering::Relaxed) < PROVEN_AFTER && !self.slow.load(Ordering::Relaxed)
     }
 
-    /// Records one call; returns true when this call made the handler slow.
-    pub(crate) fn record(&self, took: Duration) -> bool {
-        let out = took > SLOW_OUT
+    /// Records `calls` calls made together in `took`; returns true when
+    /// they made the handler slow. Over [`SLOW_OUT`] in all is out at once
+    /// (one long call in a pipelined batch is not averaged away); over
+    /// [`SLOW_CALL`] per call is a strike.
+    pub(crate) fn record(&self, took: Duration, calls: usize) -> bool {
+        let per_call = took / u32::try_from(calls.max(1)).unwrap_or(u32::MAX);
+        let (took, batch) = (per_call, took);
+        let out = batch > SLOW_OUT
             || (took > SLOW_CALL && {
                 self.since_strike.store(0, Ordering::Relaxed);
                 self.strikes.fetch_add(1, Ordering::Relaxed) + 1 >= STRIKES
@@ -100,8 +124,20 @@ struct HereThread {
 
 thread_local! {
     static HERE: RefCell<Option<HereThread>> = const { RefCell::new(None) };
+    /// This thread is making a call for the pool (see [`on_io_thread`]).
+    static ON_IO: Cell<bool> = const { Cell::new(false) };
+    /// The current call used `pyipcd.send`.
+    static SENT: Cell<bool> = const { Cell::new(false) };
     /// This thread keeps an interpreter thread state for life (see `keep_thread_state`).
-    static KEPT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static KEPT: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Called by `pyipcd.send`: notes that the running call sends, and says
+/// whether it runs on an I/O thread, where it must not wait for a full
+/// queue (the task that drains it may be waiting for this very thread).
+pub(crate) fn sending_from_io_thread() -> bool {
+    SENT.set(true);
+    ON_IO.get()
 }
 
 /// Gives the calling thread an interpreter thread state that outlives each
@@ -160,33 +196,41 @@ impl GilPool {
         }
         keep_thread_state();
         let pool = std::ptr::from_ref(self) as usize;
-        let (r, took) = Python::attach(|py| {
-            let started = Instant::now();
+        // Timed from before the GIL is taken: waiting for it holds this
+        // thread's connections up just as a slow call does.
+        let started = Instant::now();
+        let r = Python::attach(|py| {
             // The slot is cloned out so that `f` may call into the pool again.
-            let (slot, seq) = HERE.with_borrow_mut(|here| {
-                if here.as_ref().is_none_or(|h| h.pool != pool) {
+            let (slot, seq, fresh) = HERE.with_borrow_mut(|here| {
+                let fresh = here.as_ref().is_none_or(|h| h.pool != pool);
+                if fresh {
                     let name = std::thread::current().name().unwrap_or("io").to_string();
                     let slot = self.monitor.io_slot(py, name);
                     *here = Some(HereThread { pool, slot, seq: 0 });
                 }
                 let h = here.as_mut().expect("set above");
                 h.seq += 1;
-                (h.slot.clone(), h.seq)
+                (h.slot.clone(), h.seq, fresh)
             });
-            if !output::thread_role_is(handler.role()) {
+            if fresh || !output::thread_role_is(handler.role()) {
                 output::set_thread_role(Some(handler.role()));
                 *lock(&slot.role) = Some(handler.role().clone());
             }
-            let r = slot.timed(seq, || f(py));
-            (r, started.elapsed())
+            ON_IO.set(true);
+            let r = handler.speed.watch_sends(|| slot.timed(seq, || f(py)));
+            ON_IO.set(false);
+            r
         });
-        // Per call: a pipelined batch may take long in all.
-        let took = took / u32::try_from(calls.max(1)).unwrap_or(u32::MAX);
-        if handler.speed.record(took) {
+        let took = started.elapsed();
+        if handler
+            .speed
+            .record(took, usize::try_from(calls).unwrap_or(usize::MAX))
+        {
             tracing::info!(
                 role = %handler.role(),
                 handler = %handler.target(),
-                "calls take up to {:.1} ms: this handler's calls stay on the GIL pool from now on (not on the I/O thread)",
+                "{} call(s) took {:.1} ms on an I/O thread: this handler's calls stay on the GIL pool from now on",
+                calls,
                 took.as_secs_f64() * 1e3
             );
         }
@@ -207,10 +251,10 @@ mod tests {
     fn proven_after_enough_fast_calls() {
         let speed = CallSpeed::default();
         for _ in 1..PROVEN_AFTER {
-            assert!(!speed.record(FAST));
+            assert!(!speed.record(FAST, 1));
         }
         assert!(!speed.proven() && speed.learning());
-        speed.record(FAST);
+        speed.record(FAST, 1);
         assert!(speed.proven() && !speed.learning());
     }
 
@@ -218,11 +262,11 @@ mod tests {
     fn one_very_slow_call_is_enough() {
         let speed = CallSpeed::default();
         for _ in 0..PROVEN_AFTER {
-            speed.record(FAST);
+            speed.record(FAST, 1);
         }
-        assert!(speed.record(SLOW_OUT * 2), "reported once");
+        assert!(speed.record(SLOW_OUT * 2, 1), "reported once");
         assert!(!speed.proven());
-        assert!(!speed.record(SLOW_OUT * 2), "not reported again");
+        assert!(!speed.record(SLOW_OUT * 2, 1), "not reported again");
     }
 
     #[test]
@@ -230,19 +274,41 @@ mod tests {
         let speed = CallSpeed::default();
         let strike = SLOW_CALL * 2;
         for _ in 0..PROVEN_AFTER {
-            speed.record(FAST);
+            speed.record(FAST, 1);
         }
         for _ in 1..STRIKES {
-            assert!(!speed.record(strike));
+            assert!(!speed.record(strike, 1));
         }
         for _ in 0..STRIKE_WINDOW {
-            speed.record(FAST);
+            speed.record(FAST, 1);
         }
         for _ in 1..STRIKES {
-            assert!(!speed.record(strike), "strikes were forgotten");
+            assert!(!speed.record(strike, 1), "strikes were forgotten");
         }
         assert!(speed.proven());
-        assert!(speed.record(strike));
+        assert!(speed.record(strike, 1));
+        assert!(!speed.proven());
+    }
+
+    #[test]
+    fn one_long_call_in_a_batch_is_not_averaged_away() {
+        let speed = CallSpeed::default();
+        for _ in 0..PROVEN_AFTER {
+            speed.record(FAST, 1);
+        }
+        // 64 calls in 64 ms: 1 ms each on average, yet the batch held the thread 64 ms.
+        assert!(speed.record(Duration::from_millis(64), 64));
+        assert!(!speed.proven());
+    }
+
+    #[test]
+    fn a_handler_that_sends_is_never_proven() {
+        let speed = CallSpeed::default();
+        for _ in 0..PROVEN_AFTER {
+            speed.record(FAST, 1);
+        }
+        assert!(speed.proven());
+        speed.watch_sends(|| assert!(!sending_from_io_thread()));
         assert!(!speed.proven());
     }
 }

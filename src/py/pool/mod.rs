@@ -43,7 +43,7 @@ mod here;
 mod spin_gate;
 mod worker;
 
-pub(crate) use here::CallSpeed;
+pub(crate) use here::{CallSpeed, sending_from_io_thread};
 pub use here::{PROVEN_AFTER, SLOW_CALL};
 use spin_gate::SpinGate;
 

@@ -4,14 +4,19 @@
 //! - more pool and I/O threads than cores: the spinning threads would take
 //!   the cores from the threads doing the work, so such a pool never spins;
 //! - no core free for a spinner, right now: the kernel's count of runnable
-//!   threads (`/proc/loadavg`, fourth field), minus this pool's threads
-//!   that are only spinning or polling, exceeds the core count: other
+//!   threads (`/proc/loadavg`, fourth field), minus this pool's spinning
+//!   worker (and the asking caller when its call is the only one in the
+//!   pool, so it would only poll), exceeds the core count: other
 //!   processes (a busy host), or the clients and the I/O thread on a small
 //!   one, keep every core busy. It is sampled at most every
 //!   [`SAMPLE_EVERY`] while calls flow (never when idle; the clock is read
 //!   on one call in [`CHECK_EVERY`]) and smoothed; the
 //!   gate shuts above `cores + ¼` (a thread waits for a core even without
 //!   the spinners) and opens again below `cores − ¾` (a core is free).
+//!
+//! The host-wide count means nothing to a process held to fewer CPUs than
+//! the host has (affinity, a cgroup quota, a container): there only the
+//! first signal applies (logged at start).
 //!
 //! While the gate is shut, fast handlers run on the calling I/O thread
 //! instead of being handed off (`here`).
@@ -72,13 +77,26 @@ impl SpinGate {
                 "{threads} pool and I/O threads on {cores} core(s): the GIL pool will not spin"
             );
         }
+        // The runnable count is the whole host's: it says nothing about a
+        // process held to fewer CPUs (affinity, a cgroup quota, a container).
+        let host_wide = cores == online_cpus();
+        if !host_wide {
+            tracing::info!(
+                "{cores} of the host's {} CPUs for this process: the GIL pool's spin gate ignores the host's load",
+                online_cpus()
+            );
+        }
         let cores = u32::try_from(cores).unwrap_or(u32::MAX);
         Self {
             oversubscribed,
             cores,
             epoch: Instant::now(),
             next_sample: AtomicU64::new(0),
-            loadavg: Mutex::new(File::open("/proc/loadavg").ok()),
+            loadavg: Mutex::new(
+                host_wide
+                    .then(|| File::open("/proc/loadavg").ok())
+                    .flatten(),
+            ),
             working: AtomicU32::new(0),
             shut: AtomicBool::new(false),
             spinners: AtomicU32::new(0),
@@ -171,6 +189,14 @@ fn parse_runnable(line: &[u8]) -> Option<u32> {
     std::str::from_utf8(running).ok()?.parse().ok()
 }
 
+/// CPUs online on the host.
+#[allow(unsafe_code)]
+fn online_cpus() -> usize {
+    // SAFETY: sysconf only reads a system value.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    usize::try_from(n).unwrap_or(0)
+}
+
 fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
@@ -189,9 +215,11 @@ mod tests {
     fn parses_the_runnable_field() {
         assert_eq!(parse_runnable(b"0.50 0.40 0.30 3/250 12345\n"), Some(3));
         assert_eq!(parse_runnable(b"garbage"), None);
-        assert!(
+        let host_wide = std::thread::available_parallelism().unwrap().get() == online_cpus();
+        assert_eq!(
             SpinGate::new(1).sample().is_some(),
-            "/proc/loadavg readable"
+            host_wide,
+            "/proc/loadavg read exactly when this process may use every CPU"
         );
     }
 

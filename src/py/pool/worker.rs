@@ -214,9 +214,11 @@ fn run_job(py: Python<'_>, shared: &Shared, slot: &WorkerSlot, job: Job) {
         } => {
             note_role(slot, &handler);
             let timing = handler.speed.learning().then(Instant::now);
-            let invoked = handler.invoke(py, &payload, ctx.as_deref(), shared.locals.as_ref());
+            let invoked = handler.speed.watch_sends(|| {
+                handler.invoke(py, &payload, ctx.as_deref(), shared.locals.as_ref())
+            });
             if let Some(t) = timing {
-                handler.speed.record(t.elapsed());
+                handler.speed.record(t.elapsed(), 1);
             }
             if matches!(invoked, Invoked::Done(Err(_))) {
                 shared.stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -233,13 +235,14 @@ fn run_job(py: Python<'_>, shared: &Shared, slot: &WorkerSlot, job: Job) {
         } => {
             note_role(slot, &handler);
             let timing = handler.speed.learning().then(Instant::now);
-            let results: Vec<Invoked> = payloads
-                .iter()
-                .map(|p| handler.invoke(py, p, ctx.as_deref(), shared.locals.as_ref()))
-                .collect();
+            let results: Vec<Invoked> = handler.speed.watch_sends(|| {
+                payloads
+                    .iter()
+                    .map(|p| handler.invoke(py, p, ctx.as_deref(), shared.locals.as_ref()))
+                    .collect()
+            });
             if let Some(t) = timing {
-                let n = u32::try_from(payloads.len().max(1)).unwrap_or(u32::MAX);
-                handler.speed.record(t.elapsed() / n);
+                handler.speed.record(t.elapsed(), payloads.len());
             }
             let errors = results
                 .iter()
