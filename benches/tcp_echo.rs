@@ -54,13 +54,18 @@ impl Drop for Server {
 /// pyipcd with `dispatch = "pool"` (the default) or `"inline"`.
 fn pyipcd_server(dir: &std::path::Path, dispatch: &str) -> Server {
     let port = free_port();
-    let admin_port = free_port();
+    // The admin endpoint only with `--metrics`: with it, every message is
+    // also timed into a histogram.
+    let admin_port = std::env::args().any(|a| a == "--metrics").then(free_port);
+    let admin = admin_port.map_or(String::new(), |p| {
+        format!("[admin]\nlisten = \"127.0.0.1:{p}\"\n")
+    });
     let root = env!("CARGO_MANIFEST_DIR");
     let cfg = dir.join(format!("bench-{dispatch}.toml"));
     std::fs::write(
         &cfg,
         format!(
-            "[log]\nlevel = \"warn\"\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n[daemon]\nio_threads = {}\n[python]\npaths = [\"{root}/python\"]\nworkers = {}\nspin = \"{}us\"\ncaller_polls = {}\n\
+            "[log]\nlevel = \"warn\"\n{admin}[daemon]\nio_threads = {}\n[python]\npaths = [\"{root}/python\"]\nworkers = {}\nspin = \"{}us\"\ncaller_polls = {}\n\
              [[tcp.server]]\nname = \"bench\"\nlisten = \"127.0.0.1:{port}\"\nframing = \"len32\"\nhandler = \"handlers:echo\"\n\
              max_message = \"1MiB\"\npipeline = 64\ndispatch = \"{dispatch}\"\n",
             arg("--io-threads", 1.0) as usize,
@@ -85,7 +90,7 @@ fn pyipcd_server(dir: &std::path::Path, dispatch: &str) -> Server {
         },
         addr,
         child: Some(child),
-        admin: Some(SocketAddr::from(([127, 0, 0, 1], admin_port))),
+        admin: admin_port.map(|p| SocketAddr::from(([127, 0, 0, 1], p))),
     }
 }
 
