@@ -156,6 +156,7 @@ impl GilPool {
             wake: Condvar::new(),
             closed: AtomicBool::new(false),
             progress: CachePadded::new(AtomicU64::new(0)),
+            waiting: CachePadded::new(AtomicUsize::new(0)),
             slots,
             call_timeout: config.call_timeout,
             caller_spin_polls: config.caller_spin_polls,
@@ -456,13 +457,23 @@ impl GilPool {
 
     /// Waits for a reply: re-polls first, then parks until `call_timeout`
     /// (counted from the end of the re-polling, which lasts microseconds).
-    async fn wait_reply<T>(&self, mut rx: oneshot::Receiver<T>) -> Result<T, CallError> {
+    async fn wait_reply<T>(&self, rx: oneshot::Receiver<T>) -> Result<T, CallError> {
+        let waiting = &self.shared.waiting;
+        waiting.fetch_add(1, Ordering::Relaxed);
+        // Counted down however this ends (a dropped caller included).
+        let _counted = scopeguard(|| {
+            waiting.fetch_sub(1, Ordering::Relaxed);
+        });
+        self.wait_reply_counted(rx).await
+    }
+
+    async fn wait_reply_counted<T>(&self, mut rx: oneshot::Receiver<T>) -> Result<T, CallError> {
         // Re-poll without registering a waker first: a reply that lands while
         // we spin costs the worker no futex wake-up, and other tasks on this
         // runtime thread keep running in between.
-        // A lone call in the pool: this caller's thread has nothing else
-        // to do and is about to poll, so it is not counted as work.
-        let alone = || self.shared.queue.len() + self.shared.active.load(Ordering::Relaxed) <= 1;
+        // The only caller waiting: its thread has nothing else to do and is
+        // about to poll, so it is not counted as work.
+        let alone = || self.shared.waiting.load(Ordering::Relaxed) <= 1;
         let polls = if self.shared.spin_gate.allows(alone) {
             self.shared.caller_spin_polls
         } else {
@@ -551,4 +562,17 @@ impl Drop for CancelOnDrop<'_> {
             });
         }
     }
+}
+
+/// Runs `f` when dropped.
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
 }

@@ -5,8 +5,8 @@
 //!   the cores from the threads doing the work, so such a pool never spins;
 //! - no core free for a spinner, right now: the kernel's count of runnable
 //!   threads (`/proc/loadavg`, fourth field), minus this pool's spinning
-//!   worker (and the asking caller when its call is the only one in the
-//!   pool, so it would only poll), exceeds the core count: other
+//!   worker (and the asking caller when it is the only one waiting for a
+//!   reply, so its thread would only poll), exceeds the core count: other
 //!   processes (a busy host), or the clients and the I/O thread on a small
 //!   one, keep every core busy. It is sampled at most every
 //!   [`SAMPLE_EVERY`] while calls flow (never when idle; the clock is read

@@ -53,6 +53,8 @@ pub(crate) struct Shared {
     pub(crate) wake: Condvar,
     pub(crate) closed: AtomicBool,
     pub(crate) progress: CachePadded<AtomicU64>,
+    /// Callers waiting for a reply (handed off, not yet answered).
+    pub(crate) waiting: CachePadded<AtomicUsize>,
     /// Each worker's record, owned by the stuck-call monitor.
     pub(crate) slots: Box<[Arc<WorkerSlot>]>,
     pub(crate) call_timeout: Duration,
