@@ -104,7 +104,9 @@ impl Shared {
         // Spin only when nobody else is draining the queue: a second thread
         // taking the GIL from a busy one costs a forced switch, not a speed-up.
         if self.active.load(Ordering::SeqCst) == 0
-            && self.spin_gate.allows(|| true)
+            && self
+                .spin_gate
+                .allows(|| !self.spinner.load(Ordering::Relaxed))
             && self
                 .spinner
                 .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
