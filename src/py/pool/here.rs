@@ -247,6 +247,16 @@ mod tests {
 
     const FAST: Duration = Duration::from_micros(5);
 
+    /// A record of a handler proven fast.
+    fn proven() -> CallSpeed {
+        let speed = CallSpeed::default();
+        for _ in 0..PROVEN_AFTER {
+            speed.record(FAST, 1);
+        }
+        assert!(speed.proven());
+        speed
+    }
+
     #[test]
     fn proven_after_enough_fast_calls() {
         let speed = CallSpeed::default();
@@ -260,10 +270,7 @@ mod tests {
 
     #[test]
     fn one_very_slow_call_is_enough() {
-        let speed = CallSpeed::default();
-        for _ in 0..PROVEN_AFTER {
-            speed.record(FAST, 1);
-        }
+        let speed = proven();
         assert!(speed.record(SLOW_OUT * 2, 1), "reported once");
         assert!(!speed.proven());
         assert!(!speed.record(SLOW_OUT * 2, 1), "not reported again");
@@ -271,11 +278,8 @@ mod tests {
 
     #[test]
     fn strikes_add_up_within_the_window_only() {
-        let speed = CallSpeed::default();
+        let speed = proven();
         let strike = SLOW_CALL * 2;
-        for _ in 0..PROVEN_AFTER {
-            speed.record(FAST, 1);
-        }
         for _ in 1..STRIKES {
             assert!(!speed.record(strike, 1));
         }
@@ -292,10 +296,7 @@ mod tests {
 
     #[test]
     fn one_long_call_in_a_batch_is_not_averaged_away() {
-        let speed = CallSpeed::default();
-        for _ in 0..PROVEN_AFTER {
-            speed.record(FAST, 1);
-        }
+        let speed = proven();
         // 64 calls in 64 ms: 1 ms each on average, yet the batch held the thread 64 ms.
         assert!(speed.record(Duration::from_millis(64), 64));
         assert!(!speed.proven());
@@ -303,11 +304,7 @@ mod tests {
 
     #[test]
     fn a_handler_that_sends_is_never_proven() {
-        let speed = CallSpeed::default();
-        for _ in 0..PROVEN_AFTER {
-            speed.record(FAST, 1);
-        }
-        assert!(speed.proven());
+        let speed = proven();
         speed.watch_sends(|| assert!(!sending_from_io_thread()));
         assert!(!speed.proven());
     }

@@ -458,12 +458,8 @@ impl GilPool {
     /// Waits for a reply: re-polls first, then parks until `call_timeout`
     /// (counted from the end of the re-polling, which lasts microseconds).
     async fn wait_reply<T>(&self, rx: oneshot::Receiver<T>) -> Result<T, CallError> {
-        let waiting = &self.shared.waiting;
-        waiting.fetch_add(1, Ordering::Relaxed);
         // Counted down however this ends (a dropped caller included).
-        let _counted = scopeguard(|| {
-            waiting.fetch_sub(1, Ordering::Relaxed);
-        });
+        let _waiting = spin_gate::Counted::new(&self.shared.waiting);
         self.wait_reply_counted(rx).await
     }
 
@@ -562,17 +558,4 @@ impl Drop for CancelOnDrop<'_> {
             });
         }
     }
-}
-
-/// Runs `f` when dropped.
-fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
-    struct Guard<F: FnOnce()>(Option<F>);
-    impl<F: FnOnce()> Drop for Guard<F> {
-        fn drop(&mut self) {
-            if let Some(f) = self.0.take() {
-                f();
-            }
-        }
-    }
-    Guard(Some(f))
 }

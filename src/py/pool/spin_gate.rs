@@ -28,7 +28,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// How often the runnable count is sampled while calls flow.
@@ -62,7 +62,7 @@ pub(crate) struct SpinGate {
     /// Pool workers spinning for work now. (Callers re-polling for a reply
     /// are not subtracted: their thread, the I/O thread, does real work for
     /// other connections between polls.)
-    spinners: AtomicU32,
+    spinners: AtomicUsize,
     /// Times the gate shut, for the stats.
     pub(crate) shuts: AtomicU64,
 }
@@ -99,7 +99,7 @@ impl SpinGate {
             ),
             working: AtomicU32::new(0),
             shut: AtomicBool::new(false),
-            spinners: AtomicU32::new(0),
+            spinners: AtomicUsize::new(0),
             shuts: AtomicU64::new(0),
         }
     }
@@ -135,15 +135,15 @@ impl SpinGate {
                 .is_ok()
             && let Some(runnable) = self.sample()
         {
-            let own = self.spinners.load(Ordering::Relaxed) + u32::from(about_to_spin());
+            let spinning = self.spinners.load(Ordering::Relaxed) + usize::from(about_to_spin());
+            let own = u32::try_from(spinning).unwrap_or(u32::MAX);
             self.observe(runnable.saturating_sub(own));
         }
     }
 
     /// Counts the calling thread as spinning until the guard drops.
-    pub(crate) fn spinning(&self) -> Spinning<'_> {
-        self.spinners.fetch_add(1, Ordering::Relaxed);
-        Spinning(&self.spinners)
+    pub(crate) fn spinning(&self) -> Counted<'_> {
+        Counted::new(&self.spinners)
     }
 
     /// Folds one count of threads doing work (runnable, less this pool's
@@ -173,10 +173,19 @@ impl SpinGate {
     }
 }
 
-/// Keeps a worker counted as spinning (see [`SpinGate::spinning`]).
-pub(crate) struct Spinning<'a>(&'a AtomicU32);
+/// One more in a counter for as long as it lives (a spinning worker, a
+/// waiting caller), counted down however its owner ends.
+pub(crate) struct Counted<'a>(&'a AtomicUsize);
 
-impl Drop for Spinning<'_> {
+impl<'a> Counted<'a> {
+    /// Counts one more in `counter`.
+    pub(crate) fn new(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for Counted<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
