@@ -92,16 +92,15 @@ impl CallSpeed {
     /// [`SLOW_CALL`] per call is a strike.
     pub(crate) fn record(&self, took: Duration, calls: usize) -> bool {
         let per_call = took / u32::try_from(calls.max(1)).unwrap_or(u32::MAX);
-        let (took, batch) = (per_call, took);
-        let out = batch > SLOW_OUT
-            || (took > SLOW_CALL && {
+        let out = took > SLOW_OUT
+            || (per_call > SLOW_CALL && {
                 self.since_strike.store(0, Ordering::Relaxed);
                 self.strikes.fetch_add(1, Ordering::Relaxed) + 1 >= STRIKES
             });
         if out {
             return !self.slow.swap(true, Ordering::Relaxed);
         }
-        if took <= SLOW_CALL {
+        if per_call <= SLOW_CALL {
             if self.fast.load(Ordering::Relaxed) < PROVEN_AFTER {
                 self.fast.fetch_add(1, Ordering::Relaxed);
             }
@@ -235,7 +234,7 @@ impl GilPool {
             );
         }
         let stats = &self.shared.stats;
-        stats.calls.fetch_add(calls, Ordering::Relaxed);
+        stats.add(usize::try_from(calls).unwrap_or(usize::MAX), 0);
         stats.calls_here.fetch_add(calls, Ordering::Relaxed);
         Some(r)
     }

@@ -125,6 +125,18 @@ pub struct PoolStats {
     pub calls_here: AtomicU64,
 }
 
+impl PoolStats {
+    /// Counts `calls` completed calls, `raised` of which raised.
+    pub(crate) fn add(&self, calls: usize, raised: usize) {
+        if calls > 0 {
+            self.calls.fetch_add(calls as u64, Ordering::Relaxed);
+        }
+        if raised > 0 {
+            self.errors.fetch_add(raised as u64, Ordering::Relaxed);
+        }
+    }
+}
+
 /// The pool. Cheap to share behind an `Arc`; [`GilPool::close`] stops it.
 pub struct GilPool {
     shared: Arc<Shared>,
@@ -211,7 +223,7 @@ impl GilPool {
             handler.invoke(py, &payload, ctx.as_deref(), locals)
         });
         let invoked = if let Some(invoked) = here {
-            self.count_errors(std::slice::from_ref(&invoked));
+            self.count_raised(worker::raised(std::slice::from_ref(&invoked)));
             invoked
         } else {
             let (tx, rx) = oneshot::channel();
@@ -250,7 +262,7 @@ impl GilPool {
                 .collect::<Vec<_>>()
         });
         let invoked = if let Some(invoked) = here {
-            self.count_errors(&invoked);
+            self.count_raised(worker::raised(&invoked));
             invoked
         } else {
             let (tx, rx) = oneshot::channel();
@@ -338,23 +350,10 @@ impl GilPool {
         }
     }
 
-    /// Counts the calls among `invoked` that raised (calls made by the caller itself).
-    fn count_errors(&self, invoked: &[Invoked]) {
-        let raised = invoked
-            .iter()
-            .filter(|r| matches!(r, Invoked::Done(Err(_))))
-            .count();
-        self.count_raised(raised);
-    }
-
-    /// Counts `raised` handler calls made by the caller itself that raised.
+    /// Counts `raised` calls made by the caller itself that raised (the
+    /// calls themselves are counted by `here`).
     pub(crate) fn count_raised(&self, raised: usize) {
-        if raised > 0 {
-            self.shared
-                .stats
-                .errors
-                .fetch_add(raised as u64, Ordering::Relaxed);
-        }
+        self.shared.stats.add(0, raised);
     }
 
     /// The stuck-call monitor watching this pool's workers (roles with a

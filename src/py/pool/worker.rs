@@ -224,10 +224,7 @@ fn run_job(py: Python<'_>, shared: &Shared, slot: &WorkerSlot, job: Job) {
             if let Some(t) = timing {
                 handler.speed.record(t.elapsed(), 1);
             }
-            if matches!(invoked, Invoked::Done(Err(_))) {
-                shared.stats.errors.fetch_add(1, Ordering::Relaxed);
-            }
-            shared.stats.calls.fetch_add(1, Ordering::Relaxed);
+            shared.stats.add(1, raised(std::slice::from_ref(&invoked)));
             // A caller that gave up dropped its receiver; the reply is dropped here, under the GIL.
             let _ = reply.send(invoked);
         }
@@ -248,22 +245,19 @@ fn run_job(py: Python<'_>, shared: &Shared, slot: &WorkerSlot, job: Job) {
             if let Some(t) = timing {
                 handler.speed.record(t.elapsed(), payloads.len());
             }
-            let errors = results
-                .iter()
-                .filter(|r| matches!(r, Invoked::Done(Err(_))))
-                .count();
-            shared
-                .stats
-                .errors
-                .fetch_add(errors as u64, Ordering::Relaxed);
-            shared
-                .stats
-                .calls
-                .fetch_add(results.len() as u64, Ordering::Relaxed);
+            shared.stats.add(results.len(), raised(&results));
             let _ = reply.send(results);
         }
         Job::Run(f) => {
             f(py);
         }
     }
+}
+
+/// How many of `invoked` raised (or returned an unusable value).
+pub(crate) fn raised(invoked: &[Invoked]) -> usize {
+    invoked
+        .iter()
+        .filter(|r| matches!(r, Invoked::Done(Err(_))))
+        .count()
 }
