@@ -115,16 +115,25 @@ impl Daemon {
     /// # Errors
     /// [`Error::Target`] or [`Error::Startup`] naming the role that cannot start.
     pub async fn start_roles(&mut self) -> Result<Vec<(String, std::net::SocketAddr)>, Error> {
+        // The admin socket and the metrics recorder come first: a role's
+        // series are registered (at zero) as it starts, and registrations
+        // made before the recorder exists would go nowhere.
+        let admin = match &self.config.admin.listen {
+            Some(listen) => {
+                let addr = crate::tcp::parse_listen(listen).map_err(Error::Startup)?;
+                let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                    Error::Startup(format!("admin endpoint cannot listen on {addr}: {e}"))
+                })?;
+                crate::admin::metrics_handle();
+                Some(listener)
+            }
+            None => None,
+        };
         let bound = self
             .supervisor
             .start(&supervisor::role_configs(&self.config))
             .await?;
-        if let Some(listen) = &self.config.admin.listen {
-            let addr = crate::tcp::parse_listen(listen).map_err(Error::Startup)?;
-            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-                Error::Startup(format!("admin endpoint cannot listen on {addr}: {e}"))
-            })?;
-            crate::admin::metrics_handle();
+        if let Some(listener) = admin {
             self.roles.spawn(crate::admin::serve(
                 listener,
                 self.pool.clone(),

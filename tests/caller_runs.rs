@@ -138,7 +138,10 @@ fn a_proven_fast_handler_runs_on_the_io_thread_until_it_blocks() {
         assert_eq!(call(&mut c, b"x"), IO, "stays on the I/O thread");
     }
     let (_, body) = http_get(admin, "/metrics");
-    assert!(metric(&body, "pyipcd_pool_calls_here") >= 51.0, "{body}");
+    assert!(
+        metric(&body, "pyipcd_pool_calls_here_total") >= 51.0,
+        "{body}"
+    );
 
     // One call blocks for 200 ms on the I/O thread; from then on, the pool.
     assert_eq!(call(&mut c, b"block"), IO);

@@ -22,6 +22,8 @@ use tokio_util::sync::CancellationToken;
 use crate::py::pool::GilPool;
 use crate::registry::registry;
 
+pub mod series;
+
 /// How long `/health` waits for the pool probe.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -49,6 +51,7 @@ pub fn metrics_handle() -> PrometheusHandle {
             if metrics::set_global_recorder(recorder).is_err() {
                 tracing::warn!("a metrics recorder was already installed; /metrics may be empty");
             }
+            series::describe();
             handle
         })
         .clone()
@@ -133,19 +136,17 @@ async fn health_route(
     )
 }
 
-async fn metrics_route(State(s): State<AdminState>) -> String {
-    let stats = s.pool.stats();
-    let load =
-        |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed) as f64;
-    metrics::gauge!("pyipcd_pool_queue_depth").set(s.pool.queued() as f64);
-    metrics::gauge!("pyipcd_pool_busy_threads").set(s.pool.busy() as f64);
-    metrics::gauge!("pyipcd_pool_calls").set(load(&stats.calls));
-    metrics::gauge!("pyipcd_pool_errors").set(load(&stats.errors));
-    metrics::gauge!("pyipcd_pool_queue_full_waits").set(load(&stats.queue_full_waits));
-    metrics::gauge!("pyipcd_pool_timeouts").set(load(&stats.timeouts));
-    metrics::gauge!("pyipcd_pool_calls_here").set(load(&stats.calls_here));
-    metrics::gauge!("pyipcd_pool_spin_gate_shuts").set(s.pool.spin_gate_shuts() as f64);
-    s.metrics.render()
+/// Prometheus text exposition format 0.0.4.
+const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+async fn metrics_route(
+    State(s): State<AdminState>,
+) -> ([(header::HeaderName, &'static str); 1], String) {
+    series::publish_pool(Some(&s.pool));
+    (
+        [(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
+        s.metrics.render(),
+    )
 }
 
 /// `pyipcd health`: GET /health on `addr`; returns (ok, body).

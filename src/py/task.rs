@@ -134,6 +134,7 @@ impl RunningTask {
 fn supervise(name: &str, target: &Target, cfg: &TaskConfig, stop: &StopFlag, ident: &AtomicU64) {
     let mut delay = cfg.backoff_min;
     let mut runs = 0u64;
+    let restarts = crate::admin::series::task_restarts(name);
     loop {
         runs += 1;
         tracing::info!(task = %name, run = runs, "task starting: {target}");
@@ -174,7 +175,7 @@ fn supervise(name: &str, target: &Target, cfg: &TaskConfig, stop: &StopFlag, ide
         if ran > cfg.backoff_max * 2 {
             delay = cfg.backoff_min;
         }
-        metrics::counter!("pyipcd_task_restarts_total", "task" => name.to_string()).increment(1);
+        restarts.increment(1);
         tracing::warn!(
             task = %name,
             "restarting in {delay:?} (restart = {:?})",

@@ -26,6 +26,7 @@ use pyo3::types::PyBytes;
 
 use super::doorbell::Spin;
 use super::ring::{Channel, Dir, Fault, InPlace, LayoutError, MAGIC, State, file_size, flags};
+use crate::admin::series::{self, MessageSeries};
 use crate::config::ShmRegionConfig;
 use crate::py::handler::{Handler, HandlerError, Runs, format_exception, with_reply_bytes};
 use crate::py::lent::Returned;
@@ -288,18 +289,19 @@ enum Flow {
 
 /// The channel's metrics.
 struct Counters {
-    messages: metrics::Counter,
-    errors: metrics::Counter,
+    series: MessageSeries,
     stale: metrics::Counter,
+    /// Whether calls are timed (only when a recorder is installed).
+    timed: bool,
 }
 
 fn serve(ch: &ShmChannel, ctx: &Context, stop: &AtomicBool) {
     let channel = &ch.channel;
     let role = ch.name.to_string();
     let counters = Counters {
-        messages: metrics::counter!("pyipcd_messages_total", "role" => role.clone()),
-        errors: metrics::counter!("pyipcd_errors_total", "role" => role.clone()),
-        stale: metrics::counter!("pyipcd_shm_stale_total", "role" => role),
+        series: MessageSeries::register(&role),
+        stale: series::channel_stale(&role),
+        timed: crate::admin::metrics_enabled(),
     };
     Python::attach(|py| {
         let watched = ctx
@@ -374,13 +376,21 @@ fn serve_one<'py>(
         tracing::debug!(role = %ch.name, seq = request.seq, epoch, "dropped a request of a client that has gone");
         return Flow::Next;
     }
+    let started = counters.timed.then(Instant::now);
     let push = |fl: u32, reply: &[u8]| {
         if fl >= flags::ERROR {
-            counters.errors.increment(1);
+            counters.series.errors.increment(1);
+        }
+        if let Some(t) = started {
+            counters.series.latency.record(t.elapsed());
         }
         push_reply(py, ch, request.seq, fl, epoch, reply, stop, counters)
     };
-    counters.messages.increment(1);
+    counters.series.messages.increment(1);
+    counters
+        .series
+        .bytes_in
+        .increment(request.payload.len() as u64);
     if let Some((fl, text)) = fault_reply(ch, request) {
         return push(fl, &text);
     }
@@ -480,6 +490,7 @@ fn push_reply(
     let mut handing_over = None;
     while channel.epoch() == epoch {
         if channel.try_push(Dir::Response, seq, fl, epoch, reply) {
+            counters.series.bytes_out.increment(reply.len() as u64);
             return Flow::Next;
         }
         if stop.load(Ordering::Relaxed) {

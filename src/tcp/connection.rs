@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::dispatch::{Batch, Dispatch, Replies, Reply, Submitted};
 use super::framing::{FrameCodec, FrameError};
+use crate::admin::series::MessageSeries;
 use crate::config::TcpServerConfig;
 use crate::py::handler::CallContext;
 use crate::py::pool::CallError;
@@ -141,7 +142,7 @@ pub(crate) async fn serve(
                     Submitted::Written(written) => Some(written),
                     Submitted::Later(replies) => {
                         pending += n;
-                        let latency = m.latency.clone();
+                        let latency = m.series.latency.clone();
                         in_flight.push_back(replies.map(move |r| {
                             if let Some(t) = started {
                                 latency.record(t.elapsed());
@@ -155,8 +156,8 @@ pub(crate) async fn serve(
                     m.record(started);
                     let flushed = match written {
                         Ok(w) => {
-                            m.bytes_out.increment(w.bytes as u64);
-                            m.errors.increment(w.errors as u64);
+                            m.series.bytes_out.increment(w.bytes as u64);
+                            m.series.errors.increment(w.errors as u64);
                             writer.flush().await
                         }
                         Err(e) => Err(e),
@@ -260,34 +261,25 @@ fn read_batch(
 struct ConnMetrics {
     /// Whether hand-offs are timed (only when a recorder is installed).
     timed: bool,
-    messages: metrics::Counter,
-    bytes_in: metrics::Counter,
-    bytes_out: metrics::Counter,
-    errors: metrics::Counter,
-    latency: metrics::Histogram,
+    series: MessageSeries,
 }
 
 impl ConnMetrics {
     fn new(role: &str) -> Self {
-        let role = role.to_string();
         Self {
             timed: crate::admin::metrics_enabled(),
-            messages: metrics::counter!("pyipcd_messages_total", "role" => role.clone()),
-            bytes_in: metrics::counter!("pyipcd_bytes_total", "role" => role.clone(), "direction" => "in"),
-            bytes_out: metrics::counter!("pyipcd_bytes_total", "role" => role.clone(), "direction" => "out"),
-            errors: metrics::counter!("pyipcd_errors_total", "role" => role.clone()),
-            latency: metrics::histogram!("pyipcd_handler_seconds", "role" => role),
+            series: MessageSeries::register(role),
         }
     }
 
     fn received(&self, messages: usize, bytes: usize) {
-        self.messages.increment(messages as u64);
-        self.bytes_in.increment(bytes as u64);
+        self.series.messages.increment(messages as u64);
+        self.series.bytes_in.increment(bytes as u64);
     }
 
     fn record(&self, started: Option<Instant>) {
         if let Some(t) = started {
-            self.latency.record(t.elapsed());
+            self.series.latency.record(t.elapsed());
         }
     }
 }
@@ -314,16 +306,16 @@ fn put(
 ) -> Result<(), FrameError> {
     match r {
         Ok(Some(reply)) => {
-            m.bytes_out.increment(reply.len() as u64);
+            m.series.bytes_out.increment(reply.len() as u64);
             codec.encode_slice(&reply, out)
         }
         Ok(None) => Ok(()),
         Err(CallError::Handler(_)) => {
-            m.errors.increment(1); // the handler logged the traceback
+            m.series.errors.increment(1); // the handler logged the traceback
             Ok(())
         }
         Err(e) => {
-            m.errors.increment(1);
+            m.series.errors.increment(1);
             tracing::warn!("no reply: {e}");
             Ok(())
         }

@@ -24,6 +24,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::dispatch::{Dispatch, Hook};
+use crate::admin::series::ServerSeries;
 use crate::config::{DEFAULT_BACKLOG, Dispatch as Mode, TcpServerConfig};
 use crate::py::handler::{CallContext, Handler, Runs};
 use crate::py::target::ResolveError;
@@ -228,6 +229,7 @@ impl TcpServer {
         let limit = Arc::new(Semaphore::new(cfg.max_connections));
         let connections = TaskTracker::new();
         let ids = AtomicU64::new(0);
+        let series = ServerSeries::register(&cfg.name);
         tracing::info!(role = %cfg.name, addr = %listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), framing = ?cfg.framing, handler = %cfg.handler, "listening");
         loop {
             let accepted = tokio::select! {
@@ -244,8 +246,7 @@ impl TcpServer {
                 }
             };
             let Ok(permit) = limit.clone().try_acquire_owned() else {
-                metrics::counter!("pyipcd_connections_refused_total", "role" => cfg.name.clone())
-                    .increment(1);
+                series.refused.increment(1);
                 tracing::warn!(role = %cfg.name, %peer, "refusing connection: max_connections ({}) reached", cfg.max_connections);
                 continue;
             };
@@ -255,15 +256,15 @@ impl TcpServer {
                 conn_id,
                 peer: peer.to_string(),
             });
-            let (cfg, parts, dispatch, stop) = (
+            let (cfg, parts, dispatch, stop, open) = (
                 cfg.clone(),
                 parts.clone(),
                 dispatch.clone(),
                 ctx.stop.clone(),
+                series.open.clone(),
             );
             connections.spawn(
                 async move {
-                    let open = metrics::gauge!("pyipcd_connections", "role" => cfg.name.clone());
                     open.increment(1.0);
                     let _ = stream.set_nodelay(true);
                     if let Some(h) = &parts.on_connect {

@@ -357,6 +357,12 @@ pub fn channel_daemon(
 
 /// `GET path` on 127.0.0.1:`port`: the status and the body.
 pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    let (status, _, body) = http_get_full(port, path);
+    (status, body)
+}
+
+/// `GET path` on 127.0.0.1:`port`: the status, the header lines, the body.
+pub fn http_get_full(port: u16, path: &str) -> (u16, String, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     write!(
@@ -367,13 +373,8 @@ pub fn http_get(port: u16, path: &str) -> (u16, String) {
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
     let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (
-        status,
-        text.split("\r\n\r\n")
-            .nth(1)
-            .unwrap_or_default()
-            .to_string(),
-    )
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (status, head.to_lowercase(), body.to_string())
 }
 
 /// The value of the first series in a `/metrics` body that starts with `name_and_labels`.
