@@ -11,7 +11,10 @@
  *     pyipcd_shm_close(&ch);
  *
  * Everything is static inline; link nothing. Needs Linux (mmap, flock) and
- * lock-free 64-bit atomics (x86-64, aarch64). One client per channel at a time
+ * lock-free 64-bit atomics (x86-64, aarch64), with GCC or Clang (__atomic
+ * builtins). Compiles as C11 or later, strict (-std=c11) or not, and as
+ * C++11 or later; it needs no feature-test macro from the includer, before
+ * or after other system headers. One client per channel at a time
  * (an exclusive flock, released by the kernel if the process dies).
  */
 #ifndef PYIPCD_SHM_H
@@ -22,7 +25,6 @@
 #include <limits.h>
 #include <linux/futex.h>
 #include <sched.h>
-#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -32,6 +34,75 @@
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define PYIPCD_SHM_CLMUL 1
+#endif
+
+/* POSIX names that the C library hides in strict ISO C (-std=c11 without
+ * _DEFAULT_SOURCE or _POSIX_C_SOURCE). The includer may have included system
+ * headers before this one, so a feature-test macro defined here would come
+ * too late: instead, when one is hidden, declare it with its POSIX type (C
+ * allows a compatible redeclaration should it be declared again later).
+ * glibc tells what it shows with __USE_*; musl shows pread and O_CLOEXEC
+ * always and syscall with _GNU_SOURCE or _BSD_SOURCE (or _DEFAULT_SOURCE);
+ * both keep CLOCK_MONOTONIC, clock_gettime and nanosleep together. C++
+ * compilers on Linux define _GNU_SOURCE, which shows everything. */
+#if !defined(CLOCK_MONOTONIC)
+#define PYIPCD_SHM__HIDDEN_TIME 1
+#endif
+#if defined(__GLIBC__)
+#if !defined(__USE_MISC)
+#define PYIPCD_SHM__HIDDEN_SYSCALL 1
+#endif
+#if !defined(__USE_UNIX98) && !defined(__USE_XOPEN2K8)
+#define PYIPCD_SHM__HIDDEN_PREAD 1
+#endif
+#elif !defined(_GNU_SOURCE) && !defined(_BSD_SOURCE)
+#define PYIPCD_SHM__HIDDEN_SYSCALL 1
+#endif
+#if defined(PYIPCD_SHM__HIDDEN_TIME) || defined(PYIPCD_SHM__HIDDEN_SYSCALL) || defined(PYIPCD_SHM__HIDDEN_PREAD)
+#if defined(__cplusplus)
+#error "pyipcd_shm.h: the C library hides POSIX functions; compile with _GNU_SOURCE (g++ and clang++ define it on Linux)"
+#elif !defined(__LP64__) || (!defined(__x86_64__) && !defined(__aarch64__))
+#error "pyipcd_shm.h: on this target define _DEFAULT_SOURCE before including any system header"
+#endif
+#endif
+#ifdef PYIPCD_SHM__HIDDEN_TIME
+int clock_gettime(int, struct timespec *); /* clockid_t is int on Linux */
+int nanosleep(const struct timespec *, struct timespec *);
+#define PYIPCD_SHM__CLOCK_MONOTONIC 1 /* CLOCK_MONOTONIC on Linux */
+#else
+#define PYIPCD_SHM__CLOCK_MONOTONIC CLOCK_MONOTONIC
+#endif
+#ifdef PYIPCD_SHM__HIDDEN_SYSCALL
+long syscall(long, ...);
+#endif
+#ifdef PYIPCD_SHM__HIDDEN_PREAD
+ssize_t pread(int, void *, size_t, off_t);
+#endif
+#if defined(O_CLOEXEC)
+#define PYIPCD_SHM__O_CLOEXEC O_CLOEXEC
+#elif defined(__O_CLOEXEC) /* glibc without __USE_XOPEN2K8 */
+#define PYIPCD_SHM__O_CLOEXEC __O_CLOEXEC
+#else
+#define PYIPCD_SHM__O_CLOEXEC 02000000 /* x86-64, aarch64 */
+#endif
+#undef PYIPCD_SHM__HIDDEN_TIME
+#undef PYIPCD_SHM__HIDDEN_SYSCALL
+#undef PYIPCD_SHM__HIDDEN_PREAD
+
+/* The mapped words are accessed with the GCC/Clang __atomic builtins (the
+ * operations of C11 <stdatomic.h>, which C++ cannot include). */
+#if !defined(__GCC_ATOMIC_INT_LOCK_FREE) || __GCC_ATOMIC_INT_LOCK_FREE != 2 || \
+    !defined(__GCC_ATOMIC_LLONG_LOCK_FREE) || __GCC_ATOMIC_LLONG_LOCK_FREE != 2
+#error "pyipcd_shm.h needs GCC or Clang and lock-free 32- and 64-bit atomics"
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
 
 #define PYIPCD_SHM_PAGE 4096u
 #define PYIPCD_SHM_RECORD_HEADER 24u /* len, seq, crc32, flags (u32 each), epoch (u64) */
@@ -96,11 +167,11 @@ static inline const char *pyipcd_shm_strerror(int rc) {
 
 /* ---- internals -------------------------------------------------------- */
 
-static inline _Atomic uint64_t *pyipcd_shm__u64(const pyipcd_shm *c, size_t off) {
-    return (_Atomic uint64_t *)(void *)(c->base + off);
+static inline uint64_t *pyipcd_shm__u64(const pyipcd_shm *c, size_t off) {
+    return (uint64_t *)(void *)(c->base + off);
 }
-static inline _Atomic uint32_t *pyipcd_shm__u32(const pyipcd_shm *c, size_t off) {
-    return (_Atomic uint32_t *)(void *)(c->base + off);
+static inline uint32_t *pyipcd_shm__u32(const pyipcd_shm *c, size_t off) {
+    return (uint32_t *)(void *)(c->base + off);
 }
 static inline size_t pyipcd_shm__ctl(const pyipcd_shm *c, int response) {
     return response ? 2u * PYIPCD_SHM_PAGE + c->ring : PYIPCD_SHM_PAGE;
@@ -113,9 +184,9 @@ static inline uint32_t pyipcd_shm__round8(uint32_t n) { return (n + 7u) & ~7u; }
 /* The doorbell (docs/shm-protocol.md): after publishing, wake the ring's
  * consumer if it sleeps on the bell; a consumer sleeps on it after spinning. */
 static inline void pyipcd_shm__ring(const pyipcd_shm *c, size_t ctl) {
-    atomic_thread_fence(memory_order_seq_cst);
-    if (atomic_load_explicit(pyipcd_shm__u32(c, ctl + 132), memory_order_relaxed) != 0u) {
-        atomic_fetch_add_explicit(pyipcd_shm__u32(c, ctl + 128), 1u, memory_order_release);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (__atomic_load_n(pyipcd_shm__u32(c, ctl + 132), __ATOMIC_RELAXED) != 0u) {
+        __atomic_fetch_add(pyipcd_shm__u32(c, ctl + 128), 1u, __ATOMIC_RELEASE);
         syscall(SYS_futex, (void *)pyipcd_shm__u32(c, ctl + 128), FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
     }
 }
@@ -123,20 +194,18 @@ static inline void pyipcd_shm__ring(const pyipcd_shm *c, size_t ctl) {
 /* Sleeps on a ring's bell for at most slice_us unless its tail moved from
  * seen_tail (what the caller last found nothing new behind). */
 static inline void pyipcd_shm__sleep_on(const pyipcd_shm *c, size_t ctl, int64_t slice_us, uint64_t seen_tail) {
-    _Atomic uint32_t *bell = pyipcd_shm__u32(c, ctl + 128), *sleeping = pyipcd_shm__u32(c, ctl + 132);
-    uint32_t seen = atomic_load_explicit(bell, memory_order_acquire);
-    atomic_store_explicit(sleeping, 1u, memory_order_seq_cst);
-    atomic_thread_fence(memory_order_seq_cst);
-    if (atomic_load_explicit(pyipcd_shm__u64(c, ctl), memory_order_acquire) == seen_tail) {
+    uint32_t *bell = pyipcd_shm__u32(c, ctl + 128), *sleeping = pyipcd_shm__u32(c, ctl + 132);
+    uint32_t seen = __atomic_load_n(bell, __ATOMIC_ACQUIRE);
+    __atomic_store_n(sleeping, 1u, __ATOMIC_SEQ_CST);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (__atomic_load_n(pyipcd_shm__u64(c, ctl), __ATOMIC_ACQUIRE) == seen_tail) {
         struct timespec ts = {(time_t)(slice_us / 1000000), (long)(slice_us % 1000000) * 1000};
         syscall(SYS_futex, (void *)bell, FUTEX_WAIT, seen, &ts, NULL, 0);
     }
-    atomic_store_explicit(sleeping, 0u, memory_order_relaxed);
+    __atomic_store_n(sleeping, 0u, __ATOMIC_RELAXED);
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define PYIPCD_SHM_CLMUL 1
+#ifdef PYIPCD_SHM_CLMUL
 /* CRC-32 by carry-less multiplication (PCLMULQDQ): the bit-reflected folding
  * and Barrett reduction of Gopal et al., "Fast CRC Computation for Generic
  * Polynomials Using PCLMULQDQ" (Intel, 2009). Constants, for the reflected
@@ -192,10 +261,10 @@ __attribute__((target("pclmul,sse4.1"))) static inline uint32_t pyipcd_shm__crc_
  * that have it (16 bytes per step), else slicing-by-8 (little-endian hosts). */
 static inline uint32_t pyipcd_shm_crc32(const uint8_t *p, size_t n) {
     static uint32_t t[8][256];
-    static atomic_int state; /* 0 empty, 1 being built (by one thread), 2 ready */
-    if (atomic_load_explicit(&state, memory_order_acquire) != 2) {
+    static int state; /* 0 empty, 1 being built (by one thread), 2 ready */
+    if (__atomic_load_n(&state, __ATOMIC_ACQUIRE) != 2) {
         int empty = 0;
-        if (atomic_compare_exchange_strong(&state, &empty, 1)) {
+        if (__atomic_compare_exchange_n(&state, &empty, 1, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
             for (uint32_t i = 0; i < 256; i++) {
                 uint32_t c = i;
                 for (int k = 0; k < 8; k++) c = (c & 1u) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
@@ -203,9 +272,9 @@ static inline uint32_t pyipcd_shm_crc32(const uint8_t *p, size_t n) {
             }
             for (uint32_t i = 0; i < 256; i++)
                 for (int k = 1; k < 8; k++) t[k][i] = (t[k - 1][i] >> 8) ^ t[0][t[k - 1][i] & 0xFFu];
-            atomic_store_explicit(&state, 2, memory_order_release);
+            __atomic_store_n(&state, 2, __ATOMIC_RELEASE);
         } else {
-            while (atomic_load_explicit(&state, memory_order_acquire) != 2) sched_yield();
+            while (__atomic_load_n(&state, __ATOMIC_ACQUIRE) != 2) sched_yield();
         }
     }
     uint32_t crc = 0xFFFFFFFFu;
@@ -233,7 +302,7 @@ static inline uint32_t pyipcd_shm_crc32(const uint8_t *p, size_t n) {
 
 static inline int64_t pyipcd_shm__now_us(void) {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(PYIPCD_SHM__CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
@@ -246,9 +315,9 @@ static inline int64_t pyipcd_shm__now_us(void) {
  * running, as on a busy host, soon costs almost no spinning. */
 static inline int pyipcd_shm__wait(pyipcd_shm *c, int64_t start_us, unsigned *spins, size_t bell_ctl, int *slept,
                                    uint64_t seen_tail) {
-    if (atomic_load_explicit(pyipcd_shm__u64(c, 24), memory_order_acquire) != c->generation)
+    if (__atomic_load_n(pyipcd_shm__u64(c, 24), __ATOMIC_ACQUIRE) != c->generation)
         return PYIPCD_SHM_ERESTARTED;
-    if (atomic_load_explicit(pyipcd_shm__u32(c, 32), memory_order_acquire) == 2u) return PYIPCD_SHM_ESTOPPED;
+    if (__atomic_load_n(pyipcd_shm__u32(c, 32), __ATOMIC_ACQUIRE) == 2u) return PYIPCD_SHM_ESTOPPED;
     ++*spins;
     if (bell_ctl) {
         if (!*slept && ((*spins & 31u) != 0u || pyipcd_shm__now_us() * 1000 - start_us * 1000 < c->spin_ns))
@@ -283,7 +352,7 @@ static inline void pyipcd_shm__adapt(pyipcd_shm *c, int slept) {
 static inline int pyipcd_shm_open(pyipcd_shm *c, const char *path, int timeout_ms) {
     memset(c, 0, sizeof *c);
     c->timeout_ms = timeout_ms;
-    c->fd = open(path, O_RDWR | O_CLOEXEC);
+    c->fd = open(path, O_RDWR | PYIPCD_SHM__O_CLOEXEC);
     if (c->fd < 0) return PYIPCD_SHM_EIO;
     if (flock(c->fd, LOCK_EX | LOCK_NB) != 0) {
         close(c->fd);
@@ -296,7 +365,7 @@ static inline int pyipcd_shm_open(pyipcd_shm *c, const char *path, int timeout_m
         uint8_t h[44] = {0};
         uint32_t version, state;
         int full = pread(c->fd, h, sizeof h, 0) == (ssize_t)sizeof h;
-        static const uint8_t zeros[8];
+        static const uint8_t zeros[8] = {0};
         int ours = memcmp(h, "PYIPCSH1", 8) == 0;
         memcpy(&version, h + 8, 4);
         memcpy(&state, h + 32, 4);
@@ -337,18 +406,18 @@ static inline int pyipcd_shm_open(pyipcd_shm *c, const char *path, int timeout_m
              PYIPCD_SHM_RECORD_HEADER + pyipcd_shm__round8(c->max_record) > c->ring / 2)
         rc = PYIPCD_SHM_ESIZE;
     if (rc == 0) {
-        atomic_store_explicit(pyipcd_shm__u32(c, 40), (uint32_t)getpid(), memory_order_release);
-        c->generation = atomic_load_explicit(pyipcd_shm__u64(c, 24), memory_order_acquire);
+        __atomic_store_n(pyipcd_shm__u32(c, 40), (uint32_t)getpid(), __ATOMIC_RELEASE);
+        c->generation = __atomic_load_n(pyipcd_shm__u64(c, 24), __ATOMIC_ACQUIRE);
         c->spin_ns = 20000;
         /* A new epoch: the daemon drops the previous client's requests and
          * replies from now on; what is in the response ring is not ours. */
-        c->epoch = atomic_load_explicit(pyipcd_shm__u64(c, 48), memory_order_acquire) + 1u;
-        atomic_store_explicit(pyipcd_shm__u64(c, 48), c->epoch, memory_order_release);
+        c->epoch = __atomic_load_n(pyipcd_shm__u64(c, 48), __ATOMIC_ACQUIRE) + 1u;
+        __atomic_store_n(pyipcd_shm__u64(c, 48), c->epoch, __ATOMIC_RELEASE);
         size_t resp = pyipcd_shm__ctl(c, 1);
-        uint64_t t = atomic_load_explicit(pyipcd_shm__u64(c, resp), memory_order_acquire);
-        atomic_store_explicit(pyipcd_shm__u64(c, resp + 64), t, memory_order_release);
+        uint64_t t = __atomic_load_n(pyipcd_shm__u64(c, resp), __ATOMIC_ACQUIRE);
+        __atomic_store_n(pyipcd_shm__u64(c, resp + 64), t, __ATOMIC_RELEASE);
         /* A dead predecessor may have left its "asleep" flag set. */
-        atomic_store_explicit(pyipcd_shm__u32(c, resp + 132), 0u, memory_order_relaxed);
+        __atomic_store_n(pyipcd_shm__u32(c, resp + 132), 0u, __ATOMIC_RELAXED);
     }
     if (rc != 0) {
         munmap(c->base, c->len);
@@ -375,22 +444,22 @@ static inline int64_t pyipcd_shm_send(pyipcd_shm *c, const void *data, uint32_t 
     unsigned spins = 0;
     int slept = 0;
     for (;;) {
-        uint64_t tail = atomic_load_explicit(pyipcd_shm__u64(c, ctl), memory_order_relaxed);
-        uint64_t head = atomic_load_explicit(pyipcd_shm__u64(c, ctl + 64), memory_order_acquire);
+        uint64_t tail = __atomic_load_n(pyipcd_shm__u64(c, ctl), __ATOMIC_RELAXED);
+        uint64_t head = __atomic_load_n(pyipcd_shm__u64(c, ctl + 64), __ATOMIC_ACQUIRE);
         uint32_t pos = (uint32_t)(tail % c->ring), room = c->ring - pos;
         uint32_t skip = room < need ? room : 0;
         if (tail + skip + need - head <= c->ring) {
             uint32_t at = pos;
             if (skip) {
                 if (skip >= PYIPCD_SHM_RECORD_HEADER)
-                    atomic_store_explicit(pyipcd_shm__u32(c, base + at), PYIPCD_SHM_WRAP, memory_order_relaxed);
+                    __atomic_store_n(pyipcd_shm__u32(c, base + at), PYIPCD_SHM_WRAP, __ATOMIC_RELAXED);
                 at = 0;
             }
             uint32_t hdr[4] = {len, c->next_seq, pyipcd_shm_crc32((const uint8_t *)data, len), PYIPCD_SHM_OK};
             memcpy(c->base + base + at, hdr, sizeof hdr);
             memcpy(c->base + base + at + 16, &c->epoch, 8);
             memcpy(c->base + base + at + PYIPCD_SHM_RECORD_HEADER, data, len);
-            atomic_store_explicit(pyipcd_shm__u64(c, ctl), tail + skip + need, memory_order_release);
+            __atomic_store_n(pyipcd_shm__u64(c, ctl), tail + skip + need, __ATOMIC_RELEASE);
             pyipcd_shm__ring(c, ctl);
             return c->next_seq++;
         }
@@ -409,8 +478,8 @@ static inline int64_t pyipcd_shm_recv(pyipcd_shm *c, void *buf, uint32_t cap, ui
     unsigned spins = 0;
     int slept = 0;
     for (;;) {
-        uint64_t head = atomic_load_explicit(pyipcd_shm__u64(c, ctl + 64), memory_order_relaxed);
-        uint64_t tail = atomic_load_explicit(pyipcd_shm__u64(c, ctl), memory_order_acquire);
+        uint64_t head = __atomic_load_n(pyipcd_shm__u64(c, ctl + 64), __ATOMIC_RELAXED);
+        uint64_t tail = __atomic_load_n(pyipcd_shm__u64(c, ctl), __ATOMIC_ACQUIRE);
         int skips = 0;
         while (head != tail) {
             uint32_t pos = (uint32_t)(head % c->ring), room = c->ring - pos;
@@ -419,7 +488,7 @@ static inline int64_t pyipcd_shm_recv(pyipcd_shm *c, void *buf, uint32_t cap, ui
             /* Positions no daemon could publish, or a second skip in a row:
              * the framing is lost. */
             if (tail - head > c->ring || head % 8u || skips > 1) {
-                atomic_store_explicit(pyipcd_shm__u64(c, ctl + 64), tail, memory_order_release);
+                __atomic_store_n(pyipcd_shm__u64(c, ctl + 64), tail, __ATOMIC_RELEASE);
                 return PYIPCD_SHM_ECORRUPT;
             }
             if (room < PYIPCD_SHM_RECORD_HEADER) { head += room; skips++; continue; }
@@ -429,21 +498,21 @@ static inline int64_t pyipcd_shm_recv(pyipcd_shm *c, void *buf, uint32_t cap, ui
             memcpy(&epoch, c->base + base + pos + 16, 8);
             uint64_t need = PYIPCD_SHM_RECORD_HEADER + (((uint64_t)hdr[0] + 7u) & ~(uint64_t)7u);
             if (need > room || head + need > tail) { /* framing lost */
-                atomic_store_explicit(pyipcd_shm__u64(c, ctl + 64), tail, memory_order_release);
+                __atomic_store_n(pyipcd_shm__u64(c, ctl + 64), tail, __ATOMIC_RELEASE);
                 return PYIPCD_SHM_ECORRUPT;
             }
             if (epoch != c->epoch) { /* another client's reply, pushed before the daemon saw our epoch */
                 head += need;
-                atomic_store_explicit(pyipcd_shm__u64(c, ctl + 64), head, memory_order_release);
+                __atomic_store_n(pyipcd_shm__u64(c, ctl + 64), head, __ATOMIC_RELEASE);
                 continue;
             }
             if (hdr[0] > c->max_record) {
-                atomic_store_explicit(pyipcd_shm__u64(c, ctl + 64), head + need, memory_order_release);
+                __atomic_store_n(pyipcd_shm__u64(c, ctl + 64), head + need, __ATOMIC_RELEASE);
                 return PYIPCD_SHM_ECORRUPT;
             }
             if (hdr[0] > cap) return PYIPCD_SHM_ESPACE;
             memcpy(buf, c->base + base + pos + PYIPCD_SHM_RECORD_HEADER, hdr[0]);
-            atomic_store_explicit(pyipcd_shm__u64(c, ctl + 64), head + need, memory_order_release);
+            __atomic_store_n(pyipcd_shm__u64(c, ctl + 64), head + need, __ATOMIC_RELEASE);
             pyipcd_shm__adapt(c, slept);
             if (pyipcd_shm_crc32((const uint8_t *)buf, hdr[0]) != hdr[2]) return PYIPCD_SHM_ECORRUPT;
             *len = hdr[0];
@@ -465,5 +534,12 @@ static inline int pyipcd_shm_call(pyipcd_shm *c, const void *req, uint32_t req_l
     if (got < 0) return (int)got;
     return got == seq ? 0 : PYIPCD_SHM_ECORRUPT;
 }
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#undef PYIPCD_SHM__CLOCK_MONOTONIC
+#undef PYIPCD_SHM__O_CLOEXEC
 
 #endif /* PYIPCD_SHM_H */

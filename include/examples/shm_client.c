@@ -6,7 +6,7 @@
  *                                  against an echo handler; prints round trips/s, p50, p99
  */
 #ifndef _DEFAULT_SOURCE
-#define _DEFAULT_SOURCE /* usleep, flock */
+#define _DEFAULT_SOURCE /* for clock_gettime and CLOCK_MONOTONIC below; pyipcd_shm.h needs none */
 #endif
 #include "pyipcd_shm.h"
 
