@@ -262,7 +262,7 @@ impl Daemon {
             )
             .await;
         };
-        let (_, stuck_workers) = tokio::join!(wait_tasks, self.pool.close(deadline));
+        let (_, stuck_calls) = tokio::join!(wait_tasks, self.pool.close(deadline));
         let mut outcome = Outcome::default();
         let late: Vec<&RunningTask> = self.tasks.iter().filter(|t| !t.is_done()).collect();
         if !late.is_empty() {
@@ -278,9 +278,17 @@ impl Daemon {
                 outcome.abandoned.push(format!("task {}", t.name));
             }
         }
-        if stuck_workers > 0 {
+        for stuck in &stuck_calls {
+            tracing::error!(
+                role = %stuck.role,
+                thread = %stuck.thread,
+                "still in a call of role {} after {grace:?}; Python stack:\n{}",
+                stuck.role,
+                stuck.stack.trim_end()
+            );
             outcome.abandoned.push(format!(
-                "{stuck_workers} GIL pool thread(s) stuck in a Python call"
+                "GIL pool thread {} (in a call of role {})",
+                stuck.thread, stuck.role
             ));
         }
         if outcome.abandoned.is_empty() {

@@ -136,6 +136,7 @@ const FAMILIES: &[(&str, &str, &[&str])] = &[
     ("pyipcd_pool_timeouts_total", "counter", &[]),
     ("pyipcd_pool_queue_full_waits_total", "counter", &[]),
     ("pyipcd_pool_calls_here_total", "counter", &[]),
+    ("pyipcd_pool_skipped_total", "counter", &[]),
     ("pyipcd_pool_spin_gate_shuts_total", "counter", &[]),
     ("pyipcd_pool_queue_depth", "gauge", &[]),
     ("pyipcd_pool_busy_threads", "gauge", &[]),

@@ -378,7 +378,9 @@ async fn close_refuses_new_calls_and_reports_wedged_workers() {
     let wedged = pool
         .close(std::time::Instant::now() + Duration::from_millis(50))
         .await;
-    assert_eq!(wedged, 1, "the napping worker is still inside Python");
+    assert_eq!(wedged.len(), 1, "the napping worker is still inside Python");
+    assert_eq!(wedged[0].role, "nap");
+    assert!(wedged[0].stack.contains("in nap"), "{}", wedged[0].stack);
     assert!(matches!(
         pool.call(&h, Bytes::new()).await,
         Err(CallError::Closed)

@@ -206,3 +206,74 @@ fn journald_without_a_journal_falls_back_to_text_with_a_warning() {
         assert_eq!(d.wait_exit(T).code(), Some(0));
     }
 }
+
+/// A line server `slow` whose handler sleeps `sleep` seconds, `workers = 2`.
+fn slow_server(sleep: f64, grace: &str) -> (Scenario, std::path::PathBuf) {
+    let s = Scenario::new();
+    s.write(
+        "h.py",
+        &format!("import time\n\ndef wedged(data):\n    time.sleep({sleep})\n    return data\n"),
+    );
+    let cfg = s.write(
+        "pyipcd.toml",
+        &format!(
+            "[daemon]\nshutdown_grace = \"{grace}\"\n[python]\npaths = [\".\"]\nworkers = 2\ncall_timeout = \"60s\"\n\
+             [[tcp.server]]\nname = \"slow\"\nlisten = \"127.0.0.1:0\"\nframing = \"line\"\nhandler = \"h:wedged\"\n"
+        ),
+    );
+    (s, cfg)
+}
+
+/// Sends one line to `slow` and returns the reader for its reply.
+fn send_slow(d: &Daemon) -> std::io::BufReader<std::net::TcpStream> {
+    use std::io::Write;
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", d.listening_port("slow"))).unwrap();
+    c.set_read_timeout(Some(T)).unwrap();
+    writeln!(c, "hello").unwrap();
+    std::io::BufReader::new(c)
+}
+
+#[test]
+fn sigterm_waits_for_a_slow_call_that_ends_within_the_grace_and_exits_0() {
+    use std::io::BufRead;
+    let (_s, cfg) = slow_server(1.5, "10s");
+    let mut d = Daemon::start(&cfg, &[]);
+    d.wait_ready();
+    let mut reply = send_slow(&d);
+    std::thread::sleep(Duration::from_millis(300));
+    d.signal("TERM");
+    let mut l = String::new();
+    reply.read_line(&mut l).unwrap();
+    assert_eq!(l, "hello\n", "the in-flight call was answered");
+    assert_eq!(d.wait_exit(T).code(), Some(0), "{}", d.lines.text());
+    d.lines.wait_for(&["stopped cleanly"], T);
+    assert_eq!(d.lines.count(&["abandon"]), 0, "{}", d.lines.text());
+}
+
+#[test]
+fn sigterm_past_the_grace_names_only_the_thread_in_a_call_with_its_role_and_stack() {
+    let (_s, cfg) = slow_server(60.0, "1s");
+    let mut d = Daemon::start(&cfg, &[]);
+    d.wait_ready();
+    let _reply = send_slow(&d);
+    std::thread::sleep(Duration::from_millis(300));
+    let sent = Instant::now();
+    d.signal("TERM");
+    assert_eq!(d.wait_exit(T).code(), Some(1), "{}", d.lines.text());
+    assert!(
+        sent.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        sent.elapsed()
+    );
+    // One thread is in a call; the idle one exited and is not reported.
+    let line = d.lines.wait_for(&["stopped, abandoning"], T);
+    assert!(
+        line.contains("abandoning: GIL pool thread py-pool-")
+            && line.contains("(in a call of role slow)"),
+        "{line}"
+    );
+    assert_eq!(line.matches("GIL pool thread").count(), 1, "{line}");
+    let text = d.lines.text();
+    assert!(text.contains("still in a call of role slow"), "{text}");
+    assert!(text.contains("in wedged"), "no stack:\n{text}");
+}

@@ -332,7 +332,10 @@ fn a_replacement_that_cannot_start_leaves_the_old_instance_serving() {
     let (code, body) = health(admin);
     assert_eq!(
         (code, body.trim()),
-        (200, "{\"status\":\"ok\",\"roles\":{\"a\":\"up\"}}")
+        (
+            200,
+            "{\"status\":\"ok\",\"roles\":{\"a\":\"up\"},\"pool\":{\"threads\":2,\"queued\":0}}"
+        )
     );
     let (ok, failed, errors) = prober.finish();
     assert!(ok > 0);
@@ -385,7 +388,11 @@ fn a_new_role_that_fails_to_start_shows_as_down_until_fixed() {
     );
     assert_eq!(
         health(admin),
-        (200, "{\"status\":\"ok\",\"roles\":{\"a\":\"up\"}}\n".into())
+        (
+            200,
+            "{\"status\":\"ok\",\"roles\":{\"a\":\"up\"},\"pool\":{\"threads\":2,\"queued\":0}}\n"
+                .into()
+        )
     );
     d.signal("TERM");
     assert_eq!(d.wait_exit(T).code(), Some(0));
@@ -426,7 +433,7 @@ fn a_late_old_instance_never_marks_its_successor_down() {
     for _ in 0..3 {
         assert_eq!(
             health(admin),
-            (200, "{\"status\":\"ok\",\"roles\":{\"a\":\"up\"}}\n".into())
+            (200, "{\"status\":\"ok\",\"roles\":{\"a\":\"up\"},\"pool\":{\"threads\":2,\"queued\":0}}\n".into())
         );
         std::thread::sleep(Duration::from_millis(100));
     }

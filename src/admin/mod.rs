@@ -95,16 +95,63 @@ struct HealthBody {
     /// a reason to be unhealthy.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     notes: Vec<String>,
+    pool: PoolBody,
+}
+
+/// Who holds the GIL pool: per role, threads in one of its calls and calls
+/// parked at its `max_in_flight`.
+#[derive(serde::Serialize)]
+struct PoolBody {
+    threads: usize,
+    queued: usize,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    busy: BTreeMap<String, usize>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    parked: BTreeMap<String, usize>,
+}
+
+impl PoolBody {
+    fn of(pool: &GilPool) -> Self {
+        let holders = pool.holders();
+        let pick = |f: fn(&(Arc<str>, usize, usize)) -> usize| {
+            holders
+                .iter()
+                .filter(|h| f(h) > 0)
+                .map(|h| (h.0.to_string(), f(h)))
+                .collect()
+        };
+        Self {
+            threads: pool.workers(),
+            queued: pool.queued(),
+            busy: pick(|h| h.1),
+            parked: pick(|h| h.2),
+        }
+    }
+
+    /// `role 2, other 1`: the roles whose calls occupy the threads.
+    fn holders_text(&self) -> String {
+        let busy: Vec<String> = self.busy.iter().map(|(r, n)| format!("{r} {n}")).collect();
+        if busy.is_empty() {
+            "none".into()
+        } else {
+            busy.join(", ")
+        }
+    }
 }
 
 async fn health_route(
     State(s): State<AdminState>,
 ) -> (StatusCode, [(header::HeaderName, &'static str); 1], String) {
     let mut reasons = Vec::new();
-    match tokio::time::timeout(PROBE_TIMEOUT, s.pool.run(|_py| ())).await {
+    let probe = tokio::time::timeout(PROBE_TIMEOUT, s.pool.run(|_py| ())).await;
+    let pool = PoolBody::of(&s.pool);
+    match probe {
         Ok(Ok(())) => {}
         Ok(Err(e)) => reasons.push(format!("GIL pool: {e}")),
-        Err(_) => reasons.push(format!("GIL pool did not answer within {PROBE_TIMEOUT:?}")),
+        Err(_) => reasons.push(format!(
+            "GIL pool did not answer within {PROBE_TIMEOUT:?}; threads busy with calls of: {}",
+            pool.holders_text()
+        )),
     }
     for (role, why) in registry().down() {
         reasons.push(format!("role {role} is down: {why}"));
@@ -127,6 +174,7 @@ async fn health_route(
             .map(|(name, up)| (name, if up { "up" } else { "down" }))
             .collect(),
         notes: registry().notes(),
+        pool,
     };
     let json = serde_json::to_string(&body).unwrap_or_else(|e| format!("{{\"status\":\"{e}\"}}"));
     (

@@ -92,6 +92,11 @@ const POOL_COUNTERS: &[(&str, &str, PoolRead)] = &[
         |p| load(&p.stats().calls_here),
     ),
     (
+        "pyipcd_pool_skipped_total",
+        "Calls never started because their caller had stopped waiting (call_timeout passed, connection closed).",
+        |p| load(&p.stats().skipped),
+    ),
+    (
         "pyipcd_pool_spin_gate_shuts_total",
         "Times the host's load stopped the pool's spinning.",
         |p| p.spin_gate_shuts(),

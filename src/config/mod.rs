@@ -385,6 +385,7 @@ impl Config {
             }
         }
         self.validate_role_names(&mut problems);
+        self.validate_max_in_flight(&mut problems);
         self.validate_tcp(&mut problems);
         self.validate_shm(&mut problems);
         if let Some(listen) = &self.admin.listen

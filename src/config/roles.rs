@@ -88,6 +88,11 @@ pub struct TcpServerConfig {
     /// Called as `on_close(conn_id, peer)` when it closes.
     #[serde(default)]
     pub on_close: Option<String>,
+    /// Pool threads this role's calls may occupy at once (default
+    /// `python.workers - 1`, at least 1): a role whose handlers block cannot
+    /// starve the others.
+    #[serde(default)]
+    pub max_in_flight: Option<usize>,
 }
 
 /// `[[tcp.client]]`: connect out, send scripted or produced messages, hand replies to Python.
@@ -131,6 +136,11 @@ pub struct TcpClientConfig {
     /// Messages waiting to be sent (from `pyipcd.send` and the producer) before senders wait.
     #[serde(default = "default_outbox")]
     pub outbox: usize,
+    /// Pool threads this role's calls may occupy at once (default
+    /// `python.workers - 1`, at least 1): a role whose handlers block cannot
+    /// starve the others.
+    #[serde(default)]
+    pub max_in_flight: Option<usize>,
 }
 
 fn default_max_connections() -> usize {
@@ -238,6 +248,11 @@ pub struct ShmRegionConfig {
     /// mapping instead of a `bytes` copy, valid for the duration of the call.
     #[serde(default)]
     pub zero_copy: bool,
+    /// Pool threads this role's calls may occupy at once (default
+    /// `python.workers - 1`, at least 1): a role whose handlers block cannot
+    /// starve the others.
+    #[serde(default)]
+    pub max_in_flight: Option<usize>,
 }
 
 fn default_ring_size() -> ByteSize {
@@ -257,6 +272,33 @@ pub const MAX_WATCH_SIZE: u64 = 16 * 1024 * 1024;
 
 impl Config {
     /// Role names are unique across every kind, and no task shares one.
+    /// `max_in_flight = 0` anywhere.
+    pub(super) fn validate_max_in_flight(&self, problems: &mut Vec<String>) {
+        let servers = self
+            .tcp
+            .server
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (format!("tcp.server[{i}]"), s.max_in_flight));
+        let clients = self
+            .tcp
+            .client
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (format!("tcp.client[{i}]"), c.max_in_flight));
+        let regions = self
+            .shm
+            .region
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (format!("shm.region[{i}]"), r.max_in_flight));
+        for (key, cap) in servers.chain(clients).chain(regions) {
+            if cap == Some(0) {
+                problems.push(format!("{key}.max_in_flight must be at least 1"));
+            }
+        }
+    }
+
     pub(super) fn validate_role_names(&self, problems: &mut Vec<String>) {
         let servers = self
             .tcp

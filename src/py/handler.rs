@@ -18,7 +18,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyMemoryView, PyString};
 use pyo3_async_runtimes::TaskLocals;
 
-use super::pool::CallSpeed;
+use super::pool::{CallSpeed, Quota};
 use super::target::{ResolveError, resolve_callable};
 
 /// Why an `async def` cannot be the handler of a role that [`Runs::OnOwnThread`].
@@ -45,6 +45,8 @@ pub struct Handler {
     wants_conn_id: bool,
     /// Whether its calls are fast enough to run on an I/O thread.
     pub(crate) speed: CallSpeed,
+    /// Its role's share of the pool's threads (looked up on first pool call).
+    pub(crate) quota: std::sync::OnceLock<Arc<Quota>>,
 }
 
 /// Where a message came from, passed to handlers that declare a `peer` or
@@ -135,6 +137,7 @@ impl Handler {
             wants_peer,
             wants_conn_id,
             speed: CallSpeed::default(),
+            quota: std::sync::OnceLock::new(),
         })
     }
 

@@ -106,6 +106,7 @@ impl ShmWatcher {
         let (tx, rx) = mpsc::channel(1);
         let (_, mut inbox) = std::mem::replace(&mut self.inbox, (tx, rx));
         let cfg = &self.config;
+        pool.set_max_in_flight(&ctx.name, cfg.max_in_flight);
         tracing::info!(
             role = %cfg.name,
             path = %self.region.path().display(),

@@ -144,6 +144,7 @@ impl TcpClient {
     pub async fn run(self, ctx: Context) {
         let (pool, token) = (&ctx.pool, &ctx.stop);
         let cfg = &self.config;
+        pool.set_max_in_flight(&ctx.name, cfg.max_in_flight);
         // The previous instance (if any) gave the outbox back when it stopped.
         let Some((mut outbox, mut pending)) = lock(&self.outbox.idle).take() else {
             tracing::error!(role = %cfg.name, "the outbox is still in use by another instance; not started");

@@ -183,6 +183,8 @@ impl TcpServer {
     /// Serves as the role's `dispatch` says: with the GIL pool, or on a
     /// dedicated interpreter thread of its own.
     pub async fn serve(self, ctx: Context) {
+        ctx.pool
+            .set_max_in_flight(&ctx.name, self.config.max_in_flight);
         match self.config.dispatch {
             Mode::Pool => {
                 let dispatch = Dispatch::pool(self.parts.handler.clone(), ctx.pool.clone());

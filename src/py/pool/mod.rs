@@ -40,11 +40,13 @@ use pyo3::prelude::*;
 use tokio::sync::{Notify, oneshot};
 
 mod here;
+mod quota;
 mod spin_gate;
 mod worker;
 
 pub(crate) use here::{CallSpeed, sending_from_io_thread};
 pub use here::{PROVEN_AFTER, SLOW_CALL};
+pub(crate) use quota::Quota;
 use spin_gate::SpinGate;
 
 use worker::worker_main;
@@ -96,6 +98,55 @@ impl PoolConfig {
     }
 }
 
+/// How long a pool thread that is not in a call may take to exit once the
+/// pool closes, even past the shutdown deadline.
+const EXIT_MOMENT: Duration = Duration::from_millis(200);
+/// How long shutdown waits for the GIL to read a stuck thread's stack (a
+/// thread spinning in C code while holding the GIL never lets go).
+const STACK_WAIT: Duration = Duration::from_secs(1);
+
+/// A pool thread still inside a Python call when the pool closed.
+#[derive(Debug, Clone)]
+pub struct StuckCall {
+    /// The thread's name (`py-pool-N`).
+    pub thread: String,
+    /// The role whose call it runs.
+    pub role: String,
+    /// Its Python stack, or why it could not be read.
+    pub stack: String,
+}
+
+/// The Python stacks of threads `idents`, read on a thread of its own so a
+/// GIL that never comes back costs at most `wait`.
+async fn stacks_within(idents: Vec<u64>, wait: Duration) -> Vec<String> {
+    let n = idents.len();
+    let (tx, rx) = oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("py-stacks".into())
+        .spawn(move || {
+            let stacks = Python::attach(|py| {
+                idents
+                    .iter()
+                    .map(|&i| {
+                        super::monitor::python_stack(py, i)
+                            .unwrap_or_else(|e| format!("<stack unavailable: {e}>"))
+                    })
+                    .collect::<Vec<_>>()
+            });
+            let _ = tx.send(stacks);
+        });
+    let unavailable = |why: &str| vec![format!("<stack unavailable: {why}>"); n];
+    if spawned.is_err() {
+        return unavailable("no thread to read it");
+    }
+    match tokio::time::timeout(wait, rx).await {
+        Ok(Ok(stacks)) => stacks,
+        _ => unavailable(&format!(
+            "the GIL was not free within {wait:?} (a thread holds it in C code)"
+        )),
+    }
+}
+
 /// Why a call produced no handler result.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CallError {
@@ -123,6 +174,8 @@ pub struct PoolStats {
     pub timeouts: AtomicU64,
     /// Of `calls`, those the calling I/O thread made itself (see `here`).
     pub calls_here: AtomicU64,
+    /// Calls never started because their caller had stopped waiting (see `quota`).
+    pub skipped: AtomicU64,
 }
 
 impl PoolStats {
@@ -175,6 +228,7 @@ impl GilPool {
             spin: config.spin,
             spin_gate: SpinGate::new(config.workers + config.io_threads),
             stats: CachePadded::new(PoolStats::default()),
+            quotas: quota::Quotas::new(config.workers),
             locals: Some(locals),
         });
         let mut threads = Vec::with_capacity(config.workers);
@@ -372,6 +426,47 @@ impl GilPool {
         self.shared.spin_gate.shuts.load(Ordering::Relaxed)
     }
 
+    /// Sets how many pool threads `role`'s calls may occupy at once
+    /// (`max_in_flight`; `None`: `workers - 1`, at least 1).
+    pub fn set_max_in_flight(&self, role: &str, cap: Option<usize>) {
+        self.shared.quotas.set_cap(&Arc::from(role), cap);
+    }
+
+    /// The default `max_in_flight`.
+    pub fn default_max_in_flight(&self) -> usize {
+        self.shared.quotas.default_cap()
+    }
+
+    /// Per role: pool threads in one of its calls now, and its calls parked
+    /// because it holds its `max_in_flight` already.
+    pub fn holders(&self) -> Vec<(Arc<str>, usize, usize)> {
+        let mut out: Vec<(Arc<str>, usize, usize)> = Vec::new();
+        for slot in self.shared.slots.iter() {
+            if slot.current.load(Ordering::Relaxed) == 0 {
+                continue;
+            }
+            let Some(role) = lock(&slot.role).clone() else {
+                continue;
+            };
+            match out.iter_mut().find(|(r, _, _)| *r == role) {
+                Some(e) => e.1 += 1,
+                None => out.push((role, 1, 0)),
+            }
+        }
+        for (role, n) in self.shared.quotas.parked_by_role() {
+            match out.iter_mut().find(|(r, _, _)| *r == role) {
+                Some(e) => e.2 += n,
+                None => out.push((role, 0, n)),
+            }
+        }
+        out
+    }
+
+    /// Worker threads.
+    pub fn workers(&self) -> usize {
+        self.shared.slots.len()
+    }
+
     /// Jobs waiting in the queue.
     pub fn queued(&self) -> usize {
         self.shared.queue.len()
@@ -387,10 +482,11 @@ impl GilPool {
     }
 
     /// Stops intake, lets the workers finish what is queued, stops the
-    /// asyncio loop, and waits up to `deadline` for the threads.
-    /// Returns the number of worker threads still running at the deadline
-    /// (wedged in a call that never returns).
-    pub async fn close(&self, deadline: Instant) -> usize {
+    /// asyncio loop, and waits up to `deadline` for the threads. Returns the
+    /// threads still inside a Python call then (wedged in a call that never
+    /// returns), with their role and Python stack; a thread that is merely
+    /// on its way out at the deadline gets a moment more and is not one.
+    pub async fn close(&self, deadline: Instant) -> Vec<StuckCall> {
         if let Some(asyncio) = lock(&self.asyncio).take() {
             asyncio.stop();
         }
@@ -400,17 +496,43 @@ impl GilPool {
             let _g = lock(&self.shared.sleepers);
             self.shared.wake.notify_all();
         }
+        let on_the_way_out = deadline.max(Instant::now()) + EXIT_MOMENT;
         loop {
             let left = {
                 let mut threads = lock(&self.threads);
                 threads.retain(|t| !t.is_finished());
                 threads.len()
             };
-            if left == 0 || Instant::now() >= deadline {
-                return left;
+            let now = Instant::now();
+            let in_calls = self.busy();
+            if left == 0 || (now >= deadline && (left == in_calls || now >= on_the_way_out)) {
+                break;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        let stuck: Vec<(String, String, u64)> = self
+            .shared
+            .slots
+            .iter()
+            .filter(|s| s.current.load(Ordering::Acquire) != 0)
+            .map(|s| {
+                let role = lock(&s.role).as_deref().unwrap_or("-").to_string();
+                (s.thread.clone(), role, s.py_ident.load(Ordering::Relaxed))
+            })
+            .collect();
+        if stuck.is_empty() {
+            return Vec::new();
+        }
+        let idents: Vec<u64> = stuck.iter().map(|s| s.2).collect();
+        let mut stacks = stacks_within(idents, STACK_WAIT).await.into_iter();
+        stuck
+            .into_iter()
+            .map(|(thread, role, _)| StuckCall {
+                thread,
+                role,
+                stack: stacks.next().unwrap_or_default(),
+            })
+            .collect()
     }
 
     async fn submit(&self, mut job: Job) -> Result<(), CallError> {

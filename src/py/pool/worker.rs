@@ -13,6 +13,7 @@ use pyo3_async_runtimes::TaskLocals;
 use tokio::sync::{Notify, oneshot};
 
 use super::PoolStats;
+use super::quota::{Admit, Quota, Quotas};
 use crate::py::handler::{CallContext, Handler, Invoked};
 use crate::py::monitor::WorkerSlot;
 use crate::py::output;
@@ -40,6 +41,33 @@ pub(crate) enum Job {
     Run(Closure),
 }
 
+impl Job {
+    /// The handler a call job runs (none for a closure).
+    pub(crate) fn handler(&self) -> Option<&Arc<Handler>> {
+        match self {
+            Job::Call { handler, .. } | Job::Batch { handler, .. } => Some(handler),
+            Job::Run(_) => None,
+        }
+    }
+
+    /// Whether the caller stopped waiting for the reply.
+    pub(crate) fn caller_gone(&self) -> bool {
+        match self {
+            Job::Call { reply, .. } => reply.is_closed(),
+            Job::Batch { reply, .. } => reply.is_closed(),
+            Job::Run(_) => false,
+        }
+    }
+
+    /// The handler calls it makes.
+    pub(crate) fn calls(&self) -> usize {
+        match self {
+            Job::Call { .. } | Job::Run(_) => 1,
+            Job::Batch { payloads, .. } => payloads.len(),
+        }
+    }
+}
+
 /// Hot fields written by different threads sit on separate cache lines
 /// (`CachePadded`): sharing one made throughput swing 3x between runs,
 /// depending on where the allocator placed this struct.
@@ -62,6 +90,8 @@ pub(crate) struct Shared {
     pub(crate) spin: Duration,
     pub(crate) spin_gate: super::SpinGate,
     pub(crate) stats: CachePadded<PoolStats>,
+    /// Each role's share of the threads, and the jobs parked over it.
+    pub(crate) quotas: Quotas,
     pub(crate) locals: Option<TaskLocals>,
 }
 
@@ -87,6 +117,27 @@ impl Shared {
         fence(Ordering::SeqCst);
         if self.space_waiters.load(Ordering::SeqCst) > 0 {
             self.space.notify_waiters();
+        }
+    }
+
+    /// The next job to run: a parked one whose role has room again, else
+    /// the queue's next that its role has room for (see `quota`).
+    fn next_job(&self) -> Option<(Job, Option<Arc<Quota>>)> {
+        if let Some((job, quota)) = self.quotas.unpark(&self.stats.skipped) {
+            return Some((job, Some(quota)));
+        }
+        loop {
+            let job = self.queue.pop()?;
+            self.release_space();
+            match self.quotas.admit(job, &self.stats.skipped) {
+                Admit::Run(job, quota) => return Some((job, quota)),
+                Admit::Next => {
+                    // Parked: its role's running call may have returned meanwhile.
+                    if let Some((job, quota)) = self.quotas.unpark(&self.stats.skipped) {
+                        return Some((job, Some(quota)));
+                    }
+                }
+            }
         }
     }
 
@@ -188,10 +239,12 @@ pub(crate) fn worker_main(shared: &Shared, idx: usize) {
                 Wake::Stop => break,
                 Wake::Work => {}
             }
-            while let Some(job) = shared.queue.pop() {
-                shared.release_space();
+            while let Some((job, quota)) = shared.next_job() {
                 seq += 1;
                 slot.timed(seq, || run_job(py, shared, slot, job));
+                if let Some(q) = quota {
+                    q.leave();
+                }
                 shared.progress.fetch_add(1, Ordering::Release);
             }
             shared.active.fetch_sub(1, Ordering::SeqCst);
