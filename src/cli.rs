@@ -24,8 +24,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon until SIGINT/SIGTERM.
     Run(ConfigArg),
-    /// Load and validate a config, import every Python target it names, print OK or every problem.
-    Check(ConfigArg),
+    /// Load and validate a config, resolve every Python target it names as
+    /// `run` would, try its listen addresses; print OK or every problem.
+    Check(CheckArgs),
     /// Ask a running daemon's admin endpoint (`[admin] listen`) for /health; exit 0 when healthy.
     Health(ConfigArg),
 }
@@ -36,4 +37,16 @@ pub struct ConfigArg {
     /// Configuration file.
     #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
     pub config: PathBuf,
+}
+
+/// `pyipcd check` options.
+#[derive(Debug, Args, Clone)]
+pub struct CheckArgs {
+    /// The configuration file.
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Do not try to bind the listen addresses (when checking the next
+    /// configuration of a daemon that is running and holds them).
+    #[arg(long)]
+    pub no_bind: bool,
 }

@@ -7,7 +7,7 @@ use clap::Parser;
 /// arena locks showed up in profiles, mimalloc frees cross-thread cheaply.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use pyipcd::cli::{Cli, Command, ConfigArg};
+use pyipcd::cli::{CheckArgs, Cli, Command, ConfigArg};
 use pyipcd::{EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, config, daemon, py, telemetry};
 
 fn main() {
@@ -45,7 +45,8 @@ fn run(args: &ConfigArg) -> i32 {
     }
 }
 
-fn check(args: &ConfigArg) -> i32 {
+fn check(check: &CheckArgs) -> i32 {
+    let args = &check.config;
     let path = args.config.display();
     let cfg = match config::load(&args.config) {
         Ok(c) => c,
@@ -80,7 +81,10 @@ fn check(args: &ConfigArg) -> i32 {
             return e.exit_code();
         }
     };
-    let problems = py::check_targets(cfg.python_targets());
+    let mut problems = py::check_targets(&cfg.python_targets());
+    if !check.no_bind {
+        problems.extend(pyipcd::tcp::check_binds(&cfg));
+    }
     if problems.is_empty() {
         println!("OK {path}");
         println!("{python}");

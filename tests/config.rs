@@ -141,3 +141,109 @@ fn version_and_help() {
     assert_eq!(code, 0);
     assert!(out.contains("check"));
 }
+
+#[test]
+fn check_names_every_schema_problem_at_once_with_dotted_keys_and_hints() {
+    let s = Scenario::new();
+    let cfg = s.config(
+        "[python]\nworkers = \"many\"\ncall_timeout = 5\n\
+         [[tcp.server]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\nhandler = \"h:f\"\nframing = \"jsonish\"\nmax_message = \"lots\"\n\
+         [[tcp.client]]\nname = \"c\"\nconnect = \"127.0.0.1:1\"\nretry_forever = true\n\
+         [[tcp.client]]\nconnect = \"127.0.0.1:1\"\n\
+         [bogus]\nx = 1\n",
+    );
+    // A typo and a bad value in environment overrides are named as such.
+    let env = [
+        ("PYIPCD__PYTHON__QUEUEE", "8"),
+        ("PYIPCD__DAEMON__IO_THREADS", "lots"),
+    ];
+    let (code, out, err) = run_to_end(&["check", "-c", cfg.to_str().unwrap()], &env);
+    assert_eq!(code, 78, "{out}{err}");
+    for expected in [
+        "python.workers: invalid type: string \"many\", expected a whole number",
+        "python.call_timeout: invalid type: integer `5`, expected a duration (a duration is a string with a unit, e.g. \"5s\"",
+        "tcp.server[0].framing: `jsonish` is not one of: raw, line, len32",
+        "tcp.server[0].max_message: ",
+        "(a size is a number of bytes or a string with a unit, e.g. \"64KiB\", \"1MiB\")",
+        "tcp.client[0].retry_forever: unknown key; valid keys here: name, connect, framing,",
+        "tcp.client[1].name: required key missing",
+        "bogus: unknown table; valid ones: log, daemon, python, tcp, shm, admin",
+        "python.queuee (set by environment variable PYIPCD__PYTHON__QUEUEE): unknown key",
+        "daemon.io_threads (set by environment variable PYIPCD__DAEMON__IO_THREADS): invalid type",
+    ] {
+        assert!(err.contains(expected), "missing `{expected}` in:\n{err}");
+    }
+    // `run` refuses the same file with the same lines.
+    let (code, _, run_err) = run_to_end(&["run", "-c", cfg.to_str().unwrap()], &env);
+    assert_eq!(code, 78, "{run_err}");
+    assert!(
+        run_err.contains("tcp.client[0].retry_forever: unknown key"),
+        "{run_err}"
+    );
+}
+
+#[test]
+fn schema_and_cross_role_problems_show_together_when_every_role_was_read() {
+    let s = Scenario::new();
+    // A bad value (left at its default) and two roles with one name.
+    let cfg = s.config(
+        "[python]\nqueue = \"big\"\n\
+         [[tcp.server]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\nhandler = \"h:f\"\n\
+         [[tcp.server]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\nhandler = \"h:f\"\n",
+    );
+    let (code, _, err) = run_to_end(&["check", "-c", cfg.to_str().unwrap()], &[]);
+    assert_eq!(code, 78, "{err}");
+    assert!(err.contains("python.queue: invalid type"), "{err}");
+    assert!(err.contains("`a` is empty or used twice"), "{err}");
+}
+
+#[test]
+fn check_catches_what_run_would_hit() {
+    let s = Scenario::new();
+    s.write(
+        "h.py",
+        "class Counter:\n    def __init__(self, start):\n        self.n = start\n    def hit(self, data):\n        return data\n\n\
+         def noargs():\n    return b''\n\ndef two(data, other):\n    return data\n\n\
+         def fine(data, peer=None, conn_id=None):\n    return data\n\ndef hook(conn_id, peer):\n    pass\n\n\
+         def produce():\n    yield b'x'\n",
+    );
+    // Something else holds a port a role wants.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let cfg = s.config(&format!(
+        "[python]\npaths = [\".\"]\n\
+         [[tcp.server]]\nname = \"ctor\"\nlisten = \"127.0.0.1:0\"\nhandler = \"h:Counter.hit\"\n\
+         [[tcp.server]]\nname = \"none\"\nlisten = \"127.0.0.1:0\"\nhandler = \"h:noargs\"\non_connect = \"h:hook\"\non_close = \"h:noargs\"\n\
+         [[tcp.server]]\nname = \"extra\"\nlisten = \"127.0.0.1:{port}\"\nhandler = \"h:two\"\n\
+         [[tcp.server]]\nname = \"good\"\nlisten = \"127.0.0.1:0\"\nhandler = \"h:fine\"\n\
+         [[tcp.client]]\nname = \"cl\"\nconnect = \"127.0.0.1:1\"\nproducer = \"h:produce\"\non_reply = \"h:fine\"\n"
+    ));
+    let (code, out, err) = run_to_end(&["check", "-c", cfg.to_str().unwrap()], &[]);
+    assert_eq!(code, 78, "{out}{err}");
+    for expected in [
+        "tcp.server[0].handler (role ctor): `h:Counter.hit`: TypeError: Counter.__init__() missing 1 required positional argument: 'start'",
+        "tcp.server[1].handler (role none): `h:noargs` cannot be called as the role calls it, f(data)",
+        "too many positional arguments",
+        "tcp.server[1].on_close (role none): `h:noargs` cannot be called as the role calls it, f(conn_id, peer)",
+        "tcp.server[2].handler (role extra): `h:two` cannot be called as the role calls it",
+        "missing a required argument: 'other'",
+        &format!(
+            "tcp.server[2].listen (role extra): cannot listen on 127.0.0.1:{port}: Address already in use"
+        ),
+        "5 problem(s)",
+    ] {
+        assert!(err.contains(expected), "missing `{expected}` in:\n{err}");
+    }
+    assert!(
+        !err.contains("role good") && !err.contains("role cl"),
+        "{err}"
+    );
+    // --no-bind (checking a running daemon's next config) skips the bind.
+    let (code, _, err) = run_to_end(&["check", "--no-bind", "-c", cfg.to_str().unwrap()], &[]);
+    assert_eq!(code, 78);
+    assert!(
+        err.contains("4 problem(s)") && !err.contains("cannot listen"),
+        "{err}"
+    );
+    drop(taken);
+}

@@ -50,6 +50,11 @@ IFS= read -r -t 10 reply <&3 || true
 exec 3<&-
 [ "$reply" = "hello from the deb" ] || { echo "echo role answered: '$reply'"; exit 1; }
 echo "echo role answered: $reply"
+# What the unit's ExecReload runs while the daemon holds its ports.
+as_unit /usr/bin/pyipcd check --no-bind -c /etc/pyipcd/pyipcd.toml >/dev/null
+if as_unit /usr/bin/pyipcd check -c /etc/pyipcd/pyipcd.toml 2>/dev/null; then
+  echo "check did not notice the daemon's ports in use"; exit 1
+fi
 kill -TERM "$pid"
 code=0
 wait "$pid" || code=$?

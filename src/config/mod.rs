@@ -6,7 +6,7 @@
 //! config file, never against the working directory, so a config behaves the
 //! same whoever starts the daemon and from wherever.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -16,9 +16,12 @@ use serde::Deserialize;
 
 use crate::py::target::Target;
 
+mod parse;
 mod roles;
+mod targets;
 
 pub use roles::*;
+pub use targets::{Passes, TargetUse};
 
 /// Environment variable prefix; `PYIPCD__PYTHON__WORKERS=4` sets `python.workers`.
 pub const ENV_PREFIX: &str = "PYIPCD";
@@ -278,12 +281,21 @@ pub fn load_with_env(
     if let Some(map) = env {
         environment = environment.source(Some(map.into_iter().collect()));
     }
+    let from_env: BTreeSet<String> = config::Source::collect(&environment)
+        .map_err(|e| load_err(format!("environment variables {ENV_PREFIX}__…: {e}")))?
+        .into_keys()
+        .collect();
     let raw = config::Config::builder()
         .add_source(config::File::from_str(&text, config::FileFormat::Toml))
         .add_source(environment)
         .build()
         .map_err(|e| load_err(e.to_string()))?;
-    let mut cfg: Config = raw.try_deserialize().map_err(|e| load_err(e.to_string()))?;
+    let merged: serde_json::Value = raw.try_deserialize().map_err(|e| load_err(e.to_string()))?;
+    let parse::Parsed {
+        config: mut cfg,
+        mut problems,
+        complete,
+    } = parse::config(merged, &from_env);
     cfg.source = path.to_path_buf();
     let base = path.parent().unwrap_or(Path::new("."));
     cfg.python.paths = cfg.python.paths.iter().map(|p| resolve(base, p)).collect();
@@ -299,7 +311,13 @@ pub fn load_with_env(
     for region in &mut cfg.shm.region {
         region.path = resolve(base, &region.path);
     }
-    let problems = cfg.validate();
+    // The whole-config checks name array elements by index: they run when
+    // every element was read (faulty keys are at their defaults then).
+    if complete {
+        problems.extend(cfg.validate());
+    } else {
+        problems.push("(the checks across roles run once the problems above are fixed)".into());
+    }
     if problems.is_empty() {
         Ok(cfg)
     } else {
@@ -394,47 +412,6 @@ impl Config {
             problems.push(format!("admin.listen: {e}"));
         }
         problems
-    }
-
-    /// Every Python target the config names, with its dotted key and whether
-    /// it must be a plain `def` (it runs on a role's own thread, without asyncio).
-    pub fn python_targets(&self) -> Vec<(String, &str, bool)> {
-        let mut out = Vec::new();
-        for (i, t) in self.python.task.iter().enumerate() {
-            out.push((format!("python.task[{i}].run"), t.run.as_str(), false));
-        }
-        for (i, s) in self.tcp.server.iter().enumerate() {
-            let inline = s.dispatch == Dispatch::Inline;
-            out.push((
-                format!("tcp.server[{i}].handler"),
-                s.handler.as_str(),
-                inline,
-            ));
-            for (k, v) in [("on_connect", &s.on_connect), ("on_close", &s.on_close)] {
-                if let Some(v) = v {
-                    out.push((format!("tcp.server[{i}].{k}"), v.as_str(), false));
-                }
-            }
-        }
-        for (i, c) in self.tcp.client.iter().enumerate() {
-            for (k, v) in [("producer", &c.producer), ("on_reply", &c.on_reply)] {
-                if let Some(v) = v {
-                    out.push((format!("tcp.client[{i}].{k}"), v.as_str(), false));
-                }
-            }
-        }
-        for (i, r) in self.shm.region.iter().enumerate() {
-            let channel = r.mode == ShmMode::Channel;
-            for (k, v, sync) in [
-                ("on_change", &r.on_change, false),
-                ("handler", &r.handler, channel),
-            ] {
-                if let Some(v) = v {
-                    out.push((format!("shm.region[{i}].{k}"), v.as_str(), sync));
-                }
-            }
-        }
-        out
     }
 }
 

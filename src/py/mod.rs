@@ -16,6 +16,7 @@
 //! - `lent`: memory lent to a handler for one call (zero-copy channel requests).
 
 pub(crate) mod asyncio;
+mod check;
 pub mod handler;
 pub mod interpreter;
 pub(crate) mod lent;
@@ -26,6 +27,8 @@ pub mod pool;
 pub mod target;
 pub(crate) mod task;
 
+pub use check::check_targets;
+
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -33,7 +36,6 @@ use pyo3::prelude::*;
 use pyo3::types::PyList;
 
 use interpreter::{InUse, Interpreter};
-use target::Target;
 
 /// Interpreter-wide settings applied once by [`init`].
 #[derive(Debug, Clone)]
@@ -107,51 +109,4 @@ pub(crate) fn thread_ident(py: Python<'_>) -> Option<u64> {
         .and_then(|t| t.call_method0("get_ident"))
         .and_then(|i| i.extract::<u64>())
         .ok()
-}
-
-/// Checks that every target can be imported and names something that exists,
-/// without running tasks or instantiating classes; a target flagged `true`
-/// must also be a plain `def`. Returns one problem per bad target.
-pub fn check_targets<'a>(
-    targets: impl IntoIterator<Item = (String, &'a str, bool)>,
-) -> Vec<String> {
-    Python::attach(|py| {
-        targets
-            .into_iter()
-            .filter_map(|(key, spec, sync_only)| {
-                let target = match Target::parse(spec) {
-                    Ok(t) => t,
-                    Err(e) => return Some(format!("{key}: {e}")),
-                };
-                check_one(py, &target, sync_only)
-                    .err()
-                    .map(|e| format!("{key}: `{target}`: {}", e.to_string().trim_end()))
-            })
-            .collect()
-    })
-}
-
-fn check_one(py: Python<'_>, target: &Target, sync_only: bool) -> PyResult<()> {
-    use target::TargetAttr;
-    let (owner, attr) = match &target.attr {
-        TargetAttr::None => return target.resolve(py).map(|_| ()),
-        TargetAttr::Function(f) => (py.import(target.module.as_str())?.into_any(), f),
-        TargetAttr::Method { class, method } => (
-            py.import(target.module.as_str())?.getattr(class.as_str())?,
-            method,
-        ),
-    };
-    let found = owner.getattr(attr.as_str())?;
-    if !found.is_callable() {
-        Err(pyo3::exceptions::PyTypeError::new_err(format!(
-            "`{attr}` is not callable"
-        )))
-    } else if sync_only && handler::is_async_def(&found)? {
-        Err(pyo3::exceptions::PyTypeError::new_err(format!(
-            "`{attr}` {}",
-            handler::ASYNC_ON_OWN_THREAD
-        )))
-    } else {
-        Ok(())
-    }
 }

@@ -130,6 +130,26 @@ def _raise_in_thread(ident, exc=SystemExit):
     )
 
 
+def _signature_problem(fn, positional, context):
+    """Why fn cannot be called with `positional` arguments, plus `peer` and
+    `conn_id` by keyword when `context` and it declares them (None if it
+    can, or if its signature cannot be read, as for some builtins)."""
+    import inspect
+
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    keywords = {}
+    if context:
+        keywords = {k: None for k in ("peer", "conn_id") if k in sig.parameters}
+    try:
+        sig.bind(*([None] * positional), **keywords)
+    except TypeError as e:
+        return str(e)
+    return None
+
+
 def _wants_context(fn):
     """(peer, conn_id): which optional keyword parameters a handler declares."""
     import inspect

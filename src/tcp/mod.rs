@@ -4,7 +4,8 @@
 //! role's own interpreter thread (`inline`). `client` connects out with
 //! reconnect, sends scripted, produced or `pyipcd.send` messages and hands
 //! replies to Python. `framing` owns the wire formats. Only
-//! [`parse_listen`] is public: the roles are started by the supervisor.
+//! [`parse_listen`] and [`check_binds`] are public: the roles are started by
+//! the supervisor.
 
 pub(crate) mod client;
 mod connection;
@@ -29,6 +30,32 @@ pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
     };
     full.parse()
         .map_err(|_| format!("`{s}` is not an address like 127.0.0.1:50007, :50007 or [::1]:50007"))
+}
+
+/// Binds (and at once releases) every address the config listens on (TCP
+/// servers and the admin endpoint), as `run` will; one problem per address
+/// that cannot be bound (in use, not local, not permitted).
+pub fn check_binds(cfg: &crate::config::Config) -> Vec<String> {
+    let servers = cfg.tcp.server.iter().enumerate().map(|(i, s)| {
+        (
+            format!("tcp.server[{i}].listen (role {})", s.name),
+            &s.listen,
+        )
+    });
+    let admin = cfg
+        .admin
+        .listen
+        .iter()
+        .map(|l| ("admin.listen".to_string(), l));
+    servers
+        .chain(admin)
+        .filter_map(|(key, listen)| {
+            let addr = parse_listen(listen).ok()?;
+            std::net::TcpListener::bind(addr)
+                .err()
+                .map(|e| format!("{key}: cannot listen on {addr}: {e}"))
+        })
+        .collect()
 }
 
 #[cfg(test)]
