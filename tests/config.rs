@@ -150,7 +150,7 @@ fn check_names_every_schema_problem_at_once_with_dotted_keys_and_hints() {
          [[tcp.server]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\nhandler = \"h:f\"\nframing = \"jsonish\"\nmax_message = \"lots\"\n\
          [[tcp.client]]\nname = \"c\"\nconnect = \"127.0.0.1:1\"\nretry_forever = true\n\
          [[tcp.client]]\nconnect = \"127.0.0.1:1\"\n\
-         [bogus]\nx = 1\n",
+         [bogus]\nx = 1\n[\"../odd name\"]\ny = 2\n",
     );
     // A typo and a bad value in environment overrides are named as such.
     let env = [
@@ -168,6 +168,8 @@ fn check_names_every_schema_problem_at_once_with_dotted_keys_and_hints() {
         "tcp.client[0].retry_forever: unknown key; valid keys here: name, connect, framing,",
         "tcp.client[1].name: required key missing",
         "bogus: unknown table; valid ones: log, daemon, python, tcp, shm, admin",
+        // A key TOML has to quote is quoted (found by the config fuzz target).
+        "\"../odd name\": unknown table",
         "python.queuee (set by environment variable PYIPCD__PYTHON__QUEUEE): unknown key",
         "daemon.io_threads (set by environment variable PYIPCD__DAEMON__IO_THREADS): invalid type",
     ] {
@@ -188,6 +190,7 @@ fn schema_and_cross_role_problems_show_together_when_every_role_was_read() {
     // A bad value (left at its default) and two roles with one name.
     let cfg = s.config(
         "[python]\nqueue = \"big\"\n\
+         [[python.task]]\nname = \"a\"\nrun = \"m:f\"\n\
          [[tcp.server]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\nhandler = \"h:f\"\n\
          [[tcp.server]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\nhandler = \"h:f\"\n",
     );
@@ -195,6 +198,10 @@ fn schema_and_cross_role_problems_show_together_when_every_role_was_read() {
     assert_eq!(code, 78, "{err}");
     assert!(err.contains("python.queue: invalid type"), "{err}");
     assert!(err.contains("`a` is empty or used twice"), "{err}");
+    assert!(
+        err.contains("python.task[0].name `a`: a role has the same name"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -273,14 +273,16 @@ fn a_replacement_that_cannot_start_leaves_the_old_instance_serving() {
     let prober = Prober::start(a);
 
     // A function added to h.py after start: `check` (a fresh process) finds
-    // it, the running interpreter, which imported h at start, does not.
+    // it, the running interpreter, which imported h at start, does not
+    // (--no-bind: the daemon holds the ports, as under the unit's ExecReload).
     s.write(
         "h.py",
         "def echo(data):\n    return data\n\ndef shout(data):\n    return data.upper()\n",
     );
     let added = good.replace("h:echo", "h:shout");
     std::fs::write(&cfg, &added).unwrap();
-    let (code, out, err) = common::run_to_end(&["check", "-c", cfg.to_str().unwrap()], &[]);
+    let (code, out, err) =
+        common::run_to_end(&["check", "--no-bind", "-c", cfg.to_str().unwrap()], &[]);
     assert_eq!(code, 0, "check must accept it: {out}{err}");
     d.signal("HUP");
     let (kinds, status) = milestones(&d, Duration::from_millis(1500));

@@ -269,11 +269,27 @@ pub fn load_with_env(
     path: &Path,
     env: Option<BTreeMap<String, String>>,
 ) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Load {
+        path: path.to_path_buf(),
+        message: format!("cannot read: {e}"),
+    })?;
+    from_str_with_env(&text, path, env)
+}
+
+/// Like [`load_with_env`], with the file's text given (`path` names it and
+/// anchors its relative paths). The fuzz target `config` calls this.
+///
+/// # Errors
+/// [`ConfigError`] naming the file and the faulty key.
+pub fn from_str_with_env(
+    text: &str,
+    path: &Path,
+    env: Option<BTreeMap<String, String>>,
+) -> Result<Config, ConfigError> {
     let load_err = |message: String| ConfigError::Load {
         path: path.to_path_buf(),
         message,
     };
-    let text = std::fs::read_to_string(path).map_err(|e| load_err(format!("cannot read: {e}")))?;
     let mut environment = config::Environment::with_prefix(ENV_PREFIX)
         .prefix_separator("__")
         .separator("__")
@@ -286,7 +302,7 @@ pub fn load_with_env(
         .into_keys()
         .collect();
     let raw = config::Config::builder()
-        .add_source(config::File::from_str(&text, config::FileFormat::Toml))
+        .add_source(config::File::from_str(text, config::FileFormat::Toml))
         .add_source(environment)
         .build()
         .map_err(|e| load_err(e.to_string()))?;

@@ -51,7 +51,7 @@ pub(super) fn config(value: Value, from_env: &BTreeSet<String>) -> Parsed {
     for key in top.keys() {
         if !TOP.contains(&key.as_str()) {
             p.push(
-                key,
+                &bare_or_quoted(key),
                 &format!("unknown table; valid ones: {}", TOP.join(", ")),
             );
         }
@@ -145,7 +145,7 @@ impl Problems<'_> {
         if let Some(t) = table.as_object() {
             for key in t.keys() {
                 self.push(
-                    &format!("{at}.{key}"),
+                    &format!("{at}.{}", bare_or_quoted(key)),
                     &format!("unknown key; valid keys here: {}", valid.join(", ")),
                 );
             }
@@ -172,38 +172,51 @@ impl Problems<'_> {
                 Ok(t) => return Some(t),
                 Err(e) => e,
             };
-            let segments: Vec<String> = err
+            let mut path: Vec<Seg> = err
                 .path()
                 .iter()
                 .map(|s| match s {
-                    serde_path_to_error::Segment::Seq { index } => format!("[{index}]"),
-                    serde_path_to_error::Segment::Map { key } => format!(".{key}"),
-                    serde_path_to_error::Segment::Enum { variant } => format!(".{variant}"),
-                    serde_path_to_error::Segment::Unknown => ".?".into(),
+                    serde_path_to_error::Segment::Seq { index } => Seg::Index(*index),
+                    serde_path_to_error::Segment::Map { key } => Seg::Key(key.clone()),
+                    serde_path_to_error::Segment::Enum { variant } => Seg::Key(variant.clone()),
+                    serde_path_to_error::Segment::Unknown => Seg::Key("?".into()),
                 })
                 .collect();
             let message = err.into_inner().to_string();
             // serde's unknown- and missing-field errors stop at the table
             // holding the key.
             let missing = backticked(&message, "missing field `");
-            let mut path = segments;
             if let Some(field) = backticked(&message, "unknown field `").or(missing.clone()) {
-                let seg = format!(".{field}");
+                let seg = Seg::Key(field);
                 if path.last() != Some(&seg) {
                     path.push(seg);
                 }
             }
-            let key = format!("{at}{}", path.concat());
-            let field = path
-                .last()
-                .map(|s| s.trim_start_matches('.').to_string())
-                .unwrap_or_default();
-            self.push(&key, &explain(&message, &field));
+            let shown: String = path.iter().map(Seg::shown).collect();
+            let key = format!("{at}{shown}");
+            let field = match path.last() {
+                Some(Seg::Key(k)) => k.as_str(),
+                _ => "",
+            };
+            self.push(&key, &explain(&message, field));
             if missing.is_some() || !remove(&mut v, &path) {
                 return None;
             }
         }
         None
+    }
+}
+
+/// A key as TOML writes it in a dotted path: bare when it can be, else quoted.
+fn bare_or_quoted(key: &str) -> String {
+    let bare = !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if bare {
+        key.to_string()
+    } else {
+        format!("{key:?}")
     }
 }
 
@@ -253,32 +266,43 @@ fn explain(message: &str, field: &str) -> String {
     out
 }
 
-/// Removes the key at `path` (segments `.key` / `[i]`) from `v`; false when
-/// there is nothing to remove (the piece itself is at fault, or a required
-/// key is missing).
-fn remove(v: &mut Value, path: &[String]) -> bool {
+/// One step of a path into the value.
+#[derive(Debug, PartialEq)]
+enum Seg {
+    Key(String),
+    Index(usize),
+}
+
+impl Seg {
+    /// As the dotted key shows it: `.key`, `."odd key"` or `[i]`.
+    fn shown(&self) -> String {
+        match self {
+            Seg::Key(k) => format!(".{}", bare_or_quoted(k)),
+            Seg::Index(i) => format!("[{i}]"),
+        }
+    }
+}
+
+/// Removes the key at `path` from `v`; false when there is nothing to
+/// remove (the piece itself is at fault, or a required key is missing).
+fn remove(v: &mut Value, path: &[Seg]) -> bool {
     let Some((last, parents)) = path.split_last() else {
         return false;
     };
-    if !last.starts_with('.') {
+    let Seg::Key(key) = last else {
         // An element of a list value (`send`, `paths`): drop the whole list.
         return remove(v, parents);
-    }
+    };
     let mut at = v;
     for seg in parents {
-        let next = if let Some(key) = seg.strip_prefix('.') {
-            at.get_mut(key)
-        } else {
-            seg.trim_matches(['[', ']'])
-                .parse::<usize>()
-                .ok()
-                .and_then(|i| at.get_mut(i))
+        let next = match seg {
+            Seg::Key(k) => at.get_mut(k),
+            Seg::Index(i) => at.get_mut(*i),
         };
         match next {
             Some(n) => at = n,
             None => return false,
         }
     }
-    let key = last.trim_start_matches('.');
     at.as_object_mut().and_then(|t| t.remove(key)).is_some()
 }

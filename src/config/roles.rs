@@ -324,10 +324,10 @@ impl Config {
                 problems.push(format!("{key}.name `{name}` is empty or used twice"));
             }
         }
-        for t in &self.python.task {
+        for (i, t) in self.python.task.iter().enumerate() {
             if names.contains(t.name.as_str()) {
                 problems.push(format!(
-                    "python.task `{}`: a role has the same name",
+                    "python.task[{i}].name `{}`: a role has the same name",
                     t.name
                 ));
             }

@@ -3,14 +3,14 @@
 //! place that knows whether calls go to the GIL pool or run inline on the
 //! role's own interpreter thread (`inline`). `client` connects out with
 //! reconnect, sends scripted, produced or `pyipcd.send` messages and hands
-//! replies to Python. `framing` owns the wire formats. Only
-//! [`parse_listen`] and [`check_binds`] are public: the roles are started by
-//! the supervisor.
+//! replies to Python. `framing` owns the wire formats. Only `framing` (for
+//! the fuzz targets), [`parse_listen`] and [`check_binds`] are public: the
+//! roles are started by the supervisor.
 
 pub(crate) mod client;
 mod connection;
 mod dispatch;
-pub(crate) mod framing;
+pub mod framing;
 mod inline;
 pub(crate) mod server;
 
