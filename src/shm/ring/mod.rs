@@ -17,16 +17,16 @@ use memmap2::MmapRaw;
 
 use super::doorbell::Bell;
 
+mod positions;
+use positions::{Found, place, record_size};
+pub use positions::{RECORD_HEADER, WRAP};
+
 /// `b"PYIPCSH1"`.
 pub const MAGIC: [u8; 8] = *b"PYIPCSH1";
 /// Layout version (2: client epochs, 24-byte record headers).
 pub const VERSION: u32 = 2;
 /// Header and ring control pages.
 pub const PAGE: usize = 4096;
-/// Record header: len, seq, crc32, flags (u32 each), epoch (u64).
-pub const RECORD_HEADER: usize = 24;
-/// A `len` that means "skip to the start of the ring".
-pub const WRAP: u32 = u32::MAX;
 
 /// Header field offsets.
 pub mod off {
@@ -344,32 +344,17 @@ impl Channel {
     /// If `payload` is longer than `max_record` (callers check first).
     pub fn try_push(&self, dir: Dir, seq: u32, flags: u32, epoch: u64, payload: &[u8]) -> bool {
         assert!(payload.len() <= self.max_record, "payload over max_record");
-        let need = RECORD_HEADER + payload.len().next_multiple_of(8);
         let tail_ref = self.ctl(dir, off::TAIL);
         let tail = tail_ref.load(Ordering::Relaxed);
         let head = self.ctl(dir, off::HEAD).load(Ordering::Acquire);
-        if tail % 8 != 0 {
-            // Records start 8-aligned; a peer scribbled on our position.
-            // Refuse (reads as "full") rather than write misaligned words.
+        let Some(spot) = place(head, tail, self.ring_size, record_size(payload.len())) else {
             return false;
-        }
-        let pos = (tail % self.ring_size as u64) as usize;
-        let room_to_end = self.ring_size - pos;
-        let skip = if room_to_end < need { room_to_end } else { 0 };
-        // Wrapping arithmetic: the other side may be a misbehaving process
-        // that wrote nonsense into `head`; that must read as "full", not panic.
-        let used = tail.wrapping_sub(head);
-        if used > self.ring_size as u64 || used + ((skip + need) as u64) > self.ring_size as u64 {
-            return false;
-        }
+        };
         let base = self.data(dir);
-        let mut at = pos;
-        if skip > 0 {
-            if skip >= RECORD_HEADER {
-                self.write_u32(base + at, WRAP);
-            }
-            at = 0;
+        if let Some(marker) = spot.wrap_marker_at {
+            self.write_u32(base + marker, WRAP);
         }
+        let at = spot.at;
         self.write_u32(base + at + 4, seq);
         self.write_u32(base + at + 8, crc32fast::hash(payload));
         self.write_u32(base + at + 12, flags);
@@ -377,7 +362,7 @@ impl Channel {
         self.write_u32(base + at, payload.len() as u32);
         self.write_bytes(base + at + RECORD_HEADER, payload);
         // Publish: everything above happens-before a consumer's acquire of tail.
-        tail_ref.store(tail.wrapping_add((skip + need) as u64), Ordering::Release);
+        tail_ref.store(spot.new_tail, Ordering::Release);
         self.bell(dir).ring();
         true
     }
@@ -398,33 +383,15 @@ impl Channel {
     /// when `f` returns, so the producer cannot reuse it meanwhile.
     pub fn pop_in_place<R>(&self, dir: Dir, f: impl FnOnce(InPlace<'_>) -> R) -> Option<R> {
         let head_ref = self.ctl(dir, off::HEAD);
-        let mut head = head_ref.load(Ordering::Relaxed);
+        let head = head_ref.load(Ordering::Relaxed);
         let tail = self.ctl(dir, off::TAIL).load(Ordering::Acquire);
         let base = self.data(dir);
-        if head % 8 != 0 || tail % 8 != 0 {
-            // Records start 8-aligned: a misaligned position is a peer's
-            // scribble. Nothing readable; touch nothing.
-            return None;
-        }
-        let mut skips = 0;
-        loop {
-            if head == tail {
-                return None;
-            }
-            if tail.wrapping_sub(head) > self.ring_size as u64 {
-                // Positions that cannot both be right: nothing readable now
-                // (a peer mid-store with a non-atomic write, as Python's
-                // struct.pack_into is, or writing nonsense). Touch nothing.
-                return None;
-            }
-            let pos = (head % self.ring_size as u64) as usize;
-            let room_to_end = self.ring_size - pos;
-            if room_to_end < RECORD_HEADER || self.read_u32(base + pos) == WRAP {
-                // At most one skip to the start is legitimate per record: a
-                // wrap marker at offset 0 is nonsense, and the framing is lost.
-                skips += 1;
-                if skips > 1 {
-                    let dropped = tail.wrapping_sub(head_ref.load(Ordering::Relaxed));
+        let (pos, len, next_head) =
+            match positions::locate(head, tail, self.ring_size, |pos| self.read_u32(base + pos)) {
+                // Nothing, or positions a peer scribbled: touch nothing.
+                Found::Empty | Found::Unreadable => return None,
+                Found::Lost { dropped } => {
+                    // The framing is lost: drop everything published so far.
                     head_ref.store(tail, Ordering::Release);
                     return Some(f(InPlace {
                         seq: 0,
@@ -434,41 +401,44 @@ impl Channel {
                         fault: Some(Fault::Framing { len: WRAP, dropped }),
                     }));
                 }
-                head = head.wrapping_add(room_to_end as u64);
-                continue;
-            }
-            let len = self.read_u32(base + pos);
-            let seq = self.read_u32(base + pos + 4);
-            let crc = self.read_u32(base + pos + 8);
-            let flags = self.read_u32(base + pos + 12);
-            let epoch = self.u64_at(base + pos + 16).load(Ordering::Relaxed);
-            let record = |payload, fault| InPlace {
-                seq,
-                flags,
-                epoch,
-                payload,
-                fault,
+                Found::BadLength { pos, len, dropped } => (pos, len, Err(dropped)),
+                Found::Record {
+                    pos,
+                    len,
+                    next_head,
+                } => (pos, len, Ok(next_head)),
             };
-            let need = (RECORD_HEADER as u64).saturating_add(u64::from(len).next_multiple_of(8));
-            if need > room_to_end as u64 || tail.wrapping_sub(head) < need {
+        let seq = self.read_u32(base + pos + 4);
+        let crc = self.read_u32(base + pos + 8);
+        let flags = self.read_u32(base + pos + 12);
+        let epoch = self.u64_at(base + pos + 16).load(Ordering::Relaxed);
+        let record = |payload, fault| InPlace {
+            seq,
+            flags,
+            epoch,
+            payload,
+            fault,
+        };
+        let next_head = match next_head {
+            Ok(h) => h,
+            Err(dropped) => {
                 // A length no producer could have written: where the next
                 // record starts is unknown. Drop everything published so far
                 // rather than read nonsense.
                 head_ref.store(tail, Ordering::Release);
-                let dropped = tail.wrapping_sub(head);
                 return Some(f(record(&[], Some(Fault::Framing { len, dropped }))));
             }
-            if len as usize > self.max_record {
-                // Framed, but longer than the channel takes: skip it alone.
-                head_ref.store(head.wrapping_add(need), Ordering::Release);
-                return Some(f(record(&[], Some(Fault::OverMax { len }))));
-            }
-            let payload = self.bytes(base + pos + RECORD_HEADER, len as usize);
-            let fault = (crc32fast::hash(payload) != crc).then_some(Fault::Checksum);
-            let out = f(record(payload, fault));
-            head_ref.store(head.wrapping_add(need), Ordering::Release);
-            return Some(out);
+        };
+        if len as usize > self.max_record {
+            // Framed, but longer than the channel takes: skip it alone.
+            head_ref.store(next_head, Ordering::Release);
+            return Some(f(record(&[], Some(Fault::OverMax { len }))));
         }
+        let payload = self.bytes(base + pos + RECORD_HEADER, len as usize);
+        let fault = (crc32fast::hash(payload) != crc).then_some(Fault::Checksum);
+        let out = f(record(payload, fault));
+        head_ref.store(next_head, Ordering::Release);
+        Some(out)
     }
 
     fn data(&self, dir: Dir) -> usize {
@@ -568,193 +538,4 @@ fn check_sizes(header: usize, ring: usize, max: usize, file: usize) -> Result<()
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn channel(ring: usize, max: usize) -> (tempfile::TempDir, Channel) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ch");
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        f.set_len(file_size(ring) as u64).unwrap();
-        let map = memmap2::MmapOptions::new().map_raw(&f).unwrap();
-        (dir, Channel::initialise(map, ring, max, 7).unwrap())
-    }
-
-    #[test]
-    fn records_round_trip_across_wrap_around_and_full_rings_refuse() {
-        let (_d, ch) = channel(4096, 1000);
-        let mut expect = 0u32;
-        for round in 0..200u32 {
-            let payload = vec![round as u8; (round as usize * 37) % 1000];
-            while !ch.try_push(Dir::Request, round, flags::OK, 5, &payload) {
-                let r = ch.try_pop(Dir::Request).expect("full ring has records");
-                assert_eq!((r.fault, r.epoch), (None, 5));
-                assert_eq!(r.seq, expect);
-                expect += 1;
-            }
-        }
-        while let Some(r) = ch.try_pop(Dir::Request) {
-            assert_eq!((r.fault, r.epoch), (None, 5));
-            assert_eq!(r.seq, expect);
-            expect += 1;
-        }
-        assert_eq!(expect, 200);
-    }
-
-    #[test]
-    fn nonsense_positions_and_markers_neither_panic_nor_hang() {
-        let (_d, ch) = channel(4096, 1000);
-        // A peer fills the ring with wrap markers and publishes a wild tail.
-        for off in (0..4096).step_by(4) {
-            ch.write_u32(ch.data(Dir::Request) + off, WRAP);
-        }
-        ch.ctl(Dir::Request, off::TAIL)
-            .store(u64::MAX - 3, Ordering::Release);
-        // Nothing readable, and no endless skipping either (this returns).
-        assert_eq!(ch.try_pop(Dir::Request), None);
-        // A wrap marker where a record should start after a skip: also nothing.
-        ch.ctl(Dir::Request, off::TAIL).store(64, Ordering::Release);
-        ch.ctl(Dir::Request, off::HEAD)
-            .store(4080, Ordering::Release);
-        assert_eq!(ch.try_pop(Dir::Request), None);
-        ch.ctl(Dir::Request, off::HEAD).store(0, Ordering::Release);
-        ch.ctl(Dir::Request, off::TAIL).store(0, Ordering::Release);
-        // A wild head on the ring we produce into reads as full.
-        ch.ctl(Dir::Response, off::HEAD)
-            .store(1 << 40, Ordering::Release);
-        assert!(!ch.try_push(Dir::Response, 1, flags::OK, 1, b"x"));
-        // Garbage lengths are reported as corrupt, never read out of bounds.
-        ch.discard(Dir::Request);
-        let tail = ch.ctl(Dir::Request, off::TAIL).load(Ordering::Relaxed);
-        let pos = (tail % 4096) as usize;
-        ch.write_u32(ch.data(Dir::Request) + pos, 999_999);
-        ch.ctl(Dir::Request, off::TAIL)
-            .store(tail.wrapping_add(64), Ordering::Release);
-        assert!(matches!(
-            ch.try_pop(Dir::Request).unwrap().fault,
-            Some(Fault::Framing { len: 999_999, .. })
-        ));
-        assert_eq!(
-            ch.try_pop(Dir::Request),
-            None,
-            "everything published was dropped"
-        );
-    }
-
-    #[test]
-    fn an_over_long_but_framed_record_is_skipped_alone() {
-        let (_d, ch) = channel(4096, 100);
-        // A producer that ignores max_record: 200 bytes, properly framed.
-        let base = ch.data(Dir::Request);
-        ch.write_u32(base, 200);
-        ch.write_u32(base + 4, 1);
-        let next = RECORD_HEADER + 200;
-        ch.ctl(Dir::Request, off::TAIL)
-            .store(next as u64, Ordering::Release);
-        assert!(ch.try_push(Dir::Request, 2, flags::OK, 3, b"behind it"));
-        let bad = ch.try_pop(Dir::Request).unwrap();
-        assert_eq!((bad.seq, bad.fault), (1, Some(Fault::OverMax { len: 200 })));
-        let good = ch.try_pop(Dir::Request).unwrap();
-        assert_eq!((good.seq, good.fault, good.epoch), (2, None, 3));
-        assert_eq!(good.payload, b"behind it");
-    }
-
-    #[test]
-    fn attach_refuses_bad_magic_version_and_sizes() {
-        let (d, ch) = channel(4096, 1000);
-        drop(ch);
-        let path = d.path().join("ch");
-        let open = || {
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&path)
-                .unwrap();
-            memmap2::MmapOptions::new().map_raw(&f).unwrap()
-        };
-        assert!(Channel::attach(open()).is_ok());
-        let mut bytes = std::fs::read(&path).unwrap();
-        bytes[8] = 9;
-        std::fs::write(&path, &bytes).unwrap();
-        assert_eq!(
-            Channel::attach(open()).unwrap_err(),
-            LayoutError::Version(9)
-        );
-        bytes[8] = VERSION as u8;
-        bytes[16..20].copy_from_slice(&3000u32.to_le_bytes());
-        std::fs::write(&path, &bytes).unwrap();
-        assert!(matches!(
-            Channel::attach(open()).unwrap_err(),
-            LayoutError::Size(_)
-        ));
-        bytes[0] = b'X';
-        std::fs::write(&path, &bytes).unwrap();
-        assert!(matches!(
-            Channel::attach(open()).unwrap_err(),
-            LayoutError::Magic(_)
-        ));
-    }
-
-    #[test]
-    fn random_contents_and_positions_never_panic_hang_or_overread() {
-        let (_d, ch) = channel(4096, 1000);
-        let mut rng = crate::test_rng::Rng::new(0xC0FF_EE00_D15E_A5E5);
-        let mut popped = 0;
-        for _ in 0..50_000 {
-            match rng.below(6) {
-                // A misbehaving peer scribbles over the data area...
-                0 => ch.write_u32(
-                    ch.data(Dir::Request) + 4 * rng.below(1024),
-                    if rng.below(4) == 0 {
-                        WRAP
-                    } else {
-                        rng.next() as u32
-                    },
-                ),
-                // ...or publishes positions, plausible or wild.
-                1 => {
-                    let mut head = if rng.below(4) == 0 {
-                        rng.next()
-                    } else {
-                        rng.next() % 100_000
-                    };
-                    let mut ahead = if rng.below(4) == 0 {
-                        rng.next()
-                    } else {
-                        rng.below(5000) as u64
-                    };
-                    if rng.below(4) != 0 {
-                        // Mostly aligned, so records get decoded too.
-                        (head, ahead) = (head & !7, ahead & !7);
-                    }
-                    ch.ctl(Dir::Request, off::HEAD)
-                        .store(head, Ordering::Release);
-                    ch.ctl(Dir::Request, off::TAIL)
-                        .store(head.wrapping_add(ahead), Ordering::Release);
-                }
-                2 => ch
-                    .ctl(Dir::Response, off::HEAD)
-                    .store(rng.next() % 1_000_000, Ordering::Release),
-                3 => {
-                    let n = rng.below(1001);
-                    let _ = ch.try_push(Dir::Request, 1, flags::OK, 1, &vec![7u8; n]);
-                }
-                4 => {
-                    let _ = ch.try_push(Dir::Response, 2, flags::OK, 1, &[1u8; 100]);
-                }
-                _ => {}
-            }
-            if let Some(r) = ch.try_pop(Dir::Request) {
-                assert!(r.payload.len() <= 1000);
-                popped += 1;
-            }
-        }
-        assert!(popped > 1000, "only {popped} records decoded");
-    }
-}
+mod tests;
