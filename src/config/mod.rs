@@ -534,7 +534,7 @@ mod tests {
         );
         // A task named like a shm region (not only like a TCP role) is caught.
         assert!(
-            problems.contains(&"python.task `y`: a role has the same name".to_string()),
+            problems.contains(&"python.task[0].name `y`: a role has the same name".to_string()),
             "{problems:?}"
         );
     }
