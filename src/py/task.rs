@@ -81,6 +81,8 @@ impl RunningTask {
         let (done_tx, done) = watch::channel(false);
         let cfg = cfg.clone();
         let (n, ident) = (name.clone(), py_ident.clone());
+        // Registered (at zero) now, before readiness is reported.
+        drop(crate::admin::series::task_restarts(&name));
         std::thread::Builder::new()
             .name(format!("py-task-{}", cfg.name))
             .spawn(move || {

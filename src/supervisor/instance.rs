@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::plan::{Keep, RoleConfig};
+use crate::admin::series;
 use crate::config::{ShmMode, ShmRegionConfig};
 use crate::py::monitor::Monitor;
 use crate::py::pool::GilPool;
@@ -270,6 +271,16 @@ impl Launcher<'_> {
         let health: Slot<HealthLatch> = Arc::default();
         let socket: Slot<std::net::TcpListener> = Arc::default();
         let (mut addr, mut outbox) = (None, None);
+        // The role's /metrics series exist (at zero) before readiness is
+        // reported, not from whenever its task or thread first runs.
+        match &ready {
+            Ready::Server(_) => drop(series::ServerSeries::register(name)),
+            Ready::Channel { .. } | Ready::ChannelAfter { .. } => {
+                drop(series::MessageSeries::register(name));
+                drop(series::channel_stale(name));
+            }
+            Ready::Client { .. } | Ready::Watch { .. } => {}
+        }
         let (parts, body): (Parts, Body) = match ready {
             Ready::Server(server) => {
                 *lock(&socket) = server.socket().ok();
