@@ -366,6 +366,16 @@ async fn produce(
     };
     let is_async = generator_is_async(&pool, &generator).await;
     loop {
+        // Room in the outbox first, then the next message: once the
+        // generator has given a message up it goes straight in, so a stop (a
+        // reload replacing the role) between the two cannot drop it.
+        let permit = tokio::select! {
+            _ = token.cancelled() => return,
+            permit = tx.reserve() => match permit {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
         let next = next_item(&pool, &generator, &role, is_async).await;
         let msg = match next {
             Ok(Ok(Some(m))) => m,
@@ -378,10 +388,7 @@ async fn produce(
             }
             Err(e) => return tracing::warn!(role = %role, "producer stopped: {e}"),
         };
-        tokio::select! {
-            _ = token.cancelled() => return,
-            sent = tx.send(msg) => if sent.is_err() { return },
-        }
+        permit.send(msg);
         tokio::select! {
             _ = token.cancelled() => return,
             _ = tokio::time::sleep(cfg.interval) => {}
