@@ -271,55 +271,42 @@ fn default_poll() -> Duration {
 pub const MAX_WATCH_SIZE: u64 = 16 * 1024 * 1024;
 
 impl Config {
-    /// Role names are unique across every kind, and no task shares one.
-    /// `max_in_flight = 0` anywhere.
-    pub(super) fn validate_max_in_flight(&self, problems: &mut Vec<String>) {
+    /// Every role as (its dotted key, its name, its `max_in_flight`).
+    fn roles(&self) -> impl Iterator<Item = (String, &String, Option<usize>)> {
         let servers = self
             .tcp
             .server
             .iter()
             .enumerate()
-            .map(|(i, s)| (format!("tcp.server[{i}]"), s.max_in_flight));
+            .map(|(i, s)| (format!("tcp.server[{i}]"), &s.name, s.max_in_flight));
         let clients = self
             .tcp
             .client
             .iter()
             .enumerate()
-            .map(|(i, c)| (format!("tcp.client[{i}]"), c.max_in_flight));
+            .map(|(i, c)| (format!("tcp.client[{i}]"), &c.name, c.max_in_flight));
         let regions = self
             .shm
             .region
             .iter()
             .enumerate()
-            .map(|(i, r)| (format!("shm.region[{i}]"), r.max_in_flight));
-        for (key, cap) in servers.chain(clients).chain(regions) {
+            .map(|(i, r)| (format!("shm.region[{i}]"), &r.name, r.max_in_flight));
+        servers.chain(clients).chain(regions)
+    }
+
+    /// `max_in_flight = 0` anywhere.
+    pub(super) fn validate_max_in_flight(&self, problems: &mut Vec<String>) {
+        for (key, _, cap) in self.roles() {
             if cap == Some(0) {
                 problems.push(format!("{key}.max_in_flight must be at least 1"));
             }
         }
     }
 
+    /// Role names are unique across every kind, and no task shares one.
     pub(super) fn validate_role_names(&self, problems: &mut Vec<String>) {
-        let servers = self
-            .tcp
-            .server
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (format!("tcp.server[{i}]"), &s.name));
-        let clients = self
-            .tcp
-            .client
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (format!("tcp.client[{i}]"), &c.name));
-        let regions = self
-            .shm
-            .region
-            .iter()
-            .enumerate()
-            .map(|(i, r)| (format!("shm.region[{i}]"), &r.name));
         let mut names: HashSet<&str> = HashSet::new();
-        for (key, name) in servers.chain(clients).chain(regions) {
+        for (key, name, _) in self.roles() {
             if !names.insert(name.as_str()) || name.trim().is_empty() {
                 problems.push(format!("{key}.name `{name}` is empty or used twice"));
             }

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::worker::Job;
+use crate::py::handler::Handler;
 use crate::sync::lock;
 
 /// One role's running calls and its cap.
@@ -86,6 +87,14 @@ impl Quotas {
             .clone()
     }
 
+    /// `handler`'s role's quota, looked up once per handler.
+    fn quota_of(&self, handler: &Handler) -> Arc<Quota> {
+        handler
+            .quota
+            .get_or_init(|| self.of(handler.role()))
+            .clone()
+    }
+
     /// Sets `role`'s cap (`None`: the default).
     pub(crate) fn set_cap(&self, role: &Arc<str>, cap: Option<usize>) {
         let cap = cap.unwrap_or(self.default_cap).max(1);
@@ -122,10 +131,7 @@ impl Quotas {
             skipped.fetch_add(job.calls() as u64, Ordering::Relaxed);
             return Admit::Next;
         }
-        let quota = handler
-            .quota
-            .get_or_init(|| self.of(handler.role()))
-            .clone();
+        let quota = self.quota_of(handler);
         if quota.try_enter() {
             return Admit::Run(job, Some(quota));
         }
@@ -152,10 +158,7 @@ impl Quotas {
                 continue;
             }
             let handler = job.handler().expect("only calls are parked");
-            let quota = handler
-                .quota
-                .get_or_init(|| self.of(handler.role()))
-                .clone();
+            let quota = self.quota_of(handler);
             if quota.try_enter() {
                 found = parked.remove(i).map(|j| (j, quota));
                 break;
