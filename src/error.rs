@@ -16,6 +16,11 @@ pub enum Error {
     /// CPython could not start from it (exit code 78).
     #[error("{0}")]
     Interpreter(String),
+    /// A server cannot listen where the config says, and retrying will not
+    /// help: a live socket or a non-socket file at its path, a socket
+    /// systemd did not pass (exit code 78).
+    #[error("{0}")]
+    Listen(String),
     /// Something failed while starting up (interpreter, threads, runtime).
     #[error("startup failed: {0}")]
     Startup(String),
@@ -29,7 +34,9 @@ impl Error {
     /// problems, 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Config(_) | Error::Target(_) | Error::Interpreter(_) => crate::EXIT_CONFIG,
+            Error::Config(_) | Error::Target(_) | Error::Interpreter(_) | Error::Listen(_) => {
+                crate::EXIT_CONFIG
+            }
             _ => crate::EXIT_FAILURE,
         }
     }

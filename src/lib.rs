@@ -7,7 +7,8 @@
 //! - [`telemetry`]: tracing set-up; Python output joins the same log.
 //! - `shutdown`: signal handling (tokio only).
 //! - [`admin`]: `/health` and `/metrics`.
-//! - `systemd`: readiness, status, stopping and watchdog notices.
+//! - `systemd`: readiness, status, stopping and watchdog notices; the
+//!   sockets of socket activation.
 //! - [`daemon`]: start-up, readiness, reload, ordered shutdown.
 //! - `supervisor`: roles built from the config, started, and replaced
 //!   transactionally on reload (the diff is a pure function, `supervisor::plan`).
@@ -15,7 +16,7 @@
 //! - `registry`: (a leaf) role health and `pyipcd.send` routes, each entry
 //!   owned by one role instance.
 //! - `sync`: the one mutex-poison policy.
-//! - [`tcp`]: TCP server and client roles.
+//! - [`tcp`]: stream server and client roles, over TCP or Unix sockets.
 //! - [`shm`]: shared-memory regions (the only `unsafe` code).
 //! - [`py`]: the embedded interpreter: GIL pool, handlers, asyncio loop, tasks,
 //!   the `pyipcd` Python module.
@@ -48,6 +49,7 @@ pub mod telemetry;
 mod test_rng;
 
 pub use error::Error;
+pub use systemd::{activated_names, take_activated_sockets};
 
 /// Exit status: success.
 pub const EXIT_OK: i32 = 0;

@@ -31,11 +31,31 @@ fn load(args: &ConfigArg) -> Result<config::Config, i32> {
 }
 
 fn run(args: &ConfigArg) -> i32 {
+    // First, while this is the only thread: it unsets LISTEN_FDS & co.
+    let activated = pyipcd::take_activated_sockets();
     let cfg = match load(args) {
         Ok(c) => c,
         Err(code) => return code,
     };
     let python_level = telemetry::init(&cfg.log);
+    if let Err(e) = activated {
+        tracing::error!("{e}");
+        return EXIT_CONFIG;
+    }
+    for (name, n) in pyipcd::activated_names() {
+        let used = cfg
+            .tcp
+            .server
+            .iter()
+            .any(|s| s.listen.strip_prefix("systemd:") == Some(name.as_str()));
+        if used {
+            tracing::info!("systemd passed {n} socket(s) named `{name}`");
+        } else {
+            tracing::warn!(
+                "systemd passed {n} socket(s) named `{name}`, which no role listens on (listen = \"systemd:{name}\")"
+            );
+        }
+    }
     match daemon::run(cfg, python_level) {
         Ok(code) => code,
         Err(e) => {

@@ -1,11 +1,14 @@
 //! systemd integration through sd-notify: readiness, status and stopping
-//! notices, and the watchdog. Every call is a no-op without `NOTIFY_SOCKET`.
+//! notices, the watchdog, and the listening sockets of socket activation
+//! (`LISTEN_FDS`). The notices are no-ops without `NOTIFY_SOCKET`.
 //!
 //! The watchdog pings (`WATCHDOG=1`) only while the GIL pool answers a probe
 //! in time, so a wedged interpreter stops the pings and systemd restarts the
 //! service (`WatchdogSec=`).
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use sd_notify::NotifyState;
@@ -58,5 +61,73 @@ pub async fn watchdog(pool: Arc<GilPool>, period: Duration, token: CancellationT
                 healthy = false;
             }
         }
+    }
+}
+
+/// The listening sockets systemd passed (`LISTEN_FDS`), by their
+/// `FileDescriptorName=`; taken once, at start. Each stays open for the life
+/// of the daemon: roles serve on duplicates, so a reload never closes one.
+static ACTIVATED: OnceLock<BTreeMap<String, Vec<OwnedFd>>> = OnceLock::new();
+
+/// Takes the sockets systemd passed to this process (`LISTEN_PID` matches)
+/// and unsets `LISTEN_PID`, `LISTEN_FDS` and `LISTEN_FDNAMES`, so Python's
+/// children do not inherit them. Returns how many there were.
+///
+/// Must be called before any other thread starts (it changes the environment).
+///
+/// # Errors
+/// If the variables are malformed (`LISTEN_FDNAMES` not matching `LISTEN_FDS`).
+#[allow(unsafe_code)]
+pub fn take_activated_sockets() -> Result<usize, String> {
+    // SAFETY: called first thing by `main`, while the process has one thread.
+    let fds = unsafe { sd_notify::listen_fds_with_names_and_unset_env() }
+        .map_err(|e| format!("sockets passed by systemd (LISTEN_FDS, LISTEN_FDNAMES): {e}"))?;
+    let mut by_name: BTreeMap<String, Vec<OwnedFd>> = BTreeMap::new();
+    let mut n = 0;
+    for (fd, name) in fds {
+        // SAFETY: LISTEN_PID named this process, so descriptors 3 to
+        // 3 + LISTEN_FDS - 1 were passed to it, and nothing else owns them;
+        // each is wrapped once.
+        by_name
+            .entry(name)
+            .or_default()
+            .push(unsafe { OwnedFd::from_raw_fd(fd) });
+        n += 1;
+    }
+    let _ = ACTIVATED.set(by_name);
+    Ok(n)
+}
+
+/// The names of the sockets systemd passed, with how many of each.
+pub fn activated_names() -> Vec<(String, usize)> {
+    ACTIVATED.get().map_or_else(Vec::new, |m| {
+        m.iter().map(|(k, v)| (k.clone(), v.len())).collect()
+    })
+}
+
+/// A duplicate of the socket systemd passed as `name`.
+///
+/// # Errors
+/// If none (or several) has that name, or it cannot be duplicated.
+pub fn activated(name: &str) -> Result<OwnedFd, String> {
+    let passed = activated_names();
+    let list = || {
+        if passed.is_empty() {
+            "systemd passed no sockets (is the .socket unit active, and LISTEN_FDS set?)"
+                .to_string()
+        } else {
+            let names: Vec<&str> = passed.iter().map(|(n, _)| n.as_str()).collect();
+            format!("systemd passed: {}", names.join(", "))
+        }
+    };
+    match ACTIVATED.get().and_then(|m| m.get(name)).map(Vec::as_slice) {
+        Some([fd]) => fd
+            .try_clone()
+            .map_err(|e| format!("cannot duplicate the socket systemd passed as `{name}`: {e}")),
+        Some(several) => Err(format!(
+            "systemd passed {} sockets named `{name}`; a role serves one: give each ListenStream= its own .socket unit and FileDescriptorName=",
+            several.len()
+        )),
+        None => Err(format!("no socket named `{name}`: {}", list())),
     }
 }

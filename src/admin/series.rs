@@ -19,6 +19,8 @@ pub const ERRORS: &str = "pyipcd_errors_total";
 pub const CONNECTIONS: &str = "pyipcd_connections";
 /// Connections refused at `max_connections`, by role.
 pub const REFUSED: &str = "pyipcd_connections_refused_total";
+/// Unix connections refused because the peer is not in `allow_uids`/`allow_gids`, by role.
+pub const DENIED: &str = "pyipcd_connections_denied_total";
 /// Hand-off to reply, by role.
 pub const HANDLER_SECONDS: &str = "pyipcd_handler_seconds";
 /// Task restarts, by task.
@@ -42,6 +44,10 @@ pub(super) fn describe() {
     );
     describe_gauge!(CONNECTIONS, "Open connections, by role.");
     describe_counter!(REFUSED, "Connections refused at max_connections, by role.");
+    describe_counter!(
+        DENIED,
+        "Unix connections refused because the peer's uid/gid is not allowed, by role."
+    );
     describe_histogram!(
         HANDLER_SECONDS,
         Unit::Seconds,
@@ -131,6 +137,8 @@ pub(super) fn publish_pool(pool: Option<&GilPool>) {
 pub struct ServerSeries {
     /// Connections refused at `max_connections`.
     pub refused: Counter,
+    /// Connections refused by `allow_uids`/`allow_gids`.
+    pub denied: Counter,
     /// Open connections.
     pub open: Gauge,
 }
@@ -141,6 +149,7 @@ impl ServerSeries {
         let _ = MessageSeries::register(role);
         Self {
             refused: metrics::counter!(REFUSED, "role" => role.to_string()),
+            denied: metrics::counter!(DENIED, "role" => role.to_string()),
             open: metrics::gauge!(CONNECTIONS, "role" => role.to_string()),
         }
     }

@@ -327,6 +327,12 @@ pub fn from_str_with_env(
     for region in &mut cfg.shm.region {
         region.path = resolve(base, &region.path);
     }
+    for server in &mut cfg.tcp.server {
+        server.listen = crate::tcp::endpoint::anchor(&server.listen, base);
+    }
+    for client in &mut cfg.tcp.client {
+        client.connect = crate::tcp::endpoint::anchor(&client.connect, base);
+    }
     // The whole-config checks name array elements by index: they run when
     // every element was read (faulty keys are at their defaults then).
     if complete {

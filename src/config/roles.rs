@@ -10,6 +10,8 @@ use serde::Deserialize;
 
 use super::{Config, default_backoff_max};
 use crate::py::target::Target;
+use crate::tcp::endpoint::{Connect, Listen, UnixAddr};
+use crate::tcp::socket_file::resolve_id;
 
 /// `[tcp]`: `[[tcp.server]]` and `[[tcp.client]]` roles.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -56,7 +58,9 @@ pub enum Dispatch {
 pub struct TcpServerConfig {
     /// Unique role name.
     pub name: String,
-    /// `host:port`, `:port` or `port` (host defaults to 127.0.0.1).
+    /// `host:port`, `:port` or `port` (host defaults to 127.0.0.1),
+    /// `unix:/path` or `unix:@abstract-name`, or `systemd:NAME` (a socket
+    /// systemd passed; see `tcp::endpoint`).
     pub listen: String,
     /// Message framing.
     #[serde(default)]
@@ -93,6 +97,60 @@ pub struct TcpServerConfig {
     /// starve the others.
     #[serde(default)]
     pub max_in_flight: Option<usize>,
+    /// Permissions of a `unix:/path` socket file (default 0600): an integer
+    /// (`0o660`) or an octal string (`"0660"`).
+    #[serde(default)]
+    pub mode: Option<FileMode>,
+    /// Owner of a `unix:/path` socket file: a user name or uid.
+    #[serde(default)]
+    pub owner: Option<Principal>,
+    /// Group of a `unix:/path` socket file: a group name or gid.
+    #[serde(default)]
+    pub group: Option<Principal>,
+    /// Unix sockets only: peers whose uid is listed are served (with
+    /// `allow_gids` too: a peer matching either list is).
+    #[serde(default)]
+    pub allow_uids: Option<Vec<u32>>,
+    /// Unix sockets only: peers whose primary gid is listed are served.
+    #[serde(default)]
+    pub allow_gids: Option<Vec<u32>>,
+}
+
+/// A user or group, by name or numeric id.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Principal {
+    /// A numeric uid or gid.
+    Id(u32),
+    /// A name looked up in the host's user or group database.
+    Name(String),
+}
+
+/// File permission bits, from an integer or an octal string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileMode(pub u32);
+
+impl<'de> Deserialize<'de> for FileMode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u32),
+            Text(String),
+        }
+        let bits = match Raw::deserialize(d)? {
+            Raw::Int(i) => i,
+            Raw::Text(t) => u32::from_str_radix(t.trim_start_matches("0o"), 8).map_err(|_| {
+                serde::de::Error::custom(format!("`{t}` is not an octal mode like \"0660\""))
+            })?,
+        };
+        if bits > 0o777 {
+            return Err(serde::de::Error::custom(format!(
+                "mode {bits:o} (octal) has bits beyond 0777"
+            )));
+        }
+        Ok(FileMode(bits))
+    }
 }
 
 /// `[[tcp.client]]`: connect out, send scripted or produced messages, hand replies to Python.
@@ -101,7 +159,7 @@ pub struct TcpServerConfig {
 pub struct TcpClientConfig {
     /// Unique role name.
     pub name: String,
-    /// `host:port` to connect to.
+    /// `host:port`, `unix:/path` or `unix:@abstract-name` to connect to.
     pub connect: String,
     /// Message framing.
     #[serde(default)]
@@ -401,9 +459,7 @@ impl Config {
         };
         for (i, s) in self.tcp.server.iter().enumerate() {
             let key = format!("tcp.server[{i}]");
-            if let Err(e) = crate::tcp::parse_listen(&s.listen) {
-                problems.push(format!("{key}.listen: {e}"));
-            }
+            validate_listen(problems, &key, s);
             target(problems, format!("{key}.handler"), &s.handler);
             for (k, v) in [("on_connect", &s.on_connect), ("on_close", &s.on_close)] {
                 if let Some(v) = v {
@@ -419,11 +475,8 @@ impl Config {
         }
         for (i, c) in self.tcp.client.iter().enumerate() {
             let key = format!("tcp.client[{i}]");
-            if c.connect
-                .rsplit_once(':')
-                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
-            {
-                problems.push(format!("{key}.connect: `{}` is not host:port", c.connect));
+            if let Err(e) = Connect::parse(&c.connect) {
+                problems.push(format!("{key}.connect: {e}"));
             }
             for (k, v) in [("producer", &c.producer), ("on_reply", &c.on_reply)] {
                 if let Some(v) = v {
@@ -437,6 +490,52 @@ impl Config {
                 problems.push(format!("{key}.outbox must be at least 1"));
             }
             max_message(problems, &key, c.max_message);
+        }
+    }
+}
+
+/// The `listen` value of server `key` and the options that go with its kind:
+/// `mode`/`owner`/`group` need a socket file, `allow_uids`/`allow_gids` a
+/// Unix socket (an activated socket's kind is checked when it is taken).
+fn validate_listen(problems: &mut Vec<String>, key: &str, s: &TcpServerConfig) {
+    let listen = match Listen::parse(&s.listen) {
+        Ok(l) => l,
+        Err(e) => {
+            problems.push(format!("{key}.listen: {e}"));
+            return;
+        }
+    };
+    let file = matches!(listen, Listen::Unix(UnixAddr::Path(_)));
+    for (opt, set) in [
+        ("mode", s.mode.is_some()),
+        ("owner", s.owner.is_some()),
+        ("group", s.group.is_some()),
+    ] {
+        if set && !file {
+            problems.push(format!(
+                "{key}.{opt}: only for a socket file (listen = \"unix:/path\"), not `{}`",
+                s.listen
+            ));
+        }
+    }
+    if file {
+        for (opt, who, group) in [("owner", &s.owner, false), ("group", &s.group, true)] {
+            if let Some(Err(e)) = who.as_ref().map(|p| resolve_id(p, group)) {
+                problems.push(format!("{key}.{opt}: {e}"));
+            }
+        }
+    }
+    let unix = matches!(listen, Listen::Unix(_) | Listen::Activated(_));
+    for (opt, list) in [("allow_uids", &s.allow_uids), ("allow_gids", &s.allow_gids)] {
+        match list {
+            Some(_) if !unix => problems.push(format!(
+                "{key}.{opt}: peer credentials exist only on Unix sockets (listen = \"unix:…\"), not `{}`",
+                s.listen
+            )),
+            Some(l) if l.is_empty() && s.allow_uids.iter().chain(&s.allow_gids).all(Vec::is_empty) => {
+                problems.push(format!("{key}.{opt}: an empty list would refuse every peer"));
+            }
+            _ => {}
         }
     }
 }

@@ -26,6 +26,7 @@ use crate::shm::channel::{ChannelParts, ShmChannel, Take};
 use crate::shm::watch::{ShmWatcher, WatchParts};
 use crate::sync::lock;
 use crate::tcp::client::{ClientParts, Outbox, TcpClient};
+use crate::tcp::listener::ListenSocket;
 use crate::tcp::server::{ServerParts, TcpServer};
 
 /// What a role resolved in Python, kept for a replacement to reuse.
@@ -106,7 +107,7 @@ pub(crate) struct Instance {
     /// Its listening socket (a duplicate) while it serves, for a replacement
     /// on the same address. Cleared when its task ends, so a server that
     /// died does not keep its port bound.
-    socket: Slot<std::net::TcpListener>,
+    socket: Slot<ListenSocket>,
     /// The address it listens on, for servers.
     pub(crate) addr: Option<SocketAddr>,
     /// A client's outbox, for a replacement to take over.
@@ -133,7 +134,7 @@ pub(crate) struct Launcher<'a> {
 /// What a new instance takes over from retiring ones (see [`Keep`]).
 pub(crate) struct Takeover {
     /// A duplicate of the listening socket on the same address.
-    pub(crate) socket: Option<std::net::TcpListener>,
+    pub(crate) socket: Option<ListenSocket>,
     /// The old user of the same shm file (start once it ended), and how to take the file.
     pub(crate) file: Option<(Done, Take)>,
     /// The old client's outbox (take it once that instance ended).
@@ -198,17 +199,23 @@ impl Launcher<'_> {
         cfg: &RoleConfig,
         parts: Parts,
         takeover: Takeover,
-    ) -> Result<Ready, String> {
+    ) -> Result<Ready, crate::Error> {
         let Takeover {
             socket,
             file,
             outbox,
         } = takeover;
-        let region_err = |e: &dyn std::fmt::Display| format!("shm region `{name}`: {e}");
+        let region_err =
+            |e: &dyn std::fmt::Display| crate::Error::Startup(format!("shm region `{name}`: {e}"));
         Ok(match (cfg, parts) {
             (RoleConfig::Server(c), Parts::Server(p)) => {
                 Ready::Server(TcpServer::listen(c, p, socket).map_err(|e| {
-                    format!("tcp server `{name}` cannot listen on {}: {e}", c.listen)
+                    let why = format!("tcp server `{name}` cannot listen on {}: {e}", c.listen);
+                    if e.is_config() {
+                        crate::Error::Listen(why)
+                    } else {
+                        crate::Error::Startup(why)
+                    }
                 })?)
             }
             (RoleConfig::Client(c), Parts::Client(p)) => {
@@ -246,9 +253,9 @@ impl Launcher<'_> {
                 },
             },
             _ => {
-                return Err(format!(
+                return Err(crate::Error::Startup(format!(
                     "role `{name}`: resolved parts do not match its kind"
-                ));
+                )));
             }
         })
     }
@@ -269,7 +276,7 @@ impl Launcher<'_> {
         let is_client = matches!(ready, Ready::Client { .. });
         let after = ready.after().cloned();
         let health: Slot<HealthLatch> = Arc::default();
-        let socket: Slot<std::net::TcpListener> = Arc::default();
+        let socket: Slot<ListenSocket> = Arc::default();
         let (mut addr, mut outbox) = (None, None);
         // The role's /metrics series exist (at zero) before readiness is
         // reported, not from whenever its task or thread first runs.
@@ -284,7 +291,7 @@ impl Launcher<'_> {
         let (parts, body): (Parts, Body) = match ready {
             Ready::Server(server) => {
                 *lock(&socket) = server.socket().ok();
-                addr = server.local_addr().ok();
+                addr = server.local_addr();
                 (
                     Parts::Server(server.parts().clone()),
                     Box::new(move |ctx| server.serve(ctx).boxed()),
@@ -397,7 +404,7 @@ type Body = Box<dyn FnOnce(Context) -> BoxFuture<'static, ()> + Send>;
 
 impl Instance {
     /// A duplicate of its listening socket, for a replacement.
-    pub(crate) fn socket(&self) -> Option<std::net::TcpListener> {
+    pub(crate) fn socket(&self) -> Option<ListenSocket> {
         lock(&self.socket).as_ref().and_then(|s| s.try_clone().ok())
     }
 

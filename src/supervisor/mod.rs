@@ -90,9 +90,7 @@ impl Supervisor {
             let parts = instance::resolve(&wanted[&name], None, &keep)
                 .await
                 .map_err(Error::Target)?;
-            let ready = self
-                .prepare(&name, &wanted[&name], parts, &keep)
-                .map_err(Error::Startup)?;
+            let ready = self.prepare(&name, &wanted[&name], parts, &keep)?;
             let instance =
                 self.launcher()
                     .launch(&name, wanted[&name].clone(), ready, next_generation());
@@ -147,8 +145,11 @@ impl Supervisor {
             };
             match self.prepare(name, &wanted[name], parts, keep) {
                 Ok(ready) => prepared.push((name.clone(), keep.clone(), ready)),
+                Err(Error::Startup(why) | Error::Listen(why)) => {
+                    failures.insert(name.clone(), Failure::Start(why));
+                }
                 Err(e) => {
-                    failures.insert(name.clone(), Failure::Start(e));
+                    failures.insert(name.clone(), Failure::Start(e.to_string()));
                 }
             }
         }
@@ -244,7 +245,7 @@ impl Supervisor {
         cfg: &RoleConfig,
         parts: Parts,
         keep: &Keep,
-    ) -> Result<instance::Ready, String> {
+    ) -> Result<instance::Ready, Error> {
         let old = |from: &str| self.running.get(from);
         let takeover = Takeover {
             socket: keep

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::config::{Config, ShmMode, ShmRegionConfig, TcpClientConfig, TcpServerConfig};
 use crate::shm::channel::Take;
+use crate::tcp::endpoint::Listen;
 
 /// A role's configuration, compared on reload.
 #[derive(Debug, Clone, PartialEq)]
@@ -55,14 +56,17 @@ impl RoleConfig {
         }
     }
 
-    /// The listening address of a server, normalised (`:80` = `127.0.0.1:80`);
-    /// none for port 0 (each bind is another port: nothing to hand over).
+    /// The listening address of a server, normalised (`:80` = `127.0.0.1:80`,
+    /// `unix:/p`, `unix:@n`); none for port 0 (each bind is another port:
+    /// nothing to hand over) and for a socket systemd passed (every instance
+    /// takes its own duplicate of it).
     fn listen(&self) -> Option<String> {
         match self {
-            RoleConfig::Server(s) => crate::tcp::parse_listen(&s.listen)
-                .ok()
-                .filter(|a| a.port() != 0)
-                .map(|a| a.to_string()),
+            RoleConfig::Server(s) => match Listen::parse(&s.listen).ok()? {
+                Listen::Tcp(a) if a.port() == 0 => None,
+                Listen::Activated(_) => None,
+                l => Some(l.to_string()),
+            },
             _ => None,
         }
     }

@@ -1,4 +1,5 @@
-//! `[[tcp.client]]`: connects out (with `connect_timeout`), reconnects with
+//! `[[tcp.client]]`: connects out over TCP or a Unix socket (with
+//! `connect_timeout`), reconnects with
 //! exponential backoff, and sends, in order: the scripted `send` list
 //! (`repeat` times, `interval` apart), messages yielded by a Python
 //! `producer` generator, and messages from `pyipcd.send(role, data)`. Each
@@ -20,12 +21,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use pyo3::prelude::*;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
+use super::endpoint::Connect;
 use super::framing::FrameCodec;
+use super::stream::{Connected, Duplex, connect};
 use crate::config::TcpClientConfig;
 use crate::py::handler::{Handler, Runs, format_exception};
 use crate::py::pool::GilPool;
@@ -164,10 +166,17 @@ impl TcpClient {
         }
         drop(tx);
         let mut delay = cfg.backoff_min;
+        let to = match Connect::parse(&cfg.connect) {
+            Ok(to) => to,
+            Err(e) => {
+                tracing::error!(role = %cfg.name, "not started: connect: {e}");
+                return;
+            }
+        };
         while !token.is_cancelled() {
             let stream = tokio::select! {
                 _ = token.cancelled() => break,
-                s = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(&cfg.connect)) => s,
+                s = tokio::time::timeout(cfg.connect_timeout, connect(&to)) => s,
             };
             let stream = match stream {
                 Ok(Ok(s)) => s,
@@ -187,12 +196,18 @@ impl TcpClient {
                 }
             };
             delay = cfg.backoff_min;
-            let _ = stream.set_nodelay(true);
             tracing::info!(role = %cfg.name, "connected to {}", cfg.connect);
             ctx.health.up();
-            let why = self
-                .session(stream, &mut outbox, &mut pending, pool, token)
-                .await;
+            let why = match stream {
+                Connected::Tcp(s) => {
+                    self.session(s, &mut outbox, &mut pending, pool, token)
+                        .await
+                }
+                Connected::Unix(s) => {
+                    self.session(s, &mut outbox, &mut pending, pool, token)
+                        .await
+                }
+            };
             ctx.health
                 .down(&format!("connection to {} lost: {why}", cfg.connect));
             if !token.is_cancelled() {
@@ -219,9 +234,9 @@ impl TcpClient {
     }
 
     /// One connection: returns why it ended.
-    async fn session(
+    async fn session<S: Duplex>(
         &self,
-        stream: TcpStream,
+        stream: S,
         outbox: &mut mpsc::Receiver<Bytes>,
         pending: &mut Option<Bytes>,
         pool: &Arc<GilPool>,
@@ -229,7 +244,7 @@ impl TcpClient {
     ) -> String {
         let cfg = &self.config;
         let max = usize::try_from(cfg.max_message.as_u64()).unwrap_or(usize::MAX);
-        let (r, w) = stream.into_split();
+        let (r, w) = stream.split();
         let mut reader = FramedRead::new(r, FrameCodec::new(cfg.framing, max));
         let mut writer = FramedWrite::new(w, FrameCodec::new(cfg.framing, max));
         if let Some(msg) = pending.take()

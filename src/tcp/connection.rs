@@ -8,13 +8,12 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, SinkExt, StreamExt};
-use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
 use super::dispatch::{Batch, Dispatch, Replies, Reply, Submitted};
 use super::framing::{FrameCodec, FrameError};
+use super::stream::Duplex;
 use crate::admin::series::MessageSeries;
 use crate::config::TcpServerConfig;
 use crate::py::handler::CallContext;
@@ -42,15 +41,15 @@ enum Read {
 
 /// Serves one connection until the peer closes, an error closes it, it idles
 /// out, or `stop` is cancelled (then in-flight requests are answered first).
-pub(crate) async fn serve(
+pub(crate) async fn serve<S: Duplex>(
     cfg: &TcpServerConfig,
     dispatch: &Dispatch,
-    stream: TcpStream,
+    stream: S,
     ctx: &Arc<CallContext>,
     stop: &CancellationToken,
 ) {
     let max = usize::try_from(cfg.max_message.as_u64()).unwrap_or(usize::MAX);
-    let (r, w) = stream.into_split();
+    let (r, w) = stream.split();
     // No buffers until there is traffic (see `next_frame`).
     let mut reader = FramedRead::with_capacity(r, FrameCodec::new(cfg.framing, max), 0);
     let mut writer = FramedWrite::with_capacity(w, FrameCodec::new(cfg.framing, max), 0);
@@ -122,7 +121,7 @@ pub(crate) async fn serve(
                     quiet.as_mut().reset(tokio::time::Instant::from_std(at));
                 }
             }
-            frame = next_frame(&mut reader), if reading && pending < cfg.pipeline => {
+            frame = next_frame::<S>(&mut reader), if reading && pending < cfg.pipeline => {
                 last_read = tokio::time::Instant::now();
                 if !holding_buffers {
                     holding_buffers = true;
@@ -179,13 +178,11 @@ pub(crate) async fn serve(
 /// The next frame. A connection without a read buffer (new, or quiet for a
 /// while) waits for the socket to be readable before it takes one, so an
 /// idle connection holds none.
-async fn next_frame(
-    reader: &mut FramedRead<OwnedReadHalf, FrameCodec>,
+async fn next_frame<S: Duplex>(
+    reader: &mut FramedRead<S::Read, FrameCodec>,
 ) -> Option<Result<Bytes, FrameError>> {
     if reader.read_buffer().capacity() == 0 {
-        // `peek` waits for a byte (or the end) without taking it; readiness
-        // alone can be reported for a socket with nothing to read yet.
-        if let Err(e) = reader.get_mut().peek(&mut [0u8; 1]).await {
+        if let Err(e) = S::wait_data(reader.get_mut()).await {
             return Some(Err(e.into()));
         }
         reader.read_buffer_mut().reserve(READ_BUFFER);
@@ -195,9 +192,9 @@ async fn next_frame(
 
 /// Gives back the buffers of a quiet connection if they hold nothing;
 /// returns whether both were released.
-fn release_buffers(
-    reader: &mut FramedRead<OwnedReadHalf, FrameCodec>,
-    writer: &mut FramedWrite<OwnedWriteHalf, FrameCodec>,
+fn release_buffers<R, W>(
+    reader: &mut FramedRead<R, FrameCodec>,
+    writer: &mut FramedWrite<W, FrameCodec>,
 ) -> bool {
     let mut released = true;
     if reader.read_buffer().is_empty() {
@@ -215,9 +212,9 @@ fn release_buffers(
 
 /// Takes `first` and every further message already decoded or readable
 /// without waiting, up to `room`: pipelined requests cross to Python together.
-fn read_batch(
+fn read_batch<R: tokio::io::AsyncRead + Unpin>(
     first: Option<Result<Bytes, FrameError>>,
-    reader: &mut FramedRead<OwnedReadHalf, FrameCodec>,
+    reader: &mut FramedRead<R, FrameCodec>,
     room: usize,
     reading: &mut bool,
 ) -> Read {

@@ -1,4 +1,7 @@
-//! TCP roles. `server` accepts; `connection` serves each connection
+//! Stream roles, over TCP or Unix sockets. `endpoint` parses where a role
+//! listens or connects; `listener` binds (or takes from systemd) a server's
+//! socket, `socket_file` guards a Unix socket's file, `stream` puts both
+//! stream kinds behind one trait. `server` accepts; `connection` serves each connection
 //! (decode, submit, reply in request order) through `dispatch`, the one
 //! place that knows whether calls go to the GIL pool or run inline on the
 //! role's own interpreter thread (`inline`). `client` connects out with
@@ -10,9 +13,13 @@
 pub(crate) mod client;
 mod connection;
 mod dispatch;
+pub mod endpoint;
 pub mod framing;
 mod inline;
+pub(crate) mod listener;
 pub(crate) mod server;
+pub mod socket_file;
+pub(crate) mod stream;
 
 use std::net::SocketAddr;
 
@@ -34,26 +41,47 @@ pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
 
 /// Binds (and at once releases) every address the config listens on (TCP
 /// servers and the admin endpoint), as `run` will; one problem per address
-/// that cannot be bound (in use, not local, not permitted).
+/// that cannot be bound (in use, not local, not permitted). A Unix socket
+/// path is only looked at (live, or not a socket, or no such directory); a
+/// socket systemd will pass is not checked.
 pub fn check_binds(cfg: &crate::config::Config) -> Vec<String> {
+    use endpoint::{Listen, UnixAddr};
     let servers = cfg.tcp.server.iter().enumerate().map(|(i, s)| {
         (
             format!("tcp.server[{i}].listen (role {})", s.name),
-            &s.listen,
+            Listen::parse(&s.listen),
         )
     });
     let admin = cfg
         .admin
         .listen
         .iter()
-        .map(|l| ("admin.listen".to_string(), l));
+        .map(|l| ("admin.listen".to_string(), parse_listen(l).map(Listen::Tcp)));
     servers
         .chain(admin)
-        .filter_map(|(key, listen)| {
-            let addr = parse_listen(listen).ok()?;
-            std::net::TcpListener::bind(addr)
+        .filter_map(|(key, listen)| match listen.ok()? {
+            Listen::Tcp(addr) => std::net::TcpListener::bind(addr)
                 .err()
-                .map(|e| format!("{key}: cannot listen on {addr}: {e}"))
+                .map(|e| format!("{key}: cannot listen on {addr}: {e}")),
+            Listen::Unix(UnixAddr::Path(p)) => match p.parent() {
+                Some(dir) if !dir.is_dir() => Some(format!(
+                    "{key}: cannot listen on unix:{}: directory {} does not exist",
+                    p.display(),
+                    dir.display()
+                )),
+                _ => socket_file::inspect(&p)
+                    .err()
+                    .map(|e| format!("{key}: {e}")),
+            },
+            Listen::Unix(addr @ UnixAddr::Abstract(_)) => {
+                let bound =
+                    socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)
+                        .and_then(|s| s.bind(&addr.sock_addr()?));
+                bound
+                    .err()
+                    .map(|e| format!("{key}: cannot listen on {addr}: {e}"))
+            }
+            Listen::Activated(_) => None,
         })
         .collect()
 }

@@ -7,25 +7,29 @@
 //! its connection; a handler exception (logged with its traceback) means no
 //! reply for that message and the connection stays open, for every framing.
 //!
+//! It listens on TCP, on a Unix socket (file or abstract name; peers are
+//! then known by their credentials and may be limited with `allow_uids` /
+//! `allow_gids`), or on a socket systemd passed (`tcp::listener`).
+//!
 //! On a reload the listening socket is handed to the replacement instance
 //! (a duplicate of the same socket, so no connect is refused), and the
 //! retired instance's open connections finish on its handler.
 
 use std::net::SocketAddr;
-use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use pyo3::prelude::*;
-use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::dispatch::{Dispatch, Hook};
+use super::listener::{Accepted, ListenError, ListenSocket, Listener};
+use super::stream::{Duplex, Peer};
 use crate::admin::series::ServerSeries;
-use crate::config::{DEFAULT_BACKLOG, Dispatch as Mode, TcpServerConfig};
+use crate::config::{Dispatch as Mode, TcpServerConfig};
 use crate::py::handler::{CallContext, Handler, Runs};
 use crate::py::target::ResolveError;
 use crate::role::Context;
@@ -90,89 +94,44 @@ impl ServerParts {
     }
 }
 
-/// The listen backlog for `cfg`: its `backlog`, capped (and logged) by the
-/// kernel's `net.core.somaxconn`, which Linux applies silently.
-fn backlog(cfg: &TcpServerConfig) -> i32 {
-    let set = cfg.backlog.unwrap_or(DEFAULT_BACKLOG);
-    let wanted = i32::try_from(set).unwrap_or(i32::MAX);
-    let cap = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
-        .ok()
-        .and_then(|s| s.trim().parse::<i32>().ok());
-    match cap {
-        Some(cap) if cap < wanted => {
-            let why = format!(
-                "backlog {wanted} capped to {cap} by net.core.somaxconn (sysctl -w net.core.somaxconn={wanted} lifts it)"
-            );
-            if cfg.backlog.is_some() {
-                tracing::warn!(role = %cfg.name, "{why}");
-            } else {
-                tracing::info!(role = %cfg.name, "{why}");
-            }
-            cap
-        }
-        _ => wanted,
-    }
-}
-
 /// A server instance, listening, ready to [`TcpServer::serve`].
 pub struct TcpServer {
     config: TcpServerConfig,
     parts: ServerParts,
-    listener: TcpListener,
+    socket: ListenSocket,
 }
 
 impl TcpServer {
     /// Listens on `cfg.listen` with `cfg.backlog`: on `handover` (the socket
-    /// of the instance this one replaces) when given, else on a newly bound
-    /// socket.
+    /// of the instance this one replaces) when given, else on a socket bound
+    /// (or taken from systemd) now.
     ///
     /// # Errors
-    /// If the address is invalid or cannot be bound (in use, no permission).
-    pub fn listen(
+    /// [`ListenError`]: an invalid or taken address, a live socket file, a
+    /// socket systemd did not pass.
+    pub(crate) fn listen(
         cfg: &TcpServerConfig,
         parts: ServerParts,
-        handover: Option<std::net::TcpListener>,
-    ) -> std::io::Result<Self> {
-        let backlog = backlog(cfg);
-        let socket = match handover {
-            Some(socket) => socket2::Socket::from(std::os::fd::OwnedFd::from(socket)),
-            None => {
-                let addr = super::parse_listen(&cfg.listen).map_err(std::io::Error::other)?;
-                let socket = socket2::Socket::new(
-                    socket2::Domain::for_address(addr),
-                    socket2::Type::STREAM.cloexec(),
-                    None,
-                )?;
-                socket.set_reuse_address(true)?;
-                socket.bind(&addr.into())?;
-                socket
-            }
-        };
-        // On a handed-over socket this only sets the (maybe new) backlog.
-        socket.listen(backlog)?;
-        socket.set_nonblocking(true)?;
-        let listener = TcpListener::from_std(std::net::TcpListener::from(socket))?;
+        handover: Option<ListenSocket>,
+    ) -> Result<Self, ListenError> {
         Ok(Self {
             config: cfg.clone(),
+            socket: ListenSocket::open(cfg, handover)?,
             parts,
-            listener,
         })
     }
 
-    /// The bound address (useful with port 0).
-    ///
-    /// # Errors
-    /// If the OS cannot tell.
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+    /// The bound TCP address (useful with port 0); none for a Unix socket.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.socket.tcp_addr()
     }
 
     /// A duplicate of the listening socket, for a replacement instance.
     ///
     /// # Errors
     /// If the descriptor cannot be duplicated (out of descriptors).
-    pub fn socket(&self) -> std::io::Result<std::net::TcpListener> {
-        Ok(self.listener.as_fd().try_clone_to_owned()?.into())
+    pub(crate) fn socket(&self) -> std::io::Result<ListenSocket> {
+        self.socket.try_clone()
     }
 
     /// The resolved Python parts, for a replacement instance.
@@ -185,30 +144,26 @@ impl TcpServer {
     pub async fn serve(self, ctx: Context) {
         ctx.pool
             .set_max_in_flight(&ctx.name, self.config.max_in_flight);
-        match self.config.dispatch {
-            Mode::Pool => {
-                let dispatch = Dispatch::pool(self.parts.handler.clone(), ctx.pool.clone());
-                self.accept(dispatch, &ctx).await;
-            }
+        let Self {
+            config,
+            parts,
+            socket,
+        } = self;
+        let shown = socket.describe();
+        match config.dispatch {
+            Mode::Pool => match socket.into_listener() {
+                Ok(listener) => {
+                    let dispatch = Dispatch::pool(parts.handler.clone(), ctx.pool.clone());
+                    accept(config, parts, listener, shown, dispatch, &ctx).await;
+                }
+                Err(e) => tracing::error!(role = %ctx.name, "cannot listen: {e}"),
+            },
             Mode::Inline => {
-                let listener = match self.listener.into_std() {
-                    Ok(l) => l,
-                    Err(e) => {
-                        tracing::error!(role = %ctx.name, "cannot hand the listener to its thread: {e}");
-                        return;
-                    }
-                };
-                let (config, parts) = (self.config, self.parts);
                 super::inline::on_own_thread(ctx, move |watched, ctx| async move {
-                    match TcpListener::from_std(listener) {
+                    match socket.into_listener() {
                         Ok(listener) => {
                             let dispatch = Dispatch::inline(parts.handler.clone(), watched);
-                            let server = TcpServer {
-                                config,
-                                parts,
-                                listener,
-                            };
-                            server.accept(dispatch, &ctx).await;
+                            accept(config, parts, listener, shown, dispatch, &ctx).await;
                         }
                         Err(e) => tracing::error!(role = %ctx.name, "cannot listen: {e}"),
                     }
@@ -217,87 +172,144 @@ impl TcpServer {
             }
         }
     }
+}
 
-    /// Accepts until `ctx.intake` is cancelled, then lets open connections
-    /// finish (until they close, or `ctx.stop`: then they stop reading and
-    /// answer what is in flight).
-    async fn accept(self, dispatch: Dispatch, ctx: &Context) {
-        let Self {
-            config: cfg,
-            parts,
-            listener,
-        } = self;
-        let (cfg, parts) = (Arc::new(cfg), Arc::new(parts));
-        let limit = Arc::new(Semaphore::new(cfg.max_connections));
-        let connections = TaskTracker::new();
-        let ids = AtomicU64::new(0);
-        let series = ServerSeries::register(&cfg.name);
-        tracing::info!(role = %cfg.name, addr = %listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), framing = ?cfg.framing, handler = %cfg.handler, "listening");
-        loop {
-            let accepted = tokio::select! {
-                _ = ctx.intake.cancelled() => break,
-                a = listener.accept() => a,
-            };
-            let (stream, peer) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(role = %cfg.name, "accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let Ok(permit) = limit.clone().try_acquire_owned() else {
-                series.refused.increment(1);
-                tracing::warn!(role = %cfg.name, %peer, "refusing connection: max_connections ({}) reached", cfg.max_connections);
+/// Whether `peer` may connect to a server with `cfg`'s `allow_uids` and
+/// `allow_gids` (a peer matching either list may; without lists, anyone).
+fn allowed(cfg: &TcpServerConfig, peer: &Peer) -> bool {
+    let Peer::Unix { uid, gid, .. } = peer else {
+        return true;
+    };
+    match (&cfg.allow_uids, &cfg.allow_gids) {
+        (None, None) => true,
+        (uids, gids) => {
+            uids.as_ref().is_some_and(|l| l.contains(uid))
+                || gids.as_ref().is_some_and(|l| l.contains(gid))
+        }
+    }
+}
+
+/// What every connection of one server instance shares.
+struct Shared {
+    cfg: Arc<TcpServerConfig>,
+    parts: Arc<ServerParts>,
+    dispatch: Dispatch,
+    stop: tokio_util::sync::CancellationToken,
+    open: metrics::Gauge,
+}
+
+/// Serves one accepted connection: hooks around [`super::connection::serve`].
+async fn connection<S: Duplex>(
+    shared: Shared,
+    stream: S,
+    conn: Arc<CallContext>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let Shared {
+        cfg,
+        parts,
+        dispatch,
+        stop,
+        open,
+    } = shared;
+    open.increment(1.0);
+    if let Some(h) = &parts.on_connect {
+        Box::pin(dispatch.fire(h, &conn)).await;
+    }
+    super::connection::serve(&cfg, &dispatch, stream, &conn, &stop).await;
+    if let Some(h) = &parts.on_close {
+        Box::pin(dispatch.fire(h, &conn)).await;
+    }
+    drop(permit);
+    open.decrement(1.0);
+}
+
+/// Accepts until `ctx.intake` is cancelled, then lets open connections
+/// finish (until they close, or `ctx.stop`: then they stop reading and
+/// answer what is in flight).
+async fn accept(
+    cfg: TcpServerConfig,
+    parts: ServerParts,
+    listener: Listener,
+    shown: String,
+    dispatch: Dispatch,
+    ctx: &Context,
+) {
+    let (cfg, parts) = (Arc::new(cfg), Arc::new(parts));
+    let limit = Arc::new(Semaphore::new(cfg.max_connections));
+    let connections = TaskTracker::new();
+    let ids = AtomicU64::new(0);
+    let series = ServerSeries::register(&cfg.name);
+    tracing::info!(role = %cfg.name, addr = %shown, framing = ?cfg.framing, handler = %cfg.handler, "listening");
+    loop {
+        let accepted = tokio::select! {
+            _ = ctx.intake.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        let accepted = match accepted {
+            Ok(a) => a,
+            Err(e) if e.kind() == std::io::ErrorKind::NotConnected => {
+                // A Unix peer gone before its credentials were read.
+                tracing::debug!(role = %cfg.name, "peer left before it was served: {e}");
                 continue;
-            };
-            let conn_id = ids.fetch_add(1, Ordering::Relaxed) + 1;
-            let span = tracing::info_span!("conn", role = %cfg.name, conn_id, %peer);
-            let conn = Arc::new(CallContext {
-                conn_id,
-                peer: peer.to_string(),
-            });
-            let (cfg, parts, dispatch, stop, open) = (
-                cfg.clone(),
-                parts.clone(),
-                dispatch.clone(),
-                ctx.stop.clone(),
-                series.open.clone(),
-            );
-            connections.spawn(
-                async move {
-                    open.increment(1.0);
-                    let _ = stream.set_nodelay(true);
-                    if let Some(h) = &parts.on_connect {
-                        Box::pin(dispatch.fire(h, &conn)).await;
-                    }
-                    super::connection::serve(&cfg, &dispatch, stream, &conn, &stop).await;
-                    if let Some(h) = &parts.on_close {
-                        Box::pin(dispatch.fire(h, &conn)).await;
-                    }
-                    drop(permit);
-                    open.decrement(1.0);
-                }
-                .instrument(span),
-            );
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(role = %cfg.name, "accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let peer = match &accepted {
+            Accepted::Tcp(_, p) | Accepted::Unix(_, p) => *p,
+        };
+        if !allowed(&cfg, &peer) {
+            series.denied.increment(1);
+            tracing::warn!(role = %cfg.name, %peer, "refusing connection: peer not in allow_uids/allow_gids");
+            continue;
         }
-        // Free this instance's hold on the socket now (a replacement holds
-        // its own) while the connections finish.
-        drop(listener);
-        connections.close();
-        if !connections.is_empty() && !ctx.stop.is_cancelled() {
-            tracing::info!(role = %cfg.name, "stopped accepting; {} open connection(s) finish on this instance", connections.len());
-        }
-        tokio::select! {
-            () = connections.wait() => {}
-            () = ctx.stop.cancelled() => {
-                if !connections.is_empty() {
-                    tracing::info!(role = %cfg.name, "closing {} open connection(s) once their in-flight requests are answered", connections.len());
-                }
-                connections.wait().await;
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            series.refused.increment(1);
+            tracing::warn!(role = %cfg.name, %peer, "refusing connection: max_connections ({}) reached", cfg.max_connections);
+            continue;
+        };
+        let conn_id = ids.fetch_add(1, Ordering::Relaxed) + 1;
+        let span = tracing::info_span!("conn", role = %cfg.name, conn_id, %peer);
+        let conn = Arc::new(CallContext {
+            conn_id,
+            peer: peer.to_string(),
+        });
+        let shared = Shared {
+            cfg: cfg.clone(),
+            parts: parts.clone(),
+            dispatch: dispatch.clone(),
+            stop: ctx.stop.clone(),
+            open: series.open.clone(),
+        };
+        match accepted {
+            Accepted::Tcp(stream, _) => {
+                connections.spawn(connection(shared, stream, conn, permit).instrument(span));
+            }
+            Accepted::Unix(stream, _) => {
+                connections.spawn(connection(shared, stream, conn, permit).instrument(span));
             }
         }
-        tracing::info!(role = %cfg.name, "stopped listening");
     }
+    // Free this instance's hold on the socket now (a replacement holds
+    // its own) while the connections finish.
+    drop(listener);
+    connections.close();
+    if !connections.is_empty() && !ctx.stop.is_cancelled() {
+        tracing::info!(role = %cfg.name, "stopped accepting; {} open connection(s) finish on this instance", connections.len());
+    }
+    tokio::select! {
+        () = connections.wait() => {}
+        () = ctx.stop.cancelled() => {
+            if !connections.is_empty() {
+                tracing::info!(role = %cfg.name, "closing {} open connection(s) once their in-flight requests are answered", connections.len());
+            }
+            connections.wait().await;
+        }
+    }
+    tracing::info!(role = %cfg.name, "stopped listening");
 }

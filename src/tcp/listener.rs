@@ -1,0 +1,279 @@
+//! A server's listening socket, of any kind its `listen` names: bound here
+//! (TCP, a Unix socket file with its permissions, an abstract name), taken
+//! from systemd, or handed over by the instance a reload replaces. Kept as a
+//! plain descriptor until it serves, so it can move to the runtime (or the
+//! role's own thread) that accepts on it.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+
+use super::endpoint::{Listen, UnixAddr};
+use super::socket_file::{self, PathTaken, SocketFile};
+use super::stream::Peer;
+use crate::config::{DEFAULT_BACKLOG, TcpServerConfig};
+
+/// Why a server cannot listen.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    /// The socket path is live or not a socket (a configuration error).
+    #[error(transparent)]
+    Taken(#[from] PathTaken),
+    /// The socket systemd should have passed is missing or unusable, or the
+    /// socket file's owner or group is unknown (a configuration error).
+    #[error("{0}")]
+    Config(String),
+    /// The operating system refused (address in use, no permission…).
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+impl ListenError {
+    /// Whether a corrected config (not a retry) is what fixes it: exit 78.
+    pub fn is_config(&self) -> bool {
+        !matches!(self, ListenError::Io(_))
+    }
+}
+
+/// A listening socket not yet serving, and its socket file if it has one.
+#[derive(Debug)]
+pub(crate) struct ListenSocket {
+    fd: OwnedFd,
+    unix: bool,
+    file: Option<Arc<SocketFile>>,
+    activated: bool,
+}
+
+impl ListenSocket {
+    /// Listens as `cfg` says: on `handover` (the socket of the instance this
+    /// one replaces) when given, else on a socket bound or taken now.
+    ///
+    /// # Errors
+    /// [`ListenError`]; a socket file already bound is removed again.
+    pub(crate) fn open(
+        cfg: &TcpServerConfig,
+        handover: Option<ListenSocket>,
+    ) -> Result<Self, ListenError> {
+        let listen = Listen::parse(&cfg.listen).map_err(ListenError::Config)?;
+        let backlog = backlog(cfg);
+        let (socket, unix, file, activated) = match (handover, &listen) {
+            (Some(old), _) => {
+                if let (Some(_), Listen::Unix(UnixAddr::Path(p))) = (&old.file, &listen) {
+                    socket_file::set_access(p, cfg).map_err(ListenError::Config)?;
+                }
+                (
+                    socket2::Socket::from(old.fd),
+                    old.unix,
+                    old.file,
+                    old.activated,
+                )
+            }
+            (None, Listen::Tcp(addr)) => {
+                let socket = socket2::Socket::new(
+                    socket2::Domain::for_address(*addr),
+                    socket2::Type::STREAM.cloexec(),
+                    None,
+                )?;
+                socket.set_reuse_address(true)?;
+                socket.bind(&(*addr).into())?;
+                (socket, false, None, false)
+            }
+            (None, Listen::Unix(addr)) => {
+                if let UnixAddr::Path(p) = addr {
+                    socket_file::clear(p, &cfg.name)?;
+                }
+                let socket = socket2::Socket::new(
+                    socket2::Domain::UNIX,
+                    socket2::Type::STREAM.cloexec(),
+                    None,
+                )?;
+                socket
+                    .bind(&addr.sock_addr()?)
+                    .map_err(|e| io::Error::new(e.kind(), format!("cannot bind {addr}: {e}")))?;
+                let file = match addr {
+                    UnixAddr::Path(p) => {
+                        let file = Arc::new(SocketFile::bound(p)?);
+                        // Before `listen`: until then no one can connect.
+                        socket_file::set_access(p, cfg).map_err(ListenError::Config)?;
+                        Some(file)
+                    }
+                    UnixAddr::Abstract(_) => None,
+                };
+                (socket, true, file, false)
+            }
+            (None, Listen::Activated(name)) => {
+                let socket = socket2::Socket::from(
+                    crate::systemd::activated(name).map_err(ListenError::Config)?,
+                );
+                let unix = check_activated(&socket, name, cfg)?;
+                (socket, unix, None, true)
+            }
+        };
+        // systemd's own Backlog= stands for an activated socket; on a
+        // handed-over one this only sets the (maybe new) backlog.
+        if !activated {
+            socket.listen(backlog)?;
+        }
+        socket.set_nonblocking(true)?;
+        Ok(Self {
+            fd: socket.into(),
+            unix,
+            file,
+            activated,
+        })
+    }
+
+    /// A duplicate, for the instance that replaces this one.
+    ///
+    /// # Errors
+    /// If the descriptor cannot be duplicated (out of descriptors).
+    pub(crate) fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self {
+            fd: self.fd.try_clone()?,
+            unix: self.unix,
+            file: self.file.clone(),
+            activated: self.activated,
+        })
+    }
+
+    /// The TCP address it is bound to (none for a Unix socket).
+    pub(crate) fn tcp_addr(&self) -> Option<SocketAddr> {
+        if self.unix {
+            return None;
+        }
+        socket2::SockRef::from(&self.fd.as_fd())
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+    }
+
+    /// What it listens on, for the log: `127.0.0.1:5000`, `unix:/path`, `unix:@name`.
+    pub(crate) fn describe(&self) -> String {
+        let Ok(a) = socket2::SockRef::from(&self.fd.as_fd()).local_addr() else {
+            return "?".into();
+        };
+        if let Some(ip) = a.as_socket() {
+            ip.to_string()
+        } else if let Some(p) = a.as_pathname() {
+            format!("unix:{}", p.display())
+        } else if let Some(n) = a.as_abstract_namespace() {
+            format!("unix:@{}", String::from_utf8_lossy(n))
+        } else {
+            "unix:?".into()
+        }
+    }
+
+    /// Registers with the current tokio runtime.
+    ///
+    /// # Errors
+    /// If there is no runtime, or registering fails.
+    pub(crate) fn into_listener(self) -> io::Result<Listener> {
+        let inner = if self.unix {
+            Inner::Unix(UnixListener::from_std(self.fd.into())?)
+        } else {
+            Inner::Tcp(TcpListener::from_std(self.fd.into())?)
+        };
+        Ok(Listener {
+            inner,
+            _file: self.file,
+        })
+    }
+}
+
+/// Reads what kind an activated socket is, and refuses what cannot serve:
+/// not a listening stream socket, or a TCP one with `allow_uids`/`allow_gids`.
+fn check_activated(
+    socket: &socket2::Socket,
+    name: &str,
+    cfg: &TcpServerConfig,
+) -> Result<bool, ListenError> {
+    let bad =
+        |why: String| ListenError::Config(format!("the socket systemd passed as `{name}` {why}"));
+    if socket.r#type()? != socket2::Type::STREAM || !socket.is_listener()? {
+        return Err(bad(
+            "is not a listening stream socket (use ListenStream= in the .socket unit)".into(),
+        ));
+    }
+    let domain = socket.domain()?;
+    let unix = domain == socket2::Domain::UNIX;
+    if !unix && domain != socket2::Domain::IPV4 && domain != socket2::Domain::IPV6 {
+        return Err(bad(format!(
+            "has an address family pyipcd does not serve ({domain:?})"
+        )));
+    }
+    if !unix && (cfg.allow_uids.is_some() || cfg.allow_gids.is_some()) {
+        return Err(bad(
+            "is a TCP socket: allow_uids/allow_gids need a Unix socket (peer credentials)".into(),
+        ));
+    }
+    Ok(unix)
+}
+
+/// The listen backlog for `cfg`: its `backlog`, capped (and logged) by the
+/// kernel's `net.core.somaxconn`, which Linux applies silently.
+fn backlog(cfg: &TcpServerConfig) -> i32 {
+    let set = cfg.backlog.unwrap_or(DEFAULT_BACKLOG);
+    let wanted = i32::try_from(set).unwrap_or(i32::MAX);
+    let cap = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok());
+    match cap {
+        Some(cap) if cap < wanted => {
+            let why = format!(
+                "backlog {wanted} capped to {cap} by net.core.somaxconn (sysctl -w net.core.somaxconn={wanted} lifts it)"
+            );
+            if cfg.backlog.is_some() {
+                tracing::warn!(role = %cfg.name, "{why}");
+            } else {
+                tracing::info!(role = %cfg.name, "{why}");
+            }
+            cap
+        }
+        _ => wanted,
+    }
+}
+
+/// A listening socket registered with a runtime.
+pub(crate) struct Listener {
+    inner: Inner,
+    /// Keeps the socket file while this instance accepts on it.
+    _file: Option<Arc<SocketFile>>,
+}
+
+enum Inner {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+/// An accepted connection.
+pub(crate) enum Accepted {
+    /// Over TCP.
+    Tcp(TcpStream, Peer),
+    /// Over a Unix socket (its peer's credentials read).
+    Unix(UnixStream, Peer),
+}
+
+impl Listener {
+    /// The next connection.
+    ///
+    /// # Errors
+    /// What `accept` reported (EMFILE…), or a Unix peer whose credentials
+    /// cannot be read (it is gone already).
+    pub(crate) async fn accept(&self) -> io::Result<Accepted> {
+        match &self.inner {
+            Inner::Tcp(l) => {
+                let (s, a) = l.accept().await?;
+                let _ = s.set_nodelay(true);
+                Ok(Accepted::Tcp(s, Peer::Tcp(a)))
+            }
+            Inner::Unix(l) => {
+                let (s, _) = l.accept().await?;
+                let peer = Peer::of_unix(&s)?;
+                Ok(Accepted::Unix(s, peer))
+            }
+        }
+    }
+}
