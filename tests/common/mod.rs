@@ -113,24 +113,27 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `pyipcd run -c config` with an empty environment plus `env`.
     pub fn start(config: &Path, env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(bin());
+        cmd.arg("run").arg("-c").arg(config).env_clear();
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Self::spawn(cmd)
+    }
+
+    /// Spawns `cmd` (the daemon, or something that execs it) with
+    /// `NOTIFY_SOCKET` added and its stderr collected.
+    pub fn spawn(mut cmd: Command) -> Self {
         let notify_dir = tempfile::tempdir().unwrap();
         let sock_path = notify_dir.path().join("notify.sock");
         let notify = UnixDatagram::bind(&sock_path).unwrap();
         notify
             .set_read_timeout(Some(Duration::from_millis(100)))
             .unwrap();
-        let mut cmd = Command::new(bin());
-        cmd.arg("run")
-            .arg("-c")
-            .arg(config)
-            .env_clear()
-            .env("NOTIFY_SOCKET", &sock_path)
+        cmd.env("NOTIFY_SOCKET", &sock_path)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
         let mut child = cmd.spawn().expect("spawn pyipcd");
         let lines = Lines::default();
         let stderr = child.stderr.take().unwrap();
