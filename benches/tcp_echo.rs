@@ -1,7 +1,8 @@
 //! TCP echo benchmark, side by side in one run, on loopback: messages/s and
 //! p50/p99 round-trip latency through a trivial Python echo for
 //! - pyipcd (the release binary, a len32 `[[tcp.server]]`, `handlers:echo`),
-//!   with `dispatch = "pool"` and with `dispatch = "inline"`,
+//!   with `dispatch = "pool"` and with `dispatch = "inline"`, each on TCP
+//!   loopback and on a Unix socket (`listen = "unix:…"`),
 //! - a stdlib asyncio `Protocol` calling the same Python function,
 //! - the same on uvloop (skipped when `import uvloop` fails),
 //! - a Rust-only tokio len32 echo (the ceiling).
@@ -14,15 +15,17 @@
 //! Run: `cargo build --release && cargo bench --bench tcp_echo -- --seconds 2`
 //! (`--busy N`: N CPU-bound processes run beside it, a busy host)
 //! (`--io-threads N --workers N` set pyipcd's `daemon.io_threads` / `python.workers`;
-//! `--only A,B` / `--row TEXT` keep the servers / rows whose name contains one of them).
+//! `--only A,B` / `--row TEXT` keep the servers / rows whose name contains one of them;
+//! `--no-unix` leaves out the Unix-socket servers).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
 
 #[path = "common/args.rs"]
 mod args;
@@ -35,9 +38,16 @@ mod python_echo;
 use args::{arg, arg_text};
 use python_echo::free_port;
 
+/// Where a server listens.
+#[derive(Clone)]
+enum Addr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
 struct Server {
     name: String,
-    addr: SocketAddr,
+    addr: Addr,
     child: Option<Child>,
     /// pyipcd's admin endpoint (`--metrics` prints its pool counters).
     admin: Option<SocketAddr>,
@@ -52,9 +62,16 @@ impl Drop for Server {
     }
 }
 
-/// pyipcd with `dispatch = "pool"` (the default) or `"inline"`.
-fn pyipcd_server(dir: &std::path::Path, dispatch: &str) -> Server {
+/// pyipcd with `dispatch = "pool"` (the default) or `"inline"`, on TCP
+/// loopback or (`unix`) on a Unix socket in `dir`.
+fn pyipcd_server(dir: &std::path::Path, dispatch: &str, unix: bool) -> Server {
     let port = free_port();
+    let sock = dir.join(format!("bench-{dispatch}.sock"));
+    let listen = if unix {
+        format!("unix:{}", sock.display())
+    } else {
+        format!("127.0.0.1:{port}")
+    };
     // The admin endpoint only with `--metrics`: with it, every message is
     // also timed into a histogram.
     let admin_port = std::env::args().any(|a| a == "--metrics").then(free_port);
@@ -62,12 +79,12 @@ fn pyipcd_server(dir: &std::path::Path, dispatch: &str) -> Server {
         format!("[admin]\nlisten = \"127.0.0.1:{p}\"\n")
     });
     let root = env!("CARGO_MANIFEST_DIR");
-    let cfg = dir.join(format!("bench-{dispatch}.toml"));
+    let cfg = dir.join(format!("bench-{dispatch}-{unix}.toml"));
     std::fs::write(
         &cfg,
         format!(
             "[log]\nlevel = \"warn\"\n{admin}[daemon]\nio_threads = {}\n[python]\npaths = [\"{root}/python\"]\nworkers = {}\nspin = \"{}us\"\ncaller_polls = {}\n\
-             [[tcp.server]]\nname = \"bench\"\nlisten = \"127.0.0.1:{port}\"\nframing = \"len32\"\nhandler = \"handlers:echo\"\n\
+             [[tcp.server]]\nname = \"bench\"\nlisten = \"{listen}\"\nframing = \"len32\"\nhandler = \"handlers:echo\"\n\
              max_message = \"1MiB\"\npipeline = 64\ndispatch = \"{dispatch}\"\n",
             arg("--io-threads", 1.0) as usize,
             arg("--workers", 1.0) as usize,
@@ -77,14 +94,25 @@ fn pyipcd_server(dir: &std::path::Path, dispatch: &str) -> Server {
     )
     .unwrap();
     let child = daemon::spawn_release(&cfg);
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    daemon::wait_listening(addr);
+    let addr = if unix {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            assert!(Instant::now() < deadline, "server on {} never came up", sock.display());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Addr::Unix(sock)
+    } else {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        daemon::wait_listening(addr);
+        Addr::Tcp(addr)
+    };
+    let kind = if unix { "Unix socket" } else { "TCP" };
     Server {
         name: if dispatch == "inline" {
-            "pyipcd inline (role's own GIL thread)".to_string()
+            format!("pyipcd inline, {kind} (role's own GIL thread)")
         } else {
             format!(
-                "pyipcd pool ({} io + {} GIL thread)",
+                "pyipcd pool, {kind} ({} io + {} GIL thread)",
                 arg("--io-threads", 1.0),
                 arg("--workers", 1.0)
             )
@@ -121,7 +149,7 @@ fn python_server(uvloop: bool) -> Option<Server> {
         } else {
             "asyncio Protocol + Python echo".into()
         },
-        addr,
+        addr: Addr::Tcp(addr),
         child: Some(child),
         admin: None,
     })
@@ -173,15 +201,13 @@ struct Row {
 }
 
 /// Closed-loop clients: each keeps `depth` requests in flight on its connection.
-async fn drive(addr: SocketAddr, row: &Row, seconds: f64) -> (f64, Histogram<u64>) {
+async fn drive(addr: &Addr, row: &Row, seconds: f64) -> (f64, Histogram<u64>) {
     let warm = Instant::now() + Duration::from_millis(500);
     let end = warm + Duration::from_secs_f64(seconds);
     let mut joins = Vec::new();
     for c in 0..row.conns {
-        let (depth, size) = (row.depth, row.size);
+        let (depth, size, addr) = (row.depth, row.size, addr.clone());
         joins.push(tokio::spawn(async move {
-            let mut s = TcpStream::connect(addr).await.unwrap();
-            s.set_nodelay(true).unwrap();
             let mut frame = (size as u32).to_be_bytes().to_vec();
             frame.extend((0..size).map(|i| (i + c) as u8));
             let batch: Vec<u8> = frame
@@ -190,23 +216,17 @@ async fn drive(addr: SocketAddr, row: &Row, seconds: f64) -> (f64, Histogram<u64
                 .cycle()
                 .take(frame.len() * depth)
                 .collect();
-            let mut back = vec![0u8; batch.len()];
-            let mut hist = Histogram::<u64>::new(3).unwrap();
-            let mut msgs = 0u64;
-            loop {
-                let t = Instant::now();
-                if t >= end {
-                    break;
+            match addr {
+                Addr::Tcp(a) => {
+                    let s = TcpStream::connect(a).await.unwrap();
+                    s.set_nodelay(true).unwrap();
+                    trips(s, &batch, depth, warm, end).await
                 }
-                s.write_all(&batch).await.unwrap();
-                s.read_exact(&mut back).await.unwrap();
-                assert_eq!(back, batch, "echo mismatch");
-                if t >= warm {
-                    hist.record(t.elapsed().as_nanos() as u64).unwrap();
-                    msgs += depth as u64;
+                Addr::Unix(p) => {
+                    let s = UnixStream::connect(p).await.unwrap();
+                    trips(s, &batch, depth, warm, end).await
                 }
             }
-            (msgs, hist)
         }));
     }
     let mut total = 0;
@@ -217,6 +237,34 @@ async fn drive(addr: SocketAddr, row: &Row, seconds: f64) -> (f64, Histogram<u64
         hist.add(h).unwrap();
     }
     (total as f64 / seconds, hist)
+}
+
+/// Round trips of `batch` (`depth` messages) on one connection until `end`;
+/// those after `warm` are counted and timed.
+async fn trips<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    batch: &[u8],
+    depth: usize,
+    warm: Instant,
+    end: Instant,
+) -> (u64, Histogram<u64>) {
+    let mut back = vec![0u8; batch.len()];
+    let mut hist = Histogram::<u64>::new(3).unwrap();
+    let mut msgs = 0u64;
+    loop {
+        let t = Instant::now();
+        if t >= end {
+            break;
+        }
+        s.write_all(batch).await.unwrap();
+        s.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, batch, "echo mismatch");
+        if t >= warm {
+            hist.record(t.elapsed().as_nanos() as u64).unwrap();
+            msgs += depth as u64;
+        }
+    }
+    (msgs, hist)
 }
 
 fn main() {
@@ -249,14 +297,18 @@ fn main() {
     });
 
     let mut servers = vec![
-        pyipcd_server(dir.path(), "pool"),
-        pyipcd_server(dir.path(), "inline"),
+        pyipcd_server(dir.path(), "pool", false),
+        pyipcd_server(dir.path(), "inline", false),
     ];
+    if !std::env::args().any(|a| a == "--no-unix") {
+        servers.push(pyipcd_server(dir.path(), "pool", true));
+        servers.push(pyipcd_server(dir.path(), "inline", true));
+    }
     servers.extend(python_server(false));
     servers.extend(python_server(true));
     servers.push(Server {
         name: "Rust-only tokio echo (ceiling)".into(),
-        addr: rust_addr,
+        addr: Addr::Tcp(rust_addr),
         child: None,
         admin: None,
     });
@@ -309,7 +361,7 @@ fn main() {
     for row in rows.iter().filter(|r| r.label.contains(&row_filter)) {
         for server in &servers {
             let before = server.admin.filter(|_| metrics).map(pool_counters);
-            let (rate, hist) = load.block_on(drive(server.addr, row, seconds.max(row.min_seconds)));
+            let (rate, hist) = load.block_on(drive(&server.addr, row, seconds.max(row.min_seconds)));
             if let (Some(admin), Some(before)) = (server.admin, before) {
                 let after = pool_counters(admin);
                 let delta = |k: &str| {
