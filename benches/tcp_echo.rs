@@ -158,33 +158,42 @@ fn python_server(uvloop: bool) -> Option<Server> {
 /// The ceiling: no Python, every complete frame in a read echoed with one write.
 async fn rust_echo(listener: TcpListener) {
     loop {
-        let (mut s, _) = listener.accept().await.unwrap();
+        let (s, _) = listener.accept().await.unwrap();
         let _ = s.set_nodelay(true);
-        tokio::spawn(async move {
-            let mut buf = bytes::BytesMut::with_capacity(64 * 1024);
-            loop {
-                match s.read_buf(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {}
-                }
-                // Echo every complete frame (length prefix included) at once.
-                let mut complete = 0;
-                while buf.len() >= complete + 4 {
-                    let n = u32::from_be_bytes(buf[complete..complete + 4].try_into().unwrap())
-                        as usize;
-                    if buf.len() < complete + 4 + n {
-                        break;
-                    }
-                    complete += 4 + n;
-                }
-                if complete > 0 {
-                    let out = buf.split_to(complete);
-                    if s.write_all(&out).await.is_err() {
-                        return;
-                    }
-                }
+        tokio::spawn(echo_frames(s));
+    }
+}
+
+/// The ceiling on a Unix socket.
+async fn rust_echo_unix(listener: tokio::net::UnixListener) {
+    loop {
+        let (s, _) = listener.accept().await.unwrap();
+        tokio::spawn(echo_frames(s));
+    }
+}
+
+/// Echoes every complete len32 frame in a read with one write.
+async fn echo_frames<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) {
+    let mut buf = bytes::BytesMut::with_capacity(64 * 1024);
+    loop {
+        match s.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let mut complete = 0;
+        while buf.len() >= complete + 4 {
+            let n = u32::from_be_bytes(buf[complete..complete + 4].try_into().unwrap()) as usize;
+            if buf.len() < complete + 4 + n {
+                break;
             }
-        });
+            complete += 4 + n;
+        }
+        if complete > 0 {
+            let out = buf.split_to(complete);
+            if s.write_all(&out).await.is_err() {
+                return;
+            }
+        }
     }
 }
 
@@ -307,11 +316,31 @@ fn main() {
     servers.extend(python_server(false));
     servers.extend(python_server(true));
     servers.push(Server {
-        name: "Rust-only tokio echo (ceiling)".into(),
+        name: "Rust-only tokio echo, TCP (ceiling)".into(),
         addr: Addr::Tcp(rust_addr),
         child: None,
         admin: None,
     });
+    if !std::env::args().any(|a| a == "--no-unix") {
+        let path = dir.path().join("ceiling.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                rust_echo_unix(tokio::net::UnixListener::from_std(listener).unwrap()).await
+            });
+        });
+        servers.push(Server {
+            name: "Rust-only tokio echo, Unix socket (ceiling)".into(),
+            addr: Addr::Unix(path),
+            child: None,
+            admin: None,
+        });
+    }
     let rows = [
         Row {
             label: "C=1 ping-pong 64 B",
