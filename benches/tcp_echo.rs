@@ -97,7 +97,11 @@ fn pyipcd_server(dir: &std::path::Path, dispatch: &str, unix: bool) -> Server {
     let addr = if unix {
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-            assert!(Instant::now() < deadline, "server on {} never came up", sock.display());
+            assert!(
+                Instant::now() < deadline,
+                "server on {} never came up",
+                sock.display()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         Addr::Unix(sock)
@@ -390,7 +394,8 @@ fn main() {
     for row in rows.iter().filter(|r| r.label.contains(&row_filter)) {
         for server in &servers {
             let before = server.admin.filter(|_| metrics).map(pool_counters);
-            let (rate, hist) = load.block_on(drive(&server.addr, row, seconds.max(row.min_seconds)));
+            let (rate, hist) =
+                load.block_on(drive(&server.addr, row, seconds.max(row.min_seconds)));
             if let (Some(admin), Some(before)) = (server.admin, before) {
                 let after = pool_counters(admin);
                 let delta = |k: &str| {

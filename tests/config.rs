@@ -254,3 +254,32 @@ fn check_catches_what_run_would_hit() {
     );
     drop(taken);
 }
+
+#[test]
+fn unix_socket_options_are_checked_against_the_listen_kind() {
+    let s = Scenario::new();
+    s.write("h.py", "def echo(data):\n    return data\n");
+    let cfg = s.config(
+        "[python]\npaths = [\".\"]\n\
+         [[tcp.server]]\nname = \"t\"\nlisten = \"127.0.0.1:0\"\nhandler = \"h:echo\"\nmode = \"0660\"\nallow_uids = [0]\n\
+         [[tcp.server]]\nname = \"a\"\nlisten = \"unix:@pyipcd-test-cfg\"\nhandler = \"h:echo\"\nowner = \"root\"\n\
+         [[tcp.server]]\nname = \"u\"\nlisten = \"unix:u.sock\"\nhandler = \"h:echo\"\nowner = \"no-such-user-pyipcd\"\nallow_uids = []\n\
+         [[tcp.server]]\nname = \"m\"\nlisten = \"unix:m.sock\"\nhandler = \"h:echo\"\nmode = \"0999\"\n\
+         [[tcp.server]]\nname = \"s\"\nlisten = \"systemd:\"\nhandler = \"h:echo\"\n\
+         [[tcp.client]]\nname = \"c\"\nconnect = \"unix:\"\n",
+    );
+    let (code, _, err) = run_to_end(&["check", "-c", cfg.to_str().unwrap()], &[]);
+    assert_eq!(code, 78, "{err}");
+    for want in [
+        "tcp.server[0].mode: only for a socket file (listen = \"unix:/path\"), not `127.0.0.1:0`",
+        "tcp.server[0].allow_uids: peer credentials exist only on Unix sockets",
+        "tcp.server[1].owner: only for a socket file",
+        "tcp.server[2].owner: no user named `no-such-user-pyipcd` on this host",
+        "tcp.server[2].allow_uids: an empty list would refuse every peer",
+        "tcp.server[3].mode: `0999` is not an octal mode",
+        "tcp.server[4].listen: `systemd:`: after systemd: give the socket's FileDescriptorName=",
+        "tcp.client[0].connect: `unix:`: give a path",
+    ] {
+        assert!(err.contains(want), "missing `{want}` in:\n{err}");
+    }
+}
