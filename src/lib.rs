@@ -17,7 +17,8 @@
 //!   owned by one role instance.
 //! - `sync`: the one mutex-poison policy.
 //! - [`tcp`]: stream server and client roles, over TCP or Unix sockets.
-//! - [`shm`]: shared-memory regions (the only `unsafe` code).
+//! - [`shm`]: shared-memory regions (the `unsafe` code, with one more
+//!   function: `systemd`'s taking of the descriptors systemd passed).
 //! - [`py`]: the embedded interpreter: GIL pool, handlers, asyncio loop, tasks,
 //!   the `pyipcd` Python module.
 //!

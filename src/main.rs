@@ -31,8 +31,10 @@ fn load(args: &ConfigArg) -> Result<config::Config, i32> {
 }
 
 fn run(args: &ConfigArg) -> i32 {
-    // First, while this is the only thread: it unsets LISTEN_FDS & co.
-    let activated = pyipcd::take_activated_sockets();
+    // SAFETY: no thread has started yet (only the command line was parsed),
+    // and nothing else in this process touches descriptors 3 and up.
+    #[allow(unsafe_code)]
+    let activated = unsafe { pyipcd::take_activated_sockets() };
     let cfg = match load(args) {
         Ok(c) => c,
         Err(code) => return code,

@@ -71,23 +71,30 @@ static ACTIVATED: OnceLock<BTreeMap<String, Vec<OwnedFd>>> = OnceLock::new();
 
 /// Takes the sockets systemd passed to this process (`LISTEN_PID` matches)
 /// and unsets `LISTEN_PID`, `LISTEN_FDS` and `LISTEN_FDNAMES`, so Python's
-/// children do not inherit them. Returns how many there were.
-///
-/// Must be called before any other thread starts (it changes the environment).
+/// children do not inherit them. Returns how many there were. Only the
+/// first call takes anything.
 ///
 /// # Errors
 /// If the variables are malformed (`LISTEN_FDNAMES` not matching `LISTEN_FDS`).
+///
+/// # Safety
+/// Call it while the process has one thread (it changes the environment),
+/// and only if nothing else has taken ownership of descriptors 3 and up
+/// that `LISTEN_FDS` names (it wraps them in `OwnedFd`s).
 #[allow(unsafe_code)]
-pub fn take_activated_sockets() -> Result<usize, String> {
-    // SAFETY: called first thing by `main`, while the process has one thread.
+pub unsafe fn take_activated_sockets() -> Result<usize, String> {
+    if ACTIVATED.get().is_some() {
+        return Ok(0);
+    }
+    // SAFETY: the caller runs us single-threaded (see `# Safety`).
     let fds = unsafe { sd_notify::listen_fds_with_names_and_unset_env() }
         .map_err(|e| format!("sockets passed by systemd (LISTEN_FDS, LISTEN_FDNAMES): {e}"))?;
     let mut by_name: BTreeMap<String, Vec<OwnedFd>> = BTreeMap::new();
     let mut n = 0;
     for (fd, name) in fds {
         // SAFETY: LISTEN_PID named this process, so descriptors 3 to
-        // 3 + LISTEN_FDS - 1 were passed to it, and nothing else owns them;
-        // each is wrapped once.
+        // 3 + LISTEN_FDS - 1 were passed to it; the caller guarantees nothing
+        // else owns them, and the guard above wraps each only once.
         by_name
             .entry(name)
             .or_default()

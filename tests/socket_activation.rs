@@ -52,20 +52,27 @@ fn passing(fds: &[(RawFd, &str)], cfg: &Path) -> Command {
         .env_clear()
         .env("LISTEN_FDS", fds.len().to_string())
         .env("LISTEN_FDNAMES", names.join(":"));
-    let raw: Vec<RawFd> = fds.iter().map(|(fd, _)| *fd).collect();
-    // SAFETY: only async-signal-safe calls (fcntl, dup2) between fork and exec.
+    // Built before the fork: the child only calls fcntl and dup2.
+    let mut raw = [-1 as RawFd; 4];
+    assert!(fds.len() <= raw.len());
+    for (slot, (fd, _)) in raw.iter_mut().zip(fds) {
+        *slot = *fd;
+    }
+    let n = fds.len();
+    // SAFETY: only async-signal-safe calls (fcntl, dup2), no allocation,
+    // between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
-            // Out of the way first, so moving one to 3 cannot clobber another.
-            let mut high = Vec::new();
-            for fd in &raw {
-                let h = libc::fcntl(*fd, libc::F_DUPFD, 100);
-                if h < 0 {
+            // Out of the way first (close-on-exec), so moving one to 3
+            // cannot clobber another; dup2 leaves 3, 4, … open across exec.
+            let mut high = [-1 as RawFd; 4];
+            for i in 0..n {
+                high[i] = libc::fcntl(raw[i], libc::F_DUPFD_CLOEXEC, 100);
+                if high[i] < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                high.push(h);
             }
-            for (i, h) in high.iter().enumerate() {
+            for (i, h) in high.iter().enumerate().take(n) {
                 if libc::dup2(*h, 3 + i as i32) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -169,7 +176,12 @@ fn a_passed_unix_socket_survives_reloads_and_the_role_going_and_coming_back() {
         &s,
         &role("u", "uds", &format!("pipeline = 4\nallow_uids = [{uid}]")),
     );
-    d.reload(&cfg, &changed, &["reloaded: started"], T);
+    d.reload(
+        &cfg,
+        &changed,
+        &["reloaded:", "replaced [\"u\"]", "failed []"],
+        T,
+    );
     assert_eq!(ask("after a change"), "activated after a change");
 
     // The role removed: the socket stays open (a connect queues, nothing is
@@ -178,12 +190,22 @@ fn a_passed_unix_socket_survives_reloads_and_the_role_going_and_coming_back() {
         &s,
         "[[tcp.server]]\nname = \"other\"\nlisten = \"127.0.0.1:0\"\nhandler = \"h:echo\"\n",
     );
-    d.reload(&cfg, &without, &["reloaded: started"], T);
+    d.reload(
+        &cfg,
+        &without,
+        &["reloaded:", "stopped [\"u\"]", "failed []"],
+        T,
+    );
     let mut queued =
         UnixStream::connect(&path).expect("the activated socket was closed by a reload");
     queued.set_read_timeout(Some(T)).unwrap();
     queued.write_all(b"while away\n").unwrap();
-    d.reload(&cfg, &changed, &["reloaded: started"], T);
+    d.reload(
+        &cfg,
+        &changed,
+        &["reloaded: started [\"u\"]", "failed []"],
+        T,
+    );
     assert_eq!(read_line(&mut queued), "activated while away");
     // The daemon does not own the file: it is not removed at exit.
     d.signal("TERM");

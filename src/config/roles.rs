@@ -457,9 +457,16 @@ impl Config {
             Ok(_) => {}
             Err(e) => problems.push(format!("{key}: {e}")),
         };
+        let mut places: HashSet<String> = HashSet::new();
         for (i, s) in self.tcp.server.iter().enumerate() {
             let key = format!("tcp.server[{i}]");
             validate_listen(problems, &key, s);
+            // Two roles on one socket file, abstract name or systemd socket.
+            if let Ok(l @ (Listen::Unix(_) | Listen::Activated(_))) = Listen::parse(&s.listen)
+                && !places.insert(l.to_string())
+            {
+                problems.push(format!("{key}.listen: `{l}` is used by another role"));
+            }
             target(problems, format!("{key}.handler"), &s.handler);
             for (k, v) in [("on_connect", &s.on_connect), ("on_close", &s.on_close)] {
                 if let Some(v) = v {

@@ -34,7 +34,10 @@ pub enum ListenError {
 impl ListenError {
     /// Whether a corrected config (not a retry) is what fixes it: exit 78.
     pub fn is_config(&self) -> bool {
-        !matches!(self, ListenError::Io(_))
+        !matches!(
+            self,
+            ListenError::Io(_) | ListenError::Taken(PathTaken::Io(..))
+        )
     }
 }
 
@@ -61,7 +64,10 @@ impl ListenSocket {
         let backlog = backlog(cfg);
         let (socket, unix, file, activated) = match (handover, &listen) {
             (Some(old), _) => {
-                if let (Some(_), Listen::Unix(UnixAddr::Path(p))) = (&old.file, &listen) {
+                // Only on the file still bound (not one put there since).
+                if let (Some(file), Listen::Unix(UnixAddr::Path(p))) = (&old.file, &listen)
+                    && file.in_place()
+                {
                     socket_file::set_access(p, cfg).map_err(ListenError::Config)?;
                 }
                 (
@@ -90,9 +96,18 @@ impl ListenSocket {
                     socket2::Type::STREAM.cloexec(),
                     None,
                 )?;
-                socket
-                    .bind(&addr.sock_addr()?)
-                    .map_err(|e| io::Error::new(e.kind(), format!("cannot bind {addr}: {e}")))?;
+                warn_if_ids_are_remapped(cfg);
+                socket.bind(&addr.sock_addr()?).map_err(|e| match (e.kind(), addr) {
+                    // Fixed by the config, not by a retry: exit 78.
+                    (io::ErrorKind::AddrInUse, UnixAddr::Abstract(_)) => ListenError::Config(format!(
+                        "{addr} is in use: something else listens on that abstract name (another pyipcd?)"
+                    )),
+                    (io::ErrorKind::NotFound, UnixAddr::Path(p)) => ListenError::Config(format!(
+                        "cannot bind {addr}: the folder {} does not exist",
+                        p.parent().unwrap_or(p).display()
+                    )),
+                    _ => ListenError::Io(io::Error::new(e.kind(), format!("cannot bind {addr}: {e}"))),
+                })?;
                 let file = match addr {
                     UnixAddr::Path(p) => {
                         let file = Arc::new(SocketFile::bound(p)?);
@@ -109,6 +124,9 @@ impl ListenSocket {
                     crate::systemd::activated(name).map_err(ListenError::Config)?,
                 );
                 let unix = check_activated(&socket, name, cfg)?;
+                if unix {
+                    warn_if_ids_are_remapped(cfg);
+                }
                 (socket, unix, None, true)
             }
         };
@@ -192,12 +210,15 @@ fn check_activated(
 ) -> Result<bool, ListenError> {
     let bad =
         |why: String| ListenError::Config(format!("the socket systemd passed as `{name}` {why}"));
-    if socket.r#type()? != socket2::Type::STREAM || !socket.is_listener()? {
+    let not_socket = |e: io::Error| bad(format!("cannot be used as a socket: {e}"));
+    if socket.r#type().map_err(not_socket)? != socket2::Type::STREAM
+        || !socket.is_listener().map_err(not_socket)?
+    {
         return Err(bad(
             "is not a listening stream socket (use ListenStream= in the .socket unit)".into(),
         ));
     }
-    let domain = socket.domain()?;
+    let domain = socket.domain().map_err(not_socket)?;
     let unix = domain == socket2::Domain::UNIX;
     if !unix && domain != socket2::Domain::IPV4 && domain != socket2::Domain::IPV6 {
         return Err(bad(format!(
@@ -210,6 +231,23 @@ fn check_activated(
         ));
     }
     Ok(unix)
+}
+
+/// Warns when peer uids/gids are seen through a user namespace (systemd's
+/// `PrivateUsers=yes`): every peer but root and the daemon's own user then
+/// shows as 65534, so `allow_uids`/`allow_gids` and `peer` cannot tell
+/// other users apart, and `owner`/`group` cannot be set.
+fn warn_if_ids_are_remapped(cfg: &TcpServerConfig) {
+    let uses_ids = cfg.allow_uids.is_some()
+        || cfg.allow_gids.is_some()
+        || cfg.owner.is_some()
+        || cfg.group.is_some();
+    let identity = std::fs::read_to_string("/proc/self/uid_map")
+        .map(|m| m.split_whitespace().collect::<Vec<_>>() == ["0", "0", "4294967295"])
+        .unwrap_or(true);
+    if uses_ids && !identity {
+        tracing::warn!(role = %cfg.name, "running in a user namespace (PrivateUsers=yes?): other users' uids and gids show as 65534, so allow_uids/allow_gids, owner and group cannot name them; set PrivateUsers=no for this service (docs/service.md)");
+    }
 }
 
 /// The listen backlog for `cfg`: its `backlog`, capped (and logged) by the

@@ -83,7 +83,20 @@ pub fn inspect(path: &Path) -> Result<Found, PathTaken> {
 /// # Errors
 /// [`PathTaken`] when the path is live, not a socket, or cannot be checked.
 pub fn clear(path: &Path, role: &str) -> Result<(), PathTaken> {
+    let before = std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()));
     if inspect(path)? == Found::Stale {
+        // The file probed, not one another process put there since.
+        let now = std::fs::symlink_metadata(path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        if now != before {
+            return Err(PathTaken::Io(
+                path.to_path_buf(),
+                io::Error::other("replaced by another process while it was checked; try again"),
+            ));
+        }
         std::fs::remove_file(path).map_err(|e| PathTaken::Io(path.to_path_buf(), e))?;
         tracing::info!(role, path = %path.display(), "removed a stale socket file (nothing accepted on it)");
     }
@@ -162,11 +175,19 @@ impl SocketFile {
     }
 }
 
+impl SocketFile {
+    /// Whether the file at its path is still the one bound.
+    pub fn in_place(&self) -> bool {
+        std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|m| m.dev() == self.dev && m.ino() == self.ino)
+    }
+}
+
 impl Drop for SocketFile {
     fn drop(&mut self) {
-        let same = std::fs::symlink_metadata(&self.path)
-            .is_ok_and(|m| m.dev() == self.dev && m.ino() == self.ino);
-        if same && let Err(e) = std::fs::remove_file(&self.path) {
+        if self.in_place()
+            && let Err(e) = std::fs::remove_file(&self.path)
+        {
             tracing::warn!(path = %self.path.display(), "cannot remove socket file: {e}");
         }
     }
