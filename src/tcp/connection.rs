@@ -185,7 +185,7 @@ async fn next_frame<S: Duplex>(
         if let Err(e) = S::wait_data(reader.get_mut()).await {
             return Some(Err(e.into()));
         }
-        reader.read_buffer_mut().reserve(READ_BUFFER);
+        super::framing::grow_read_buffer(reader.read_buffer_mut(), READ_BUFFER);
     }
     reader.next().await
 }
