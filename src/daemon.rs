@@ -299,6 +299,8 @@ impl Daemon {
                 outcome.abandoned.join(", ")
             );
         }
+        // STOPPING=1 (and anything before it) out before the process exits.
+        crate::systemd::flush(Duration::from_millis(500));
         outcome
     }
 }

@@ -16,10 +16,82 @@ use tokio_util::sync::CancellationToken;
 
 use crate::py::pool::GilPool;
 
-/// Sends `states` to the service manager; failures are logged, never fatal.
+/// Notices waiting for the notifier thread; more are dropped (logged).
+const PENDING: usize = 64;
+
+/// What the notifier thread is given.
+enum Notice {
+    /// One datagram: state lines.
+    Send(String),
+    /// Answer once everything before it was sent.
+    Flush(std::sync::mpsc::SyncSender<()>),
+}
+
+/// The notifier thread's queue; `None` without `NOTIFY_SOCKET`.
+static NOTIFIER: OnceLock<Option<std::sync::mpsc::SyncSender<Notice>>> = OnceLock::new();
+
+/// Sends `states` to the service manager, in order, without ever blocking
+/// the caller: a thread of its own (`pyipcd-notify`) does the sending. The
+/// notify socket is a datagram socket with a short queue, and a manager that
+/// stops reading it (hung, or a test harness that does not read) would
+/// otherwise block the I/O thread in `send` — every role with it. Failures
+/// are logged, never fatal; with [`PENDING`] notices waiting, newer ones are
+/// dropped (logged).
 pub fn notify(states: &[NotifyState<'_>]) {
-    if let Err(e) = sd_notify::notify(states) {
-        tracing::warn!("sd_notify failed: {e}");
+    let Some(queue) = NOTIFIER.get_or_init(start_notifier) else {
+        return;
+    };
+    let text = states
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n");
+    if let Err(std::sync::mpsc::TrySendError::Full(_)) = queue.try_send(Notice::Send(text)) {
+        tracing::warn!(
+            "the service manager is not reading notifications ({PENDING} waiting): dropped {states:?}"
+        );
+    }
+}
+
+/// Waits (up to `timeout`) until every notice given so far was sent: the
+/// last ones (STOPPING=1) before the process exits.
+pub fn flush(timeout: Duration) {
+    let Some(Some(queue)) = NOTIFIER.get() else {
+        return;
+    };
+    let (done, sent) = std::sync::mpsc::sync_channel(1);
+    if queue.try_send(Notice::Flush(done)).is_ok() && sent.recv_timeout(timeout).is_err() {
+        tracing::warn!(
+            "the service manager did not take the last notifications within {timeout:?}"
+        );
+    }
+}
+
+fn start_notifier() -> Option<std::sync::mpsc::SyncSender<Notice>> {
+    std::env::var_os("NOTIFY_SOCKET")?;
+    let (queue, notices) = std::sync::mpsc::sync_channel::<Notice>(PENDING);
+    let spawned = std::thread::Builder::new()
+        .name("pyipcd-notify".into())
+        .spawn(move || {
+            for notice in notices {
+                match notice {
+                    Notice::Send(text) => {
+                        if let Err(e) = sd_notify::notify(&[NotifyState::Custom(&text)]) {
+                            tracing::warn!("sd_notify failed: {e}");
+                        }
+                    }
+                    Notice::Flush(done) => {
+                        let _ = done.send(());
+                    }
+                }
+            }
+        });
+    match spawned {
+        Ok(_) => Some(queue),
+        Err(e) => {
+            tracing::warn!("no notifier thread ({e}): systemd will not hear from this daemon");
+            None
+        }
     }
 }
 
