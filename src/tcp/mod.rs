@@ -65,7 +65,7 @@ pub fn check_binds(cfg: &crate::config::Config) -> Vec<String> {
                 .map(|e| format!("{key}: cannot listen on {addr}: {e}")),
             Listen::Unix(UnixAddr::Path(p)) => match p.parent() {
                 Some(dir) if !dir.is_dir() => Some(format!(
-                    "{key}: cannot listen on unix:{}: directory {} does not exist",
+                    "{key}: cannot bind unix:{}: the folder {} does not exist",
                     p.display(),
                     dir.display()
                 )),
@@ -77,9 +77,12 @@ pub fn check_binds(cfg: &crate::config::Config) -> Vec<String> {
                 let bound =
                     socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)
                         .and_then(|s| s.bind(&addr.sock_addr()?));
-                bound
-                    .err()
-                    .map(|e| format!("{key}: cannot listen on {addr}: {e}"))
+                bound.err().map(|e| match e.kind() {
+                    std::io::ErrorKind::AddrInUse => format!(
+                        "{key}: {addr} is in use: something else listens on that abstract name (another pyipcd?)"
+                    ),
+                    _ => format!("{key}: cannot listen on {addr}: {e}"),
+                })
             }
             Listen::Activated(_) => None,
         })
