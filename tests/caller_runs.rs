@@ -8,10 +8,11 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
+use common::wire::{frame, read_frame};
 use common::{Daemon, Scenario, free_port, http_get, metric};
 
 const T: Duration = Duration::from_secs(15);
@@ -74,18 +75,8 @@ fn oversubscribed(roles: &[&str], extra: &str) -> (Scenario, Daemon, u16, Vec<u1
     (s, d, admin, ports)
 }
 
-fn frame(payload: &[u8]) -> Vec<u8> {
-    let mut msg = (payload.len() as u32).to_be_bytes().to_vec();
-    msg.extend_from_slice(payload);
-    msg
-}
-
 fn read_reply(c: &mut TcpStream) -> String {
-    let mut len = [0u8; 4];
-    c.read_exact(&mut len).unwrap();
-    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
-    c.read_exact(&mut body).unwrap();
-    String::from_utf8(body).unwrap()
+    String::from_utf8(read_frame(c)).unwrap()
 }
 
 fn call(c: &mut TcpStream, payload: &[u8]) -> String {

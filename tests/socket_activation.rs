@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -16,18 +16,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::wire::read_line;
 use common::{Daemon, Scenario};
 
 const T: Duration = Duration::from_secs(20);
-
-fn read_line(s: &mut impl Read) -> String {
-    let mut out = Vec::new();
-    let mut b = [0u8; 1];
-    while s.read(&mut b).unwrap() == 1 && b[0] != b'\n' {
-        out.push(b[0]);
-    }
-    String::from_utf8(out).unwrap()
-}
 
 fn config(s: &Scenario, roles: &str) -> String {
     s.write("h.py", "def echo(data):\n    return b'activated ' + data\n");
@@ -227,14 +219,10 @@ fn a_socket_systemd_did_not_pass_or_cannot_serve_is_a_configuration_error() {
 
     // Passed under another name.
     let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let mut d = Daemon::spawn(passing(&[(other.as_raw_fd(), "api")], &cfg));
-    assert_eq!(d.wait_exit(T).code(), Some(78));
-    assert!(
-        d.lines
-            .text()
-            .contains("no socket named `web`: systemd passed: api"),
-        "{}",
-        d.lines.text()
+    exits_78_saying(
+        &[(other.as_raw_fd(), "api")],
+        &cfg,
+        "no socket named `web`: systemd passed: api",
     );
 
     // A TCP socket where peer credentials are asked for.
@@ -242,23 +230,25 @@ fn a_socket_systemd_did_not_pass_or_cannot_serve_is_a_configuration_error() {
         "p2.toml",
         &config(&s, &role("web", "web", "allow_uids = [0]")),
     );
-    let mut d = Daemon::spawn(passing(&[(other.as_raw_fd(), "web")], &cfg2));
-    assert_eq!(d.wait_exit(T).code(), Some(78));
-    assert!(
-        d.lines
-            .text()
-            .contains("is a TCP socket: allow_uids/allow_gids need a Unix socket"),
-        "{}",
-        d.lines.text()
+    exits_78_saying(
+        &[(other.as_raw_fd(), "web")],
+        &cfg2,
+        "is a TCP socket: allow_uids/allow_gids need a Unix socket",
     );
 
     // Not listening.
     let unbound = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let mut d = Daemon::spawn(passing(&[(unbound.as_raw_fd(), "web")], &cfg));
-    assert_eq!(d.wait_exit(T).code(), Some(78));
-    assert!(
-        d.lines.text().contains("is not a listening stream socket"),
-        "{}",
-        d.lines.text()
+    exits_78_saying(
+        &[(unbound.as_raw_fd(), "web")],
+        &cfg,
+        "is not a listening stream socket",
     );
+}
+
+/// Runs the daemon with `fds` passed as systemd passes them; it must exit
+/// 78 with `want` in its log.
+fn exits_78_saying(fds: &[(RawFd, &str)], cfg: &Path, want: &str) {
+    let mut d = Daemon::spawn(passing(fds, cfg));
+    assert_eq!(d.wait_exit(T).code(), Some(78), "{}", d.lines.text());
+    assert!(d.lines.text().contains(want), "{}", d.lines.text());
 }

@@ -10,6 +10,7 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
+use common::wire::{assert_closed, frame, read_frame};
 use common::{Daemon, Scenario};
 
 const T: Duration = Duration::from_secs(15);
@@ -72,29 +73,6 @@ fn connect(port: u16) -> TcpStream {
     s.set_read_timeout(Some(T)).unwrap();
     s.set_nodelay(true).unwrap();
     s
-}
-
-fn frame(payload: &[u8]) -> Vec<u8> {
-    let mut v = (payload.len() as u32).to_be_bytes().to_vec();
-    v.extend_from_slice(payload);
-    v
-}
-
-fn read_frame(s: &mut TcpStream) -> Vec<u8> {
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len).unwrap();
-    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
-    s.read_exact(&mut body).unwrap();
-    body
-}
-
-fn assert_closed(s: &mut TcpStream) {
-    let mut buf = [0u8; 16];
-    match s.read(&mut buf) {
-        Ok(0) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
-        other => panic!("connection not closed: {other:?}"),
-    }
 }
 
 #[test]

@@ -14,6 +14,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::wire::{assert_closed, frame, read_frame, read_line};
 use common::{Daemon, Scenario};
 
 const T: Duration = Duration::from_secs(15);
@@ -63,38 +64,6 @@ fn connect_abstract(name: &str) -> UnixStream {
     let s = UnixStream::connect_addr(&addr).unwrap();
     s.set_read_timeout(Some(T)).unwrap();
     s
-}
-
-fn frame(payload: &[u8]) -> Vec<u8> {
-    let mut v = (payload.len() as u32).to_be_bytes().to_vec();
-    v.extend_from_slice(payload);
-    v
-}
-
-fn read_frame(s: &mut UnixStream) -> Vec<u8> {
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len).unwrap();
-    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
-    s.read_exact(&mut body).unwrap();
-    body
-}
-
-fn read_line(s: &mut UnixStream) -> String {
-    let mut out = Vec::new();
-    let mut b = [0u8; 1];
-    while s.read(&mut b).unwrap() == 1 && b[0] != b'\n' {
-        out.push(b[0]);
-    }
-    String::from_utf8(out).unwrap()
-}
-
-fn assert_closed(s: &mut UnixStream) {
-    let mut buf = [0u8; 16];
-    match s.read(&mut buf) {
-        Ok(0) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
-        other => panic!("connection not closed: {other:?}"),
-    }
 }
 
 /// An abstract socket name unique to this test process (abstract names are
@@ -425,12 +394,8 @@ fn a_stale_socket_file_is_replaced_a_live_one_or_a_regular_file_is_refused_with_
 
     // Live: something accepts there.
     let live = std::os::unix::net::UnixListener::bind(&path).unwrap();
-    let (code, _, err) = common::run_to_end(&["run", "-c", cfg_s], &[]);
-    assert_eq!(code, 78, "{err}");
-    assert!(err.contains("is a live socket"), "{err}");
-    let (code, _, err) = common::run_to_end(&["check", "-c", cfg_s], &[]);
-    assert_eq!(code, 78, "{err}");
-    assert!(err.contains("is a live socket"), "{err}");
+    exits_78_saying("run", cfg_s, "is a live socket");
+    exits_78_saying("check", cfg_s, "is a live socket");
 
     // Stale: the listener is gone, its file is not.
     drop(live);
@@ -446,10 +411,15 @@ fn a_stale_socket_file_is_replaced_a_live_one_or_a_regular_file_is_refused_with_
 
     // Not a socket: never replaced.
     std::fs::write(&path, b"precious").unwrap();
-    let (code, _, err) = common::run_to_end(&["run", "-c", cfg_s], &[]);
-    assert_eq!(code, 78, "{err}");
-    assert!(err.contains("is not a socket (a regular file)"), "{err}");
+    exits_78_saying("run", cfg_s, "is not a socket (a regular file)");
     assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+}
+
+/// `pyipcd <command> -c cfg` must exit 78 with `want` on stderr.
+fn exits_78_saying(command: &str, cfg: &str, want: &str) {
+    let (code, _, err) = common::run_to_end(&[command, "-c", cfg], &[]);
+    assert_eq!(code, 78, "{command}: {err}");
+    assert!(err.contains(want), "{command}: {err}");
 }
 
 #[test]

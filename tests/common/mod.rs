@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod raw_shm;
+pub mod wire;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
