@@ -8,6 +8,7 @@ use clap::Parser;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use pyipcd::cli::{CheckArgs, Cli, Command, ConfigArg};
+use pyipcd::tcp::endpoint::Listen;
 use pyipcd::{EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, config, daemon, py, telemetry};
 
 fn main() {
@@ -49,7 +50,7 @@ fn run(args: &ConfigArg) -> i32 {
             .tcp
             .server
             .iter()
-            .any(|s| s.listen.strip_prefix("systemd:") == Some(name.as_str()));
+            .any(|s| Listen::parse(&s.listen) == Ok(Listen::Activated(name.clone())));
         if used {
             tracing::info!("systemd passed {n} socket(s) named `{name}`");
         } else {

@@ -460,9 +460,9 @@ impl Config {
         let mut places: HashSet<String> = HashSet::new();
         for (i, s) in self.tcp.server.iter().enumerate() {
             let key = format!("tcp.server[{i}]");
-            validate_listen(problems, &key, s);
+            let listen = validate_listen(problems, &key, s);
             // Two roles on one socket file, abstract name or systemd socket.
-            if let Ok(l @ (Listen::Unix(_) | Listen::Activated(_))) = Listen::parse(&s.listen)
+            if let Some(l @ (Listen::Unix(_) | Listen::Activated(_))) = listen
                 && !places.insert(l.to_string())
             {
                 problems.push(format!("{key}.listen: `{l}` is used by another role"));
@@ -504,12 +504,13 @@ impl Config {
 /// The `listen` value of server `key` and the options that go with its kind:
 /// `mode`/`owner`/`group` need a socket file, `allow_uids`/`allow_gids` a
 /// Unix socket (an activated socket's kind is checked when it is taken).
-fn validate_listen(problems: &mut Vec<String>, key: &str, s: &TcpServerConfig) {
+/// Returns the parsed `listen`, if it parses.
+fn validate_listen(problems: &mut Vec<String>, key: &str, s: &TcpServerConfig) -> Option<Listen> {
     let listen = match Listen::parse(&s.listen) {
         Ok(l) => l,
         Err(e) => {
             problems.push(format!("{key}.listen: {e}"));
-            return;
+            return None;
         }
     };
     let file = matches!(listen, Listen::Unix(UnixAddr::Path(_)));
@@ -545,4 +546,5 @@ fn validate_listen(problems: &mut Vec<String>, key: &str, s: &TcpServerConfig) {
             _ => {}
         }
     }
+    Some(listen)
 }

@@ -97,17 +97,9 @@ impl ListenSocket {
                     None,
                 )?;
                 warn_if_ids_are_remapped(cfg);
-                socket.bind(&addr.sock_addr()?).map_err(|e| match (e.kind(), addr) {
-                    // Fixed by the config, not by a retry: exit 78.
-                    (io::ErrorKind::AddrInUse, UnixAddr::Abstract(_)) => ListenError::Config(format!(
-                        "{addr} is in use: something else listens on that abstract name (another pyipcd?)"
-                    )),
-                    (io::ErrorKind::NotFound, UnixAddr::Path(p)) => ListenError::Config(format!(
-                        "cannot bind {addr}: the folder {} does not exist",
-                        p.parent().unwrap_or(p).display()
-                    )),
-                    _ => ListenError::Io(io::Error::new(e.kind(), format!("cannot bind {addr}: {e}"))),
-                })?;
+                socket
+                    .bind(&addr.sock_addr()?)
+                    .map_err(|e| unix_bind_error(addr, e))?;
                 let file = match addr {
                     UnixAddr::Path(p) => {
                         let file = Arc::new(SocketFile::bound(p)?);
@@ -198,6 +190,21 @@ impl ListenSocket {
             inner,
             _file: self.file,
         })
+    }
+}
+
+/// What a failed bind of `addr` means: a name in use or a missing folder is
+/// fixed by the config, not by a retry (exit 78). `pyipcd check` says the same.
+pub(crate) fn unix_bind_error(addr: &UnixAddr, e: io::Error) -> ListenError {
+    match (e.kind(), addr) {
+        (io::ErrorKind::AddrInUse, UnixAddr::Abstract(_)) => ListenError::Config(format!(
+            "{addr} is in use: something else listens on that abstract name (another pyipcd?)"
+        )),
+        (io::ErrorKind::NotFound, UnixAddr::Path(p)) => ListenError::Config(format!(
+            "cannot bind {addr}: the folder {} does not exist",
+            p.parent().unwrap_or(p).display()
+        )),
+        _ => ListenError::Io(io::Error::new(e.kind(), format!("cannot bind {addr}: {e}"))),
     }
 }
 

@@ -63,26 +63,23 @@ pub fn check_binds(cfg: &crate::config::Config) -> Vec<String> {
             Listen::Tcp(addr) => std::net::TcpListener::bind(addr)
                 .err()
                 .map(|e| format!("{key}: cannot listen on {addr}: {e}")),
-            Listen::Unix(UnixAddr::Path(p)) => match p.parent() {
-                Some(dir) if !dir.is_dir() => Some(format!(
-                    "{key}: cannot bind unix:{}: the folder {} does not exist",
-                    p.display(),
-                    dir.display()
-                )),
-                _ => socket_file::inspect(&p)
-                    .err()
-                    .map(|e| format!("{key}: {e}")),
+            Listen::Unix(ref addr @ UnixAddr::Path(ref p)) => match p.parent() {
+                Some(dir) if !dir.is_dir() => {
+                    let missing = std::io::ErrorKind::NotFound.into();
+                    Some(format!(
+                        "{key}: {}",
+                        listener::unix_bind_error(addr, missing)
+                    ))
+                }
+                _ => socket_file::inspect(p).err().map(|e| format!("{key}: {e}")),
             },
             Listen::Unix(addr @ UnixAddr::Abstract(_)) => {
                 let bound =
                     socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)
                         .and_then(|s| s.bind(&addr.sock_addr()?));
-                bound.err().map(|e| match e.kind() {
-                    std::io::ErrorKind::AddrInUse => format!(
-                        "{key}: {addr} is in use: something else listens on that abstract name (another pyipcd?)"
-                    ),
-                    _ => format!("{key}: cannot listen on {addr}: {e}"),
-                })
+                bound
+                    .err()
+                    .map(|e| format!("{key}: {}", listener::unix_bind_error(&addr, e)))
             }
             Listen::Activated(_) => None,
         })

@@ -34,8 +34,14 @@ pub enum PathTaken {
 pub enum Found {
     /// Nothing.
     Nothing,
-    /// A socket file nothing accepts on (left by a dead process).
-    Stale,
+    /// A socket file nothing accepts on (left by a dead process), with the
+    /// device and inode it was found with.
+    Stale {
+        /// Device of the file probed.
+        dev: u64,
+        /// Inode of the file probed.
+        ino: u64,
+    },
 }
 
 /// Looks at `path` without changing anything.
@@ -69,7 +75,10 @@ pub fn inspect(path: &Path) -> Result<Found, PathTaken> {
             s.connect(&socket2::SockAddr::unix(path)?)
         });
     match probe {
-        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => Ok(Found::Stale),
+        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => Ok(Found::Stale {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        }),
         Ok(()) => Err(PathTaken::Live(path.to_path_buf())),
         Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINPROGRESS)) => {
             Err(PathTaken::Live(path.to_path_buf()))
@@ -83,15 +92,12 @@ pub fn inspect(path: &Path) -> Result<Found, PathTaken> {
 /// # Errors
 /// [`PathTaken`] when the path is live, not a socket, or cannot be checked.
 pub fn clear(path: &Path, role: &str) -> Result<(), PathTaken> {
-    let before = std::fs::symlink_metadata(path)
-        .ok()
-        .map(|m| (m.dev(), m.ino()));
-    if inspect(path)? == Found::Stale {
+    if let Found::Stale { dev, ino } = inspect(path)? {
         // The file probed, not one another process put there since.
         let now = std::fs::symlink_metadata(path)
             .ok()
             .map(|m| (m.dev(), m.ino()));
-        if now != before {
+        if now != Some((dev, ino)) {
             return Err(PathTaken::Io(
                 path.to_path_buf(),
                 io::Error::other("replaced by another process while it was checked; try again"),
@@ -205,7 +211,7 @@ mod tests {
         let live = std::os::unix::net::UnixListener::bind(&path).unwrap();
         assert!(matches!(inspect(&path), Err(PathTaken::Live(_))));
         drop(live); // the file stays: stale
-        assert_eq!(inspect(&path).unwrap(), Found::Stale);
+        assert!(matches!(inspect(&path).unwrap(), Found::Stale { .. }));
         clear(&path, "t").unwrap();
         assert!(!path.exists());
         std::fs::write(&path, b"data").unwrap();
