@@ -75,7 +75,8 @@ pub struct ShmClient {
 
 impl ShmClient {
     /// Maps the channel at `path`, checks its layout and attaches, waiting
-    /// up to `timeout` for the daemon and for the previous client's requests.
+    /// up to `timeout` for the daemon, for the previous client's requests, and
+    /// for a gone client's lock that a forked process still holds.
     ///
     /// # Errors
     /// [`ClientError`]: I/O, layout, another live client, daemon not ready.
@@ -84,15 +85,26 @@ impl ShmClient {
             .read(true)
             .write(true)
             .open(path)?;
+        let deadline = Instant::now() + timeout;
         // One client at a time: an exclusive flock on the file, which the
         // kernel drops when the holder dies (a crashed client never wedges it).
-        // SAFETY: flock on a file descriptor we own for the client's lifetime.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(ClientError::Busy(client_pid_of(&file)));
+        // A live client (its pid recorded) means Busy at once. A lock held
+        // with no client recorded is a previous client's, still open in a
+        // process that forked while it was attached and has not exec'd yet
+        // (its copy of the descriptor closes at exec): wait for it.
+        loop {
+            // SAFETY: flock on a file descriptor we own for the client's lifetime.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                break;
+            }
+            let holder = client_pid_of(&file);
+            if holder != 0 || Instant::now() >= deadline {
+                return Err(ClientError::Busy(holder));
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
         // Ready before anything else is read: a daemon (re)initialising the
         // file may be resizing it and rewriting the header.
-        let deadline = Instant::now() + timeout;
         loop {
             let header = Header::read(&file);
             if let Some(h) = &header {
