@@ -16,7 +16,9 @@
 //! (`--busy N`: N CPU-bound processes run beside it, a busy host)
 //! (`--io-threads N --workers N` set pyipcd's `daemon.io_threads` / `python.workers`;
 //! `--only A,B` / `--row TEXT` keep the servers / rows whose name contains one of them;
-//! `--no-unix` leaves out the Unix-socket servers).
+//! `--no-unix` leaves out the Unix-socket servers;
+//! `--interleave K` measures each row in K slices, the servers taking turns
+//! slice by slice, so that a noisy host's swings fall on every server alike).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -214,8 +216,9 @@ struct Row {
 }
 
 /// Closed-loop clients: each keeps `depth` requests in flight on its connection.
-async fn drive(addr: &Addr, row: &Row, seconds: f64) -> (f64, Histogram<u64>) {
-    let warm = Instant::now() + Duration::from_millis(500);
+/// `row` against `addr` for `seconds` after `warm_up`: messages counted, and their round trips.
+async fn drive(addr: &Addr, row: &Row, warm_up: Duration, seconds: f64) -> (u64, Histogram<u64>) {
+    let warm = Instant::now() + warm_up;
     let end = warm + Duration::from_secs_f64(seconds);
     let mut joins = Vec::new();
     for c in 0..row.conns {
@@ -249,7 +252,7 @@ async fn drive(addr: &Addr, row: &Row, seconds: f64) -> (f64, Histogram<u64>) {
         total += m;
         hist.add(h).unwrap();
     }
-    (total as f64 / seconds, hist)
+    (total, hist)
 }
 
 /// Round trips of `batch` (`depth` messages) on one connection until `end`;
@@ -391,31 +394,47 @@ fn main() {
     println!("| --- | --- | ---: | ---: | ---: |");
     // `--metrics`: after each pyipcd row, how its calls were made.
     let metrics = std::env::args().any(|a| a == "--metrics");
+    // `--interleave K`: K slices per row, servers taking turns (a shorter
+    // warm-up per slice: the servers are warm after the first).
+    let slices = (arg("--interleave", 1.0) as usize).max(1);
     for row in rows.iter().filter(|r| r.label.contains(&row_filter)) {
-        for server in &servers {
-            let before = server.admin.filter(|_| metrics).map(pool_counters);
-            let (rate, hist) =
-                load.block_on(drive(&server.addr, row, seconds.max(row.min_seconds)));
-            if let (Some(admin), Some(before)) = (server.admin, before) {
-                let after = pool_counters(admin);
-                let delta = |k: &str| {
-                    let v =
-                        |c: &[(String, f64)]| c.iter().find(|(n, _)| n == k).map_or(0.0, |x| x.1);
-                    v(&after) - v(&before)
-                };
-                eprintln!(
-                    "  {}: {:.0} calls, {:.0} made on the I/O thread, {:.0} spin gate shuts",
-                    server.name,
-                    delta("pyipcd_pool_calls_total"),
-                    delta("pyipcd_pool_calls_here_total"),
-                    delta("pyipcd_pool_spin_gate_shuts_total")
-                );
+        let seconds = seconds.max(row.min_seconds);
+        let mut results: Vec<(u64, Histogram<u64>)> = servers
+            .iter()
+            .map(|_| (0, Histogram::<u64>::new(3).unwrap()))
+            .collect();
+        for slice in 0..slices {
+            let warm_up = Duration::from_millis(if slice == 0 { 500 } else { 200 });
+            for (server, (total, hist)) in servers.iter().zip(results.iter_mut()) {
+                let before = server.admin.filter(|_| metrics).map(pool_counters);
+                let (msgs, h) =
+                    load.block_on(drive(&server.addr, row, warm_up, seconds / slices as f64));
+                *total += msgs;
+                hist.add(h).unwrap();
+                if let (Some(admin), Some(before)) = (server.admin, before) {
+                    let after = pool_counters(admin);
+                    let delta = |k: &str| {
+                        let v = |c: &[(String, f64)]| {
+                            c.iter().find(|(n, _)| n == k).map_or(0.0, |x| x.1)
+                        };
+                        v(&after) - v(&before)
+                    };
+                    eprintln!(
+                        "  {}: {:.0} calls, {:.0} made on the I/O thread, {:.0} spin gate shuts",
+                        server.name,
+                        delta("pyipcd_pool_calls_total"),
+                        delta("pyipcd_pool_calls_here_total"),
+                        delta("pyipcd_pool_spin_gate_shuts_total")
+                    );
+                }
             }
+        }
+        for (server, (total, hist)) in servers.iter().zip(&results) {
             println!(
                 "| {} | {} | {:.0} | {:.1} | {:.1} |",
                 row.label,
                 server.name,
-                rate,
+                *total as f64 / seconds,
                 hist.value_at_quantile(0.5) as f64 / 1000.0,
                 hist.value_at_quantile(0.99) as f64 / 1000.0
             );
