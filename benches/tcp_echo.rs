@@ -17,6 +17,9 @@
 //! (`--io-threads N --workers N` set pyipcd's `daemon.io_threads` / `python.workers`;
 //! `--only A,B` / `--row TEXT` keep the servers / rows whose name contains one of them;
 //! `--no-unix` leaves out the Unix-socket servers;
+//! The last column is the CPU time the server process used per message
+//! (`/proc/PID/stat`, 10 ms ticks: use rows of several seconds), which on a
+//! busy host decides how often its wake-ups win a core.
 //! `--interleave K` measures each row in K slices, the servers taking turns
 //! slice by slice, so that a noisy host's swings fall on every server alike).
 
@@ -127,6 +130,33 @@ fn pyipcd_server(dir: &std::path::Path, dispatch: &str, unix: bool) -> Server {
         child: Some(child),
         admin: admin_port.map(|p| SocketAddr::from(([127, 0, 0, 1], p))),
     }
+}
+
+/// User + system CPU seconds process `pid` (and its threads) used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command (which may hold spaces) start after its ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, r)| r)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 (11 and 12 after the state field).
+    (ticks(11) + ticks(12)) / clock_ticks()
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`).
+fn clock_ticks() -> f64 {
+    #[allow(unsafe_code)]
+    // SAFETY: sysconf reads a constant.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
 }
 
 /// `name value` of each `pyipcd_pool_*` series on `admin`'s `/metrics`.
@@ -390,8 +420,8 @@ fn main() {
     let only = arg_text("--only").unwrap_or_default();
     let row_filter = arg_text("--row").unwrap_or_default();
     servers.retain(|s| only.split(',').any(|o| s.name.contains(o)));
-    println!("| workload | server | msg/s | p50 µs | p99 µs |");
-    println!("| --- | --- | ---: | ---: | ---: |");
+    println!("| workload | server | msg/s | p50 µs | p99 µs | server CPU µs/msg |");
+    println!("| --- | --- | ---: | ---: | ---: | ---: |");
     // `--metrics`: after each pyipcd row, how its calls were made.
     let metrics = std::env::args().any(|a| a == "--metrics");
     // `--interleave K`: K slices per row, servers taking turns (a shorter
@@ -403,12 +433,27 @@ fn main() {
             .iter()
             .map(|_| (0, Histogram::<u64>::new(3).unwrap()))
             .collect();
+        // CPU seconds each server process used while measured (none for the in-process ceiling).
+        let mut cpu: Vec<f64> = vec![0.0; servers.len()];
         for slice in 0..slices {
             let warm_up = Duration::from_millis(if slice == 0 { 500 } else { 200 });
-            for (server, (total, hist)) in servers.iter().zip(results.iter_mut()) {
+            for (i, (server, (total, hist))) in servers.iter().zip(results.iter_mut()).enumerate() {
                 let before = server.admin.filter(|_| metrics).map(pool_counters);
-                let (msgs, h) =
-                    load.block_on(drive(&server.addr, row, warm_up, seconds / slices as f64));
+                let pid = server.child.as_ref().map(Child::id);
+                let slice = seconds / slices as f64;
+                let (msgs, h) = load.block_on(async {
+                    // CPU time over the measured part only (after the warm-up).
+                    let measure = async {
+                        tokio::time::sleep(warm_up).await;
+                        let start = pid.map(cpu_seconds);
+                        tokio::time::sleep(Duration::from_secs_f64(slice)).await;
+                        pid.zip(start).map(|(p, s)| cpu_seconds(p) - s)
+                    };
+                    let (driven, used) =
+                        tokio::join!(drive(&server.addr, row, warm_up, slice), measure);
+                    cpu[i] += used.unwrap_or(0.0);
+                    driven
+                });
                 *total += msgs;
                 hist.add(h).unwrap();
                 if let (Some(admin), Some(before)) = (server.admin, before) {
@@ -429,9 +474,14 @@ fn main() {
                 }
             }
         }
-        for (server, (total, hist)) in servers.iter().zip(&results) {
+        for ((server, (total, hist)), cpu) in servers.iter().zip(&results).zip(&cpu) {
+            let per_msg = if server.child.is_some() && *total > 0 {
+                format!("{:.1}", cpu * 1e6 / *total as f64)
+            } else {
+                "-".into()
+            };
             println!(
-                "| {} | {} | {:.0} | {:.1} | {:.1} |",
+                "| {} | {} | {:.0} | {:.1} | {:.1} | {per_msg} |",
                 row.label,
                 server.name,
                 *total as f64 / seconds,
