@@ -30,6 +30,12 @@ pub enum Control {
     Reload,
     /// Stop (gracefully).
     Stop,
+    /// A worker of a supervisor: start the roles left to worker 0 (deferred
+    /// while the worker 0 this one replaces still ran them).
+    TakeSingletons,
+    /// A worker of a supervisor: stop accepting, stop the other roles, serve
+    /// the open connections until they close (or `reload_drain`), then stop.
+    Retire,
 }
 
 /// A started daemon.
@@ -41,6 +47,8 @@ pub struct Daemon {
     supervisor: Supervisor,
     roles: TaskTracker,
     token: CancellationToken,
+    /// Worker-0 roles and tasks not started yet (a rolling reload's new worker 0).
+    deferred: bool,
 }
 
 /// How a shutdown went.
@@ -106,6 +114,7 @@ impl Daemon {
             supervisor,
             roles,
             token,
+            deferred: crate::workers::this_worker().is_some_and(|w| w.defer_singletons),
         })
     }
 
@@ -129,22 +138,86 @@ impl Daemon {
             }
             None => None,
         };
-        let bound = self
-            .supervisor
-            .start(&supervisor::role_configs(&self.config))
-            .await?;
+        let mut roles = supervisor::role_configs(&self.config);
+        if self.deferred {
+            roles.retain(|_, r| matches!(r, supervisor::RoleConfig::Server(_)));
+            tracing::info!(
+                "worker-0 roles and tasks wait until the worker this one replaces has stopped them"
+            );
+        }
+        let bound = self.supervisor.start(&roles).await?;
         if let Some(listener) = admin {
+            if crate::workers::this_worker().is_some()
+                && let Ok(addr) = listener.local_addr()
+            {
+                notify(&[NotifyState::Custom(&format!("X_PYIPCD_ADMIN={addr}"))]);
+            }
             self.roles.spawn(crate::admin::serve(
                 listener,
                 self.pool.clone(),
                 self.token.child_token(),
             ));
         }
-        // Tasks last, so `pyipcd.send` finds every role from their first line on.
+        if !self.deferred {
+            self.start_tasks()?;
+        }
+        Ok(bound)
+    }
+
+    /// Starts the tasks: last, so `pyipcd.send` finds every role from their first line on.
+    fn start_tasks(&mut self) -> Result<(), Error> {
         for t in &self.config.python.task {
             self.tasks.push(RunningTask::spawn(t, self.stop.clone())?);
         }
-        Ok(bound)
+        Ok(())
+    }
+
+    /// Starts the roles and tasks held back by a deferred start.
+    async fn take_singletons(&mut self) {
+        if !std::mem::take(&mut self.deferred) {
+            return;
+        }
+        let applied = self
+            .supervisor
+            .apply(&supervisor::role_configs(&self.config))
+            .await;
+        for (name, why) in &applied.failed {
+            tracing::error!(role = %name, "cannot start: {why}");
+        }
+        if let Err(e) = self.start_tasks() {
+            tracing::error!("{e}");
+        }
+        tracing::info!(started = ?applied.started, "took over the worker-0 roles and tasks");
+    }
+
+    /// Leaves a rolling reload (see [`Control::Retire`]): returns when every
+    /// role has ended, or at a stop request.
+    async fn retire(&mut self, control: &mut mpsc::Receiver<Control>) {
+        tracing::info!(
+            "retiring: no new connections; serving the open ones for up to {:?}",
+            self.config.daemon.reload_drain
+        );
+        let (others, all) = self.supervisor.retire_all();
+        py::module::set_stopping();
+        self.stop.set();
+        let grace = self.config.daemon.shutdown_grace;
+        let tasks = &mut self.tasks;
+        let tasks_and_others = async {
+            others.await;
+            for name in end_tasks(tasks, Instant::now() + grace).await {
+                tracing::warn!(task = %name, "task still running; the next worker 0 starts its own");
+            }
+        };
+        tokio::select! {
+            () = tasks_and_others => {}
+            Some(Control::Stop) = control.recv() => return,
+        }
+        // The replacement worker 0 may start them now.
+        notify(&[NotifyState::Custom("X_PYIPCD_SINGLETONS=released")]);
+        tokio::select! {
+            () = all => {}
+            Some(Control::Stop) = control.recv() => {}
+        }
     }
 
     /// The GIL pool.
@@ -182,8 +255,22 @@ impl Daemon {
             ));
         }
         notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
-        while let Some(Control::Reload) = control.recv().await {
-            self.reload().await;
+        let worker = crate::workers::this_worker().is_some();
+        while let Some(request) = control.recv().await {
+            match request {
+                Control::Reload if worker => {
+                    tracing::warn!(
+                        "SIGHUP ignored: a worker is reloaded by its supervisor (send SIGHUP to the supervisor)"
+                    );
+                }
+                Control::Reload => self.reload().await,
+                Control::TakeSingletons => self.take_singletons().await,
+                Control::Retire => {
+                    self.retire(&mut control).await;
+                    break;
+                }
+                Control::Stop => break,
+            }
         }
         Ok(self.shutdown().await)
     }
@@ -255,28 +342,13 @@ impl Daemon {
         {
             tracing::warn!("roles still finishing in-flight calls at the deadline");
         }
-        let wait_tasks = async {
-            let _ = tokio::time::timeout_at(
-                deadline.into(),
-                futures_join(self.tasks.iter_mut().map(RunningTask::wait)),
-            )
-            .await;
-        };
-        let (_, stuck_calls) = tokio::join!(wait_tasks, self.pool.close(deadline));
+        let (late_tasks, stuck_calls) = tokio::join!(
+            end_tasks(&mut self.tasks, deadline),
+            self.pool.close(deadline)
+        );
         let mut outcome = Outcome::default();
-        let late: Vec<&RunningTask> = self.tasks.iter().filter(|t| !t.is_done()).collect();
-        if !late.is_empty() {
-            for t in &late {
-                tracing::warn!(task = %t.name, "task still running after {grace:?}; raising SystemExit in it");
-                t.raise_system_exit();
-            }
-            let forced = Instant::now() + FORCED_STOP_WAIT;
-            while Instant::now() < forced && self.tasks.iter().any(|t| !t.is_done()) {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            for t in self.tasks.iter().filter(|t| !t.is_done()) {
-                outcome.abandoned.push(format!("task {}", t.name));
-            }
+        for name in late_tasks {
+            outcome.abandoned.push(format!("task {name}"));
         }
         for stuck in &stuck_calls {
             tracing::error!(
@@ -303,6 +375,34 @@ impl Daemon {
         crate::systemd::flush(Duration::from_millis(500));
         outcome
     }
+}
+
+/// Waits for `tasks` until `deadline`, then raises `SystemExit` in those
+/// still running and gives them [`FORCED_STOP_WAIT`]; returns the names of
+/// those that did not end even then.
+async fn end_tasks(tasks: &mut [RunningTask], deadline: Instant) -> Vec<String> {
+    let _ = tokio::time::timeout_at(
+        deadline.into(),
+        futures_join(tasks.iter_mut().map(RunningTask::wait)),
+    )
+    .await;
+    let late: Vec<&RunningTask> = tasks.iter().filter(|t| !t.is_done()).collect();
+    if late.is_empty() {
+        return Vec::new();
+    }
+    for t in &late {
+        tracing::warn!(task = %t.name, "task still running at the deadline; raising SystemExit in it");
+        t.raise_system_exit();
+    }
+    let forced = Instant::now() + FORCED_STOP_WAIT;
+    while Instant::now() < forced && tasks.iter().any(|t| !t.is_done()) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tasks
+        .iter()
+        .filter(|t| !t.is_done())
+        .map(|t| t.name.to_string())
+        .collect()
 }
 
 /// Awaits every future (they are few; no extra dependency needed).
@@ -351,6 +451,19 @@ pub fn run(config: Config, python_log_level: u32) -> Result<i32, Error> {
                         match signals.next().await {
                             SignalEvent::Reload => {
                                 let _ = tx.send(Control::Reload).await;
+                            }
+                            SignalEvent::TakeSingletons | SignalEvent::Retire
+                                if crate::workers::this_worker().is_none() =>
+                            {
+                                tracing::warn!(
+                                    "SIGUSR1/SIGUSR2 ignored: they are for worker processes"
+                                );
+                            }
+                            SignalEvent::TakeSingletons => {
+                                let _ = tx.send(Control::TakeSingletons).await;
+                            }
+                            SignalEvent::Retire => {
+                                let _ = tx.send(Control::Retire).await;
                             }
                             SignalEvent::Stop(name, _) => {
                                 tracing::info!("{name} received");

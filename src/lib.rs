@@ -10,6 +10,9 @@
 //! - `systemd`: readiness, status, stopping and watchdog notices; the
 //!   sockets of socket activation.
 //! - [`daemon`]: start-up, readiness, reload, ordered shutdown.
+//! - [`workers`]: `daemon.processes` > 1: the supervisor of worker
+//!   processes (sockets bound once, restarts, rolling reload), and a worker's
+//!   view of itself.
 //! - `supervisor`: roles built from the config, started, and replaced
 //!   transactionally on reload (the diff is a pure function, `supervisor::plan`).
 //! - `role`: what every role instance gets from the supervisor.
@@ -48,6 +51,7 @@ pub mod tcp;
 pub mod telemetry;
 #[cfg(test)]
 mod test_rng;
+pub mod workers;
 
 pub use error::Error;
 pub use systemd::{activated_names, take_activated_sockets};

@@ -9,7 +9,7 @@ use clap::Parser;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use pyipcd::cli::{CheckArgs, Cli, Command, ConfigArg};
 use pyipcd::tcp::endpoint::Listen;
-use pyipcd::{EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, config, daemon, py, telemetry};
+use pyipcd::{EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, config, daemon, py, telemetry, workers};
 
 fn main() {
     let cli = Cli::parse();
@@ -32,11 +32,21 @@ fn load(args: &ConfigArg) -> Result<config::Config, i32> {
 }
 
 fn run(args: &ConfigArg) -> i32 {
+    let worker = workers::this_worker();
+    if worker.is_some() {
+        // The supervisor passed the listening sockets the way systemd does,
+        // but could not know this process's pid before starting it.
+        // SAFETY: no thread has started yet.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::env::set_var("LISTEN_PID", std::process::id().to_string());
+        }
+    }
     // SAFETY: no thread has started yet (only the command line was parsed),
     // and nothing else in this process touches descriptors 3 and up.
     #[allow(unsafe_code)]
     let activated = unsafe { pyipcd::take_activated_sockets() };
-    let cfg = match load(args) {
+    let mut cfg = match load(args) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -45,7 +55,28 @@ fn run(args: &ConfigArg) -> i32 {
         tracing::error!("{e}");
         return EXIT_CONFIG;
     }
-    for (name, n) in pyipcd::activated_names() {
+    if let Some(worker) = worker {
+        let share = cfg.for_worker(worker.index);
+        workers::set_elsewhere(share.elsewhere);
+        cfg = share.config;
+        // The supervisor serves the admin endpoint, asking each worker's
+        // own on a loopback port the worker reports.
+        if cfg.admin.listen.is_some() {
+            cfg.admin.listen = Some("127.0.0.1:0".into());
+        }
+    } else if cfg.daemon.processes > 1 {
+        return match workers::supervise(cfg) {
+            Ok(code) => code,
+            Err(e) => {
+                tracing::error!("{e}");
+                e.exit_code()
+            }
+        };
+    }
+    for (name, n) in pyipcd::activated_names()
+        .into_iter()
+        .filter(|_| worker.is_none())
+    {
         let used = cfg
             .tcp
             .server

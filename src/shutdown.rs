@@ -1,5 +1,6 @@
 //! Signals, handled in tokio: SIGINT/SIGTERM begin a graceful stop, a
-//! second one exits at once; SIGHUP asks for a configuration reload. The
+//! second one exits at once; SIGHUP asks for a configuration reload;
+//! SIGUSR1/SIGUSR2 are a worker supervisor's (`workers`) requests. The
 //! second stop signal is also caught outside tokio ([`exit_on_second_signal`]),
 //! so it works even when every I/O thread is held by a call that never returns.
 
@@ -46,6 +47,10 @@ pub enum SignalEvent {
     Stop(&'static str, i32),
     /// Reload the configuration (SIGHUP).
     Reload,
+    /// A worker's supervisor: start the roles left to worker 0 (SIGUSR1).
+    TakeSingletons,
+    /// A worker's supervisor: stop accepting, finish the open connections, exit (SIGUSR2).
+    Retire,
 }
 
 /// The process's signal streams, registered at start-up (before the
@@ -54,6 +59,8 @@ pub struct Signals {
     int: Signal,
     term: Signal,
     hup: Signal,
+    usr1: Signal,
+    usr2: Signal,
 }
 
 impl Signals {
@@ -66,6 +73,8 @@ impl Signals {
             int: signal(SignalKind::interrupt())?,
             term: signal(SignalKind::terminate())?,
             hup: signal(SignalKind::hangup())?,
+            usr1: signal(SignalKind::user_defined1())?,
+            usr2: signal(SignalKind::user_defined2())?,
         })
     }
 
@@ -75,6 +84,8 @@ impl Signals {
             _ = self.int.recv() => SignalEvent::Stop("SIGINT", 2),
             _ = self.term.recv() => SignalEvent::Stop("SIGTERM", 15),
             _ = self.hup.recv() => SignalEvent::Reload,
+            _ = self.usr1.recv() => SignalEvent::TakeSingletons,
+            _ = self.usr2.recv() => SignalEvent::Retire,
         }
     }
 }

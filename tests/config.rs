@@ -283,3 +283,31 @@ fn unix_socket_options_are_checked_against_the_listen_kind() {
         assert!(err.contains(want), "missing `{want}` in:\n{err}");
     }
 }
+
+#[test]
+fn worker_placement_is_checked() {
+    let s = Scenario::new();
+    s.write("h.py", "def f(data):\n    return data\n");
+    let cfg = s.config(
+        "processes = 2\n[python]\npaths = [\".\"]\n\
+         [[shm.region]]\nname = \"shared\"\npath = \"a.shm\"\nsize = \"4KiB\"\ncreate = true\non_change = \"h:f\"\nprocesses = \"all\"\n\
+         [[shm.region]]\nname = \"once\"\npath = \"b-{worker}.shm\"\nsize = \"4KiB\"\ncreate = true\non_change = \"h:f\"\n\
+         [[python.task]]\nname = \"t\"\nrun = \"h:f\"\nprocesses = \"some\"\n",
+    );
+    let (code, _, err) = run_to_end(&["check", "-c", cfg.to_str().unwrap()], &[]);
+    assert_eq!(code, 78, "{err}");
+    for want in [
+        "shm.region[0].path: with processes = \"all\" every worker maps its own file: put `{worker}` in the path",
+        "shm.region[1].path: `{worker}` is only for processes = \"all\"",
+        "python.task[0].processes",
+    ] {
+        assert!(err.contains(want), "missing `{want}` in:\n{err}");
+    }
+    let cfg = s.config("processes = 0\n");
+    let (code, _, err) = run_to_end(&["check", "-c", cfg.to_str().unwrap()], &[]);
+    assert_eq!(code, 78, "{err}");
+    assert!(
+        err.contains("daemon.processes must be between 1 and 256 (got 0)"),
+        "{err}"
+    );
+}

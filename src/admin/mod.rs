@@ -202,18 +202,33 @@ async fn metrics_route(
 /// # Errors
 /// If the endpoint cannot be reached.
 pub fn probe(addr: &str) -> std::io::Result<(bool, String)> {
+    let (status, body) = fetch(addr, "/health")?;
+    Ok((status == 200, body.trim().to_string()))
+}
+
+/// `GET path` on an admin endpoint at `addr` (3 s timeout); returns the
+/// status code and the body.
+///
+/// # Errors
+/// If the endpoint cannot be reached or does not answer in time.
+pub fn fetch(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(3)))?;
-    s.write_all(b"GET /health HTTP/1.1\r\nHost: pyipcd\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: pyipcd\r\nConnection: close\r\n\r\n"
+    )?;
     let mut text = String::new();
     s.read_to_string(&mut text)?;
-    let ok = text.starts_with("HTTP/1.1 200");
-    let body = text
-        .split("\r\n\r\n")
+    let status = text
+        .split(' ')
         .nth(1)
-        .unwrap_or_default()
-        .trim()
-        .to_string();
-    Ok((ok, body))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    Ok((status, body.to_string()))
 }

@@ -17,9 +17,11 @@ use serde::Deserialize;
 use crate::py::target::Target;
 
 mod parse;
+mod placement;
 mod roles;
 mod targets;
 
+pub use placement::{MAX_PROCESSES, Placement, WORKER_PLACEHOLDER, WorkerShare};
 pub use roles::*;
 pub use targets::{Passes, TargetUse};
 
@@ -110,6 +112,10 @@ pub struct DaemonConfig {
     /// cores the GIL pool does not use (at least 1): spinning threads beyond
     /// the core count slow everyone down.
     pub io_threads: Option<usize>,
+    /// Worker processes (default 1: this process serves). Above 1, the
+    /// process started is a supervisor that binds the servers' sockets and
+    /// runs that many workers, each with its own interpreter (docs/processes.md).
+    pub processes: usize,
 }
 
 impl Default for DaemonConfig {
@@ -118,6 +124,7 @@ impl Default for DaemonConfig {
             shutdown_grace: Duration::from_secs(5),
             reload_drain: Duration::from_secs(30),
             io_threads: None,
+            processes: 1,
         }
     }
 }
@@ -198,6 +205,9 @@ pub struct TaskConfig {
     /// Upper bound of the restart delay.
     #[serde(default = "default_backoff_max", with = "humantime_serde")]
     pub backoff_max: Duration,
+    /// With `daemon.processes` > 1: run in worker 0 only (`"one"`) or in every worker (`"all"`).
+    #[serde(default)]
+    pub processes: Placement,
 }
 
 fn default_backoff_min() -> Duration {
@@ -428,6 +438,7 @@ impl Config {
         self.validate_max_in_flight(&mut problems);
         self.validate_tcp(&mut problems);
         self.validate_shm(&mut problems);
+        self.validate_placement(&mut problems);
         if let Some(listen) = &self.admin.listen
             && let Err(e) = crate::tcp::parse_listen(listen)
         {

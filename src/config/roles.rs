@@ -8,6 +8,7 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use serde::Deserialize;
 
+use super::placement::Placement;
 use super::{Config, default_backoff_max};
 use crate::py::target::Target;
 use crate::tcp::endpoint::{Connect, Listen, UnixAddr};
@@ -194,6 +195,9 @@ pub struct TcpClientConfig {
     /// Messages waiting to be sent (from `pyipcd.send` and the producer) before senders wait.
     #[serde(default = "default_outbox")]
     pub outbox: usize,
+    /// With `daemon.processes` > 1: run in worker 0 only (`"one"`) or in every worker (`"all"`).
+    #[serde(default)]
+    pub processes: Placement,
     /// Pool threads this role's calls may occupy at once (default
     /// `python.workers - 1`, at least 1): a role whose handlers block cannot
     /// starve the others.
@@ -306,6 +310,10 @@ pub struct ShmRegionConfig {
     /// mapping instead of a `bytes` copy, valid for the duration of the call.
     #[serde(default)]
     pub zero_copy: bool,
+    /// With `daemon.processes` > 1: run in worker 0 only (`"one"`), or in
+    /// every worker (`"all"`, each on its own file: `{worker}` in `path`).
+    #[serde(default)]
+    pub processes: Placement,
     /// Pool threads this role's calls may occupy at once (default
     /// `python.workers - 1`, at least 1): a role whose handlers block cannot
     /// starve the others.

@@ -110,9 +110,9 @@ fn stopping() -> bool {
 #[pyfunction]
 fn send(py: Python<'_>, role: &str, data: &[u8]) -> PyResult<()> {
     let sender = crate::registry::registry().sender(role).map_err(|known| {
-        PyKeyError::new_err(format!(
-            "no role named {role:?} accepts pyipcd.send (roles that do: {known:?})"
-        ))
+        PyKeyError::new_err(crate::workers::runs_elsewhere(role).unwrap_or_else(|| {
+            format!("no role named {role:?} accepts pyipcd.send (roles that do: {known:?})")
+        }))
     })?;
     let data = Bytes::copy_from_slice(data);
     let on_io_thread = crate::py::pool::sending_from_io_thread();

@@ -208,16 +208,9 @@ impl Launcher<'_> {
         let region_err =
             |e: &dyn std::fmt::Display| crate::Error::Startup(format!("shm region `{name}`: {e}"));
         Ok(match (cfg, parts) {
-            (RoleConfig::Server(c), Parts::Server(p)) => {
-                Ready::Server(TcpServer::listen(c, p, socket).map_err(|e| {
-                    let why = format!("tcp server `{name}` cannot listen on {}: {e}", c.listen);
-                    if e.is_config() {
-                        crate::Error::Listen(why)
-                    } else {
-                        crate::Error::Startup(why)
-                    }
-                })?)
-            }
+            (RoleConfig::Server(c), Parts::Server(p)) => Ready::Server(
+                TcpServer::listen(c, p, socket).map_err(|e| e.for_role(name, &c.listen))?,
+            ),
             (RoleConfig::Client(c), Parts::Client(p)) => {
                 let (outbox, after) = match outbox {
                     Some((outbox, done)) => (outbox, Some(done)),

@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -201,6 +202,30 @@ impl Supervisor {
         }
         self.record_failures(failures, &mut applied);
         applied
+    }
+
+    /// Retires every role (a worker leaving after a rolling reload): servers
+    /// stop accepting and serve their open connections until those close or
+    /// the drain passes; the other roles stop at once. Returns two futures:
+    /// the non-server roles have ended, and every role has.
+    pub fn retire_all(&mut self) -> (BoxFuture<'static, ()>, BoxFuture<'static, ()>) {
+        let mut others = Vec::new();
+        let mut all = Vec::new();
+        for (name, instance) in std::mem::take(&mut self.running) {
+            if !matches!(instance.config, RoleConfig::Server(_)) {
+                others.push(instance.done.clone());
+            }
+            all.push(instance.done.clone());
+            instance.retire(&name, self.drain, false, &self.tracker);
+        }
+        let join = |done: Vec<instance::Done>| -> BoxFuture<'static, ()> {
+            Box::pin(async move {
+                for d in done {
+                    d.await;
+                }
+            })
+        };
+        (join(others), join(all))
     }
 
     /// Logs the failures, shows new roles that failed as down, and notes the

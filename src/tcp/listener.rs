@@ -39,6 +39,17 @@ impl ListenError {
             ListenError::Io(_) | ListenError::Taken(PathTaken::Io(..))
         )
     }
+
+    /// The daemon's error for server `name` that cannot listen on `listen`:
+    /// [`crate::Error::Listen`] (exit 78) when the config must change.
+    pub(crate) fn for_role(self, name: &str, listen: &str) -> crate::Error {
+        let why = format!("tcp server `{name}` cannot listen on {listen}: {self}");
+        if self.is_config() {
+            crate::Error::Listen(why)
+        } else {
+            crate::Error::Startup(why)
+        }
+    }
 }
 
 /// A listening socket not yet serving, and its socket file if it has one.
@@ -61,6 +72,9 @@ impl ListenSocket {
         handover: Option<ListenSocket>,
     ) -> Result<Self, ListenError> {
         let listen = Listen::parse(&cfg.listen).map_err(ListenError::Config)?;
+        if handover.is_none() && crate::workers::this_worker().is_some() {
+            return Self::from_supervisor(cfg, &listen);
+        }
         let backlog = backlog(cfg);
         let (socket, unix, file, activated) = match (handover, &listen) {
             (Some(old), _) => {
@@ -134,6 +148,46 @@ impl ListenSocket {
             file,
             activated,
         })
+    }
+
+    /// A worker's socket for `cfg`: the one its supervisor bound (and
+    /// keeps, with its socket file), checked against `listen` in case the
+    /// config file changed between the supervisor's reading and the worker's.
+    fn from_supervisor(cfg: &TcpServerConfig, listen: &Listen) -> Result<Self, ListenError> {
+        let name = crate::workers::socket_name(&cfg.name);
+        let socket = socket2::Socket::from(crate::systemd::activated(&name).map_err(|e| {
+            ListenError::Config(format!("the supervisor passed no socket for it ({e})"))
+        })?);
+        let local = socket.local_addr()?;
+        let same = match listen {
+            Listen::Tcp(want) => local.as_socket().is_some_and(|got| {
+                got.ip() == want.ip() && (want.port() == 0 || got.port() == want.port())
+            }),
+            Listen::Unix(UnixAddr::Path(p)) => local.as_pathname() == Some(p.as_path()),
+            Listen::Unix(UnixAddr::Abstract(n)) => {
+                local.as_abstract_namespace() == Some(n.as_bytes())
+            }
+            Listen::Activated(_) => true,
+        };
+        let this = Self {
+            fd: socket.into(),
+            unix: local.as_socket().is_none(),
+            file: None,
+            activated: true,
+        };
+        if !same {
+            return Err(ListenError::Config(format!(
+                "the supervisor listens on {} for it: the config file changed after the supervisor read it (reload the supervisor instead)",
+                this.describe()
+            )));
+        }
+        socket2::SockRef::from(&this.fd.as_fd()).set_nonblocking(true)?;
+        Ok(this)
+    }
+
+    /// The descriptor, for handing to a worker process.
+    pub(crate) fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
     }
 
     /// A duplicate, for the instance that replaces this one.

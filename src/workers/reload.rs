@@ -1,0 +1,193 @@
+//! The rolling reload (SIGHUP to the supervisor): the config is read again,
+//! sockets are kept for the servers whose `listen` did not change and bound
+//! for the others, and a new generation of workers starts on them. Only when
+//! every new worker is ready do the old ones retire (SIGUSR2: stop
+//! accepting, serve the open connections until they close or
+//! `reload_drain`, exit), so a connection is never refused and a request
+//! never lost. The new worker 0 starts its worker-0 roles (tasks, clients,
+//! shm regions) only once the old worker 0 has stopped them (SIGUSR1), so
+//! they never run twice. If a new worker fails, the new generation is
+//! stopped and the old one goes on serving.
+
+use std::time::Instant;
+
+use nix::sys::signal::Signal;
+use sd_notify::NotifyState;
+
+use super::fleet::{Bound, Fleet, Part};
+use crate::config::Config;
+use crate::systemd::notify;
+use crate::tcp::listener::ListenSocket;
+
+/// A rolling reload under way.
+#[derive(Debug)]
+pub(super) struct Reload {
+    /// When the new generation was started.
+    pub(super) started: Instant,
+    /// The config it runs.
+    config: Config,
+    /// Its sockets (kept or new).
+    sockets: Vec<Bound>,
+}
+
+impl Fleet {
+    /// SIGHUP: reads the config and starts a new generation on it.
+    pub(super) fn begin_reload(&mut self) {
+        if self.reload.is_some() {
+            tracing::warn!("SIGHUP ignored: a rolling reload is already under way");
+            return;
+        }
+        notify(&[
+            NotifyState::Reloading,
+            NotifyState::monotonic_usec_now().unwrap_or(NotifyState::Status("reloading")),
+        ]);
+        let path = self.config.source.clone();
+        tracing::info!(config = %path.display(), "SIGHUP: rolling reload");
+        let config = match crate::config::load(&path) {
+            Ok(c) => c,
+            Err(e) => {
+                self.reload_failed(&format!("the configuration cannot be used: {e}"));
+                return;
+            }
+        };
+        let sockets = match self.sockets_for(&config) {
+            Ok(s) => s,
+            Err(e) => {
+                self.reload_failed(&e);
+                return;
+            }
+        };
+        // The new worker 0 waits for the old one's worker-0 roles.
+        let defer = self.serving().any(|p| p.child.index == 0);
+        let mut started = Vec::new();
+        for index in 0..config.daemon.processes {
+            match self.start(index, Part::Incoming, defer && index == 0, Some(&sockets)) {
+                Ok(serial) => started.push(serial),
+                Err(e) => {
+                    for serial in started {
+                        if let Some(p) = self.procs.get(&serial) {
+                            p.child.signal(Signal::SIGTERM);
+                        }
+                    }
+                    self.reload_failed(&format!("cannot start new worker {index}: {e}"));
+                    return;
+                }
+            }
+        }
+        self.reload = Some(Reload {
+            started: Instant::now(),
+            config,
+            sockets,
+        });
+    }
+
+    /// The sockets `config`'s servers listen on: the current one for an
+    /// unchanged `listen`, else bound now.
+    fn sockets_for(&self, config: &Config) -> Result<Vec<Bound>, String> {
+        config
+            .tcp
+            .server
+            .iter()
+            .map(|s| {
+                let kept = self
+                    .sockets
+                    .iter()
+                    .find(|b| b.listen == s.listen)
+                    .map(|b| b.socket.try_clone())
+                    .transpose()
+                    .map_err(|e| format!("cannot duplicate a listening socket: {e}"))?;
+                let socket = match kept {
+                    Some(socket) => socket,
+                    None => ListenSocket::open(s, None)
+                        .map_err(|e| e.for_role(&s.name, &s.listen).to_string())?,
+                };
+                Ok(Bound {
+                    role: s.name.clone(),
+                    listen: s.listen.clone(),
+                    socket,
+                })
+            })
+            .collect()
+    }
+
+    fn reload_failed(&self, why: &str) {
+        tracing::error!("reload failed; the running workers go on serving: {why}");
+        notify(&[
+            NotifyState::Ready,
+            NotifyState::Status("reload failed; previous configuration kept"),
+        ]);
+    }
+
+    /// Every new worker is ready: the old generation retires.
+    pub(super) fn finish_reload_if_ready(&mut self) {
+        let Some(reload) = &self.reload else {
+            return;
+        };
+        let incoming: Vec<_> = self
+            .procs
+            .values()
+            .filter(|p| p.part == Part::Incoming)
+            .collect();
+        if incoming.len() < reload.config.daemon.processes
+            || incoming.iter().any(|p| p.child.ready.is_none())
+        {
+            return;
+        }
+        let Some(reload) = self.reload.take() else {
+            return;
+        };
+        let now = Instant::now();
+        let mut old_worker_0 = false;
+        let mut new_worker_0 = None;
+        for (serial, proc) in &mut self.procs {
+            match proc.part {
+                Part::Serving => {
+                    old_worker_0 |= proc.child.index == 0;
+                    proc.part = Part::Retiring(now);
+                    proc.child.signal(Signal::SIGUSR2);
+                }
+                Part::Incoming => {
+                    if proc.child.index == 0 {
+                        new_worker_0 = Some(*serial);
+                    }
+                    proc.part = Part::Serving;
+                }
+                Part::Retiring(_) => {}
+            }
+        }
+        self.sockets = reload.sockets;
+        self.config = reload.config;
+        // Workers waiting to be started again belonged to the old generation.
+        self.restarts_clear();
+        self.singletons_for = new_worker_0;
+        if !old_worker_0 {
+            self.hand_singletons();
+        }
+        let status = format!("reloaded: {}", self.status());
+        tracing::info!("{status}; the previous workers finish their connections");
+        notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+    }
+
+    /// Gives the worker-0 roles to the new worker 0 (once).
+    pub(super) fn hand_singletons(&mut self) {
+        if let Some(serial) = self.singletons_for.take()
+            && let Some(proc) = self.procs.get(&serial)
+        {
+            proc.child.signal(Signal::SIGUSR1);
+        }
+    }
+
+    /// Stops the new generation; the serving one stays.
+    pub(super) fn abort_reload(&mut self, why: &str) {
+        if self.reload.take().is_none() {
+            return;
+        }
+        for proc in self.procs.values_mut() {
+            if proc.part == Part::Incoming {
+                proc.part = Part::Retiring(Instant::now());
+                proc.child.signal(Signal::SIGTERM);
+            }
+        }
+        self.reload_failed(why);
+    }
+}

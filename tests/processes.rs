@@ -1,0 +1,581 @@
+//! `[daemon] processes = N`: a supervisor and N worker processes of the real
+//! binary behind one listening socket. What runs where, restarts, the crash
+//! loop, the stop, one admin endpoint for all, and the rolling reload that
+//! loses no request.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Daemon, Scenario, free_port, http_get};
+
+/// A handler that says which worker answered: `index:pid:version:line`.
+const WHO: &str = r#"
+import os
+VERSION = "v1"
+
+def who(data):
+    return f"{os.environ['PYIPCD_WORKER']}:{os.getpid()}:{VERSION}:{data.decode().strip()}".encode()
+"#;
+
+/// One line request, its reply.
+fn ask(port: u16, line: &str) -> String {
+    let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    (&s).write_all(format!("{line}\n").as_bytes()).unwrap();
+    let mut reply = String::new();
+    BufReader::new(&s).read_line(&mut reply).unwrap();
+    reply.trim_end().to_string()
+}
+
+/// The pid a log line like "worker 1 started (pid 123)" names.
+fn started_pid(d: &Daemon, index: usize, nth: usize) -> u32 {
+    let needle = format!("worker {index} started (pid ");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let found: Vec<u32> = d
+            .lines
+            .all()
+            .iter()
+            .filter_map(|l| l.split(&needle).nth(1))
+            .filter_map(|r| r.split(')').next()?.parse().ok())
+            .collect();
+        if let Some(pid) = found.get(nth) {
+            return *pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {needle}; log:\n{}",
+            d.lines.text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+    })
+}
+
+/// Names of the threads of process `pid`.
+fn thread_names(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .collect()
+}
+
+#[test]
+fn two_workers_share_one_port_behind_one_admin_endpoint() {
+    let sc = Scenario::new();
+    sc.write("h.py", WHO);
+    let (port, admin) = (free_port(), free_port());
+    let cfg = sc.config(&format!(
+        r#"processes = 2
+[python]
+paths = ["."]
+workers = 1
+[admin]
+listen = "127.0.0.1:{admin}"
+[[tcp.server]]
+name = "who"
+listen = "127.0.0.1:{port}"
+framing = "line"
+handler = "h:who"
+"#
+    ));
+    let mut d = Daemon::start(&cfg, &[]);
+    d.wait_ready();
+    // READY=1 came after both workers said they were ready.
+    let log = d.lines.text();
+    let ready_at = log.find("supervising 2 worker process(es)").unwrap();
+    for i in 0..2 {
+        let at = log
+            .find(&format!("worker {i} ready"))
+            .expect("worker ready line");
+        assert!(at < ready_at, "{log}");
+    }
+    // The supervisor runs no interpreter: none of the daemon's threads.
+    let threads = thread_names(d.child.id());
+    assert!(
+        threads
+            .iter()
+            .all(|t| !t.starts_with("py-") && t != "pyipcd-io"),
+        "{threads:?}"
+    );
+    // 200 connections, one request each, 20 at a time: both workers answer.
+    let mut by_worker: BTreeMap<String, usize> = BTreeMap::new();
+    for round in 0..10 {
+        let replies: Vec<String> = (0..20)
+            .map(|i| std::thread::spawn(move || ask(port, &format!("r{round}c{i}"))))
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect();
+        for (i, r) in replies.iter().enumerate() {
+            let parts: Vec<&str> = r.split(':').collect();
+            assert_eq!(parts.len(), 4, "{r}");
+            assert_eq!(parts[3], format!("r{round}c{i}"));
+            *by_worker
+                .entry(format!("{}:{}", parts[0], parts[1]))
+                .or_default() += 1;
+        }
+    }
+    assert_eq!(by_worker.len(), 2, "both workers served: {by_worker:?}");
+    eprintln!("connections per worker: {by_worker:?}");
+    // One /health and one /metrics for both, with a worker label.
+    let (status, health) = http_get(admin, "/health");
+    assert_eq!(status, 200, "{health}");
+    assert!(
+        health.contains(r#""0":{"health":{"#) && health.contains(r#""1":{"health":{"#),
+        "{health}"
+    );
+    let (status, metrics) = http_get(admin, "/metrics");
+    assert_eq!(status, 200);
+    let served: f64 = (0..2)
+        .map(|w| {
+            common::metric(
+                &metrics,
+                &format!("pyipcd_messages_total{{worker=\"{w}\",role=\"who\"}}"),
+            )
+        })
+        .sum();
+    assert_eq!(served, 200.0, "{metrics}");
+    assert_eq!(common::metric(&metrics, "pyipcd_workers "), 2.0);
+    assert_eq!(
+        metrics
+            .matches("# TYPE pyipcd_messages_total counter")
+            .count(),
+        1,
+        "one group per family:\n{metrics}"
+    );
+    d.signal("TERM");
+    assert!(
+        d.wait_exit(Duration::from_secs(15)).success(),
+        "{}",
+        d.lines.text()
+    );
+}
+
+#[test]
+fn worker_0_roles_run_once_unless_placed_in_every_worker() {
+    let sc = Scenario::new();
+    sc.write(
+        "t.py",
+        r#"
+import os, time, pyipcd
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+def mark(name):
+    with open(os.path.join(HERE, name), "a") as f:
+        f.write(os.environ["PYIPCD_WORKER"] + "\n")
+
+def once():
+    mark("once.txt")
+    while not pyipcd.stopping():
+        time.sleep(0.05)
+
+def each():
+    mark("each.txt")
+    while not pyipcd.stopping():
+        time.sleep(0.05)
+
+def relay(data):
+    try:
+        pyipcd.send("out", data)
+        return b"sent by " + os.environ["PYIPCD_WORKER"].encode()
+    except KeyError as e:
+        return (os.environ["PYIPCD_WORKER"] + " " + str(e)).encode()
+
+def seen(reply):
+    pass
+"#,
+    );
+    let (port, sink) = (free_port(), free_port());
+    let sink_listener = std::net::TcpListener::bind(("127.0.0.1", sink)).unwrap();
+    let cfg = sc.config(&format!(
+        r#"processes = 2
+[python]
+paths = ["."]
+workers = 1
+[[python.task]]
+name = "once"
+run = "t:once"
+[[python.task]]
+name = "each"
+run = "t:each"
+processes = "all"
+[[tcp.client]]
+name = "out"
+connect = "127.0.0.1:{sink}"
+framing = "line"
+on_reply = "t:seen"
+[[shm.region]]
+name = "mine"
+path = "region-{{worker}}.bin"
+size = "4KiB"
+create = true
+processes = "all"
+[[tcp.server]]
+name = "relay"
+listen = "127.0.0.1:{port}"
+framing = "line"
+handler = "t:relay"
+"#
+    ));
+    let mut d = Daemon::start(&cfg, &[]);
+    d.wait_ready();
+    std::thread::sleep(Duration::from_millis(500));
+    let read = |f: &str| {
+        let mut v: Vec<String> = std::fs::read_to_string(sc.path(f))
+            .unwrap_or_default()
+            .lines()
+            .map(String::from)
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(read("once.txt"), ["0"], "a task runs in worker 0 only");
+    assert_eq!(read("each.txt"), ["0", "1"], "processes = \"all\": in both");
+    assert!(sc.path("region-0.bin").exists() && sc.path("region-1.bin").exists());
+    // The client role lives in worker 0: a send from worker 1 says so.
+    let mut answers = BTreeSet::new();
+    for i in 0..200 {
+        answers.insert(ask(port, &format!("m{i}")));
+        if answers.len() == 2 {
+            break;
+        }
+    }
+    let from_1 = answers
+        .iter()
+        .find(|a| a.starts_with("1 "))
+        .expect("worker 1 answered");
+    assert!(
+        from_1.contains("runs in worker 0, and this is worker 1"),
+        "{answers:?}"
+    );
+    assert!(answers.contains("sent by 0"), "{answers:?}");
+    // ... and what worker 0 sent arrived.
+    let (upstream, _) = sink_listener.accept().unwrap();
+    upstream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(upstream).read_line(&mut line).unwrap();
+    assert!(line.starts_with('m'), "{line}");
+    d.signal("TERM");
+    assert!(
+        d.wait_exit(Duration::from_secs(15)).success(),
+        "{}",
+        d.lines.text()
+    );
+}
+
+#[test]
+fn a_dead_worker_is_started_again_and_a_crash_loop_stops_the_daemon() {
+    let sc = Scenario::new();
+    sc.write("h.py", WHO);
+    sc.write(
+        "crash.py",
+        r#"
+import os, time
+def maybe_die():
+    # Worker 1 dies at once while the file `die` exists.
+    here = os.path.dirname(os.path.abspath(__file__))
+    if os.environ["PYIPCD_WORKER"] == "1" and os.path.exists(os.path.join(here, "die")):
+        os._exit(3)
+    while True:
+        time.sleep(1)
+"#,
+    );
+    let port = free_port();
+    let cfg = sc.config(&format!(
+        r#"processes = 2
+[python]
+paths = ["."]
+workers = 1
+[[python.task]]
+name = "maybe"
+run = "crash:maybe_die"
+processes = "all"
+[[tcp.server]]
+name = "who"
+listen = "127.0.0.1:{port}"
+framing = "line"
+handler = "h:who"
+"#
+    ));
+    let mut d = Daemon::start(&cfg, &[]);
+    d.wait_ready();
+    // SIGKILL worker 1: it is started again and serves.
+    let first = started_pid(&d, 1, 0);
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-KILL", &first.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    d.lines.wait_for(
+        &[&format!("worker 1 (pid {first}) exited: signal: 9")],
+        Duration::from_secs(10),
+    );
+    let second = started_pid(&d, 1, 1);
+    assert_ne!(first, second);
+    d.lines.wait_for(
+        &["worker 1 ready", &format!("pid={second}")],
+        Duration::from_secs(15),
+    );
+    let mut pids = BTreeSet::new();
+    for i in 0..200 {
+        pids.insert(
+            ask(port, &format!("{i}"))
+                .split(':')
+                .nth(1)
+                .unwrap()
+                .to_string(),
+        );
+        if pids.contains(&second.to_string()) {
+            break;
+        }
+    }
+    assert!(
+        pids.contains(&second.to_string()),
+        "the new worker 1 serves: {pids:?}"
+    );
+    // Now worker 1 dies on every start: a crash loop ends the daemon (1).
+    sc.write("die", "");
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-KILL", &second.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = d.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1), "{}", d.lines.text());
+    let log = d.lines.text();
+    assert!(
+        log.contains("crash loop: worker 1 exited 5 times in a row"),
+        "{log}"
+    );
+    assert!(
+        log.contains("starting it again in 800ms"),
+        "backoff doubles: {log}"
+    );
+    // No worker outlives the supervisor.
+    let worker_0 = started_pid(&d, 0, 0);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!alive(worker_0), "worker 0 still running");
+}
+
+#[test]
+fn a_configuration_the_workers_cannot_run_exits_78() {
+    let sc = Scenario::new();
+    let port = free_port();
+    let cfg = sc.config(&format!(
+        r#"processes = 2
+[python]
+paths = ["."]
+[[tcp.server]]
+name = "bad"
+listen = "127.0.0.1:{port}"
+framing = "line"
+handler = "no_such_module:f"
+"#
+    ));
+    let (code, _, err) = common::run_to_end(&["run", "-c", cfg.to_str().unwrap()], &[]);
+    assert_eq!(code, 78, "{err}");
+    assert!(
+        err.contains("no_such_module") && err.contains("exited with status 78"),
+        "{err}"
+    );
+}
+
+#[test]
+fn sigterm_drains_every_worker_and_a_second_one_kills_them() {
+    let sc = Scenario::new();
+    sc.write(
+        "slow.py",
+        "import time\ndef slow(data):\n    time.sleep(float(data))\n    return b'done ' + data.strip()\n",
+    );
+    let port = free_port();
+    let cfg = sc.config(&format!(
+        r#"processes = 2
+[python]
+paths = ["."]
+workers = 1
+[[tcp.server]]
+name = "slow"
+listen = "127.0.0.1:{port}"
+framing = "line"
+handler = "slow:slow"
+"#
+    ));
+    // A 1.5 s call in flight at SIGTERM is answered; every worker stops; exit 0.
+    let mut d = Daemon::start(&cfg, &[]);
+    d.wait_ready();
+    let call = std::thread::spawn(move || ask(port, "1.5"));
+    std::thread::sleep(Duration::from_millis(400));
+    d.signal("TERM");
+    assert_eq!(call.join().unwrap(), "done 1.5");
+    assert!(
+        d.wait_exit(Duration::from_secs(15)).success(),
+        "{}",
+        d.lines.text()
+    );
+    assert_eq!(
+        d.lines.count(&["worker", "stopped worker="]),
+        2,
+        "{}",
+        d.lines.text()
+    );
+
+    // A 60 s call: a second SIGTERM kills the workers at once; exit 1.
+    let mut d = Daemon::start(&cfg, &[]);
+    d.wait_ready();
+    let pids = [started_pid(&d, 0, 0), started_pid(&d, 1, 0)];
+    let _call = std::thread::spawn(move || {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        (&s).write_all(b"60\n").unwrap();
+        std::thread::sleep(Duration::from_secs(60));
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    d.signal("TERM");
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    d.signal("TERM");
+    let status = d.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(1), "{}", d.lines.text());
+    assert!(t.elapsed() < Duration::from_secs(3));
+    assert!(
+        d.lines
+            .text()
+            .contains("SIGTERM received again: killing the workers")
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        pids.iter().all(|p| !alive(*p)),
+        "a worker outlived the supervisor"
+    );
+}
+
+#[test]
+fn rolling_reloads_lose_no_request_and_new_connections_get_the_new_code() {
+    let sc = Scenario::new();
+    sc.write("h.py", WHO);
+    sc.write(
+        "t.py",
+        "import os, time, pyipcd\ndef beat():\n    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'starts.txt'), 'a') as f:\n        f.write(os.environ['PYIPCD_WORKER'] + '\\n')\n    while not pyipcd.stopping():\n        time.sleep(0.02)\n",
+    );
+    let port = free_port();
+    let text = format!(
+        r#"processes = 2
+reload_drain = "5s"
+[python]
+paths = ["."]
+workers = 1
+[[python.task]]
+name = "beat"
+run = "t:beat"
+[[tcp.server]]
+name = "who"
+listen = "127.0.0.1:{port}"
+framing = "line"
+handler = "h:who"
+"#
+    );
+    let cfg = sc.config(&text);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    // As the shipped unit does: a .pyc keyed by the source's mtime (whole
+    // seconds) and size would hide a same-size edit made within a second.
+    let mut d = Daemon::start(&cfg, &[("PYTHONDONTWRITEBYTECODE", "1")]);
+    d.wait_ready();
+    // Eight clients in a closed loop, each reconnecting after 25 requests.
+    let stop = Arc::new(AtomicBool::new(false));
+    let asked = Arc::new(AtomicU64::new(0));
+    let clients: Vec<_> = (0..8)
+        .map(|c| {
+            let (stop, asked) = (stop.clone(), asked.clone());
+            std::thread::spawn(move || {
+                let mut versions = BTreeSet::new();
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let s = TcpStream::connect(("127.0.0.1", port)).expect("connect refused");
+                    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                    let mut r = BufReader::new(s.try_clone().unwrap());
+                    for _ in 0..25 {
+                        let msg = format!("c{c}n{n}");
+                        (&s).write_all(format!("{msg}\n").as_bytes()).unwrap();
+                        let mut reply = String::new();
+                        r.read_line(&mut reply).unwrap();
+                        assert!(
+                            reply.trim_end().ends_with(&format!(":{msg}")),
+                            "request {msg} got {reply:?}"
+                        );
+                        versions.insert(reply.split(':').nth(2).unwrap().to_string());
+                        n += 1;
+                        asked.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                versions
+            })
+        })
+        .collect();
+    for version in ["v2", "v3", "v4"] {
+        std::thread::sleep(Duration::from_millis(700));
+        sc.write("h.py", &WHO.replace("\"v1\"", &format!("\"{version}\"")));
+        d.reload(
+            &cfg,
+            &text,
+            &["reloaded: supervising 2 worker"],
+            Duration::from_secs(30),
+        );
+    }
+    // New connections get the new code at once.
+    assert!(ask(port, "x").contains(":v4:x"));
+    std::thread::sleep(Duration::from_millis(700));
+    stop.store(true, Ordering::Relaxed);
+    let mut seen = BTreeSet::new();
+    for c in clients {
+        seen.extend(c.join().expect("a client lost a request"));
+    }
+    assert_eq!(
+        seen,
+        ["v1", "v2", "v3", "v4"].map(String::from).into(),
+        "{seen:?}"
+    );
+    eprintln!(
+        "{} requests answered across three rolling reloads",
+        asked.load(Ordering::Relaxed)
+    );
+    // Every previous worker has left; the worker-0 task ran once per generation.
+    d.lines
+        .wait_for(&["previous worker 1", "exited"], Duration::from_secs(15));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while d.lines.count(&["previous worker", "exited"]) < 6 {
+        assert!(Instant::now() < deadline, "{}", d.lines.text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let starts = std::fs::read_to_string(sc.path("starts.txt")).unwrap();
+    assert_eq!(
+        starts, "0\n0\n0\n0\n",
+        "the worker-0 task, once per generation"
+    );
+    assert_eq!(d.lines.count(&["killing it"]), 0);
+    d.signal("TERM");
+    assert!(
+        d.wait_exit(Duration::from_secs(15)).success(),
+        "{}",
+        d.lines.text()
+    );
+}
