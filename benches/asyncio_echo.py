@@ -1,8 +1,11 @@
 """Baseline for benches/tcp_echo.rs: an asyncio Protocol speaking len32 framing
 that calls the same Python echo function per message.
 
-Usage: python3 benches/asyncio_echo.py PORT [--uvloop]
-Prints "ready" once listening.
+Usage: python3 benches/asyncio_echo.py PORT [--uvloop] [--backlog N]
+    [--reuseport] [--handler-dir DIR]
+--reuseport shares the port with other processes (SO_REUSEPORT);
+--handler-dir imports `work` from DIR/cpu_work.py instead of echoing
+(benches/processes.rs). Prints "ready" once listening.
 """
 
 import asyncio
@@ -47,19 +50,26 @@ class Echo(asyncio.Protocol):
 async def main(port):
     loop = asyncio.get_running_loop()
     # The same listen backlog as the pyipcd server beside it (not asyncio's 100).
-    server = await loop.create_server(Echo, "127.0.0.1", port, backlog=BACKLOG)
+    server = await loop.create_server(
+        Echo, "127.0.0.1", port, backlog=BACKLOG, reuse_port=REUSEPORT
+    )
     print("ready", flush=True)
     async with server:
         await server.serve_forever()
 
 
 BACKLOG = 4096  # --backlog N
+REUSEPORT = False  # --reuseport
 
 
 if __name__ == "__main__":
     port = int(sys.argv[1])
     if "--backlog" in sys.argv:
         BACKLOG = int(sys.argv[sys.argv.index("--backlog") + 1])
+    REUSEPORT = "--reuseport" in sys.argv
+    if "--handler-dir" in sys.argv:
+        sys.path.insert(0, sys.argv[sys.argv.index("--handler-dir") + 1])
+        from cpu_work import work as echo  # noqa: F811
     if "--uvloop" in sys.argv:
         import uvloop
 

@@ -24,13 +24,12 @@
 //! slice by slice, so that a noisy host's swings fall on every server alike).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio::net::TcpListener;
 
 #[path = "common/args.rs"]
 mod args;
@@ -38,17 +37,13 @@ mod args;
 mod busy;
 #[path = "common/daemon.rs"]
 mod daemon;
+#[path = "common/load.rs"]
+mod load;
 #[path = "common/python_echo.rs"]
 mod python_echo;
 use args::{arg, arg_text};
+use load::{Addr, Row, cpu_seconds, drive};
 use python_echo::free_port;
-
-/// Where a server listens.
-#[derive(Clone)]
-enum Addr {
-    Tcp(SocketAddr),
-    Unix(PathBuf),
-}
 
 struct Server {
     name: String,
@@ -132,33 +127,6 @@ fn pyipcd_server(dir: &std::path::Path, dispatch: &str, unix: bool) -> Server {
     }
 }
 
-/// User + system CPU seconds process `pid` (and its threads) used so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command (which may hold spaces) start after its ')'.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or("", |(_, r)| r)
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // utime and stime are fields 14 and 15 (11 and 12 after the state field).
-    (ticks(11) + ticks(12)) / clock_ticks()
-}
-
-/// Clock ticks per second (`getconf CLK_TCK`).
-fn clock_ticks() -> f64 {
-    #[allow(unsafe_code)]
-    // SAFETY: sysconf reads a constant.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 { t as f64 } else { 100.0 }
-}
-
 /// `name value` of each `pyipcd_pool_*` series on `admin`'s `/metrics`.
 fn pool_counters(admin: SocketAddr) -> Vec<(String, f64)> {
     use std::io::{Read, Write};
@@ -231,86 +199,6 @@ async fn echo_frames<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) {
             }
         }
     }
-}
-
-struct Row {
-    label: &'static str,
-    conns: usize,
-    depth: usize,
-    size: usize,
-    /// The row's shortest measurement. At C=1000 a connection makes only
-    /// ~100 round trips in 2 s, so its p99 would be each connection's slowest
-    /// trip: one hiccup of the host (it shows in the in-process Rust ceiling
-    /// too) set the whole row's p99. Ten seconds give ~500 per connection.
-    min_seconds: f64,
-}
-
-/// Closed-loop clients: each keeps `depth` requests in flight on its connection.
-/// `row` against `addr` for `seconds` after `warm_up`: messages counted, and their round trips.
-async fn drive(addr: &Addr, row: &Row, warm_up: Duration, seconds: f64) -> (u64, Histogram<u64>) {
-    let warm = Instant::now() + warm_up;
-    let end = warm + Duration::from_secs_f64(seconds);
-    let mut joins = Vec::new();
-    for c in 0..row.conns {
-        let (depth, size, addr) = (row.depth, row.size, addr.clone());
-        joins.push(tokio::spawn(async move {
-            let mut frame = (size as u32).to_be_bytes().to_vec();
-            frame.extend((0..size).map(|i| (i + c) as u8));
-            let batch: Vec<u8> = frame
-                .iter()
-                .copied()
-                .cycle()
-                .take(frame.len() * depth)
-                .collect();
-            match addr {
-                Addr::Tcp(a) => {
-                    let s = TcpStream::connect(a).await.unwrap();
-                    s.set_nodelay(true).unwrap();
-                    trips(s, &batch, depth, warm, end).await
-                }
-                Addr::Unix(p) => {
-                    let s = UnixStream::connect(p).await.unwrap();
-                    trips(s, &batch, depth, warm, end).await
-                }
-            }
-        }));
-    }
-    let mut total = 0;
-    let mut hist = Histogram::<u64>::new(3).unwrap();
-    for j in joins {
-        let (m, h) = j.await.unwrap();
-        total += m;
-        hist.add(h).unwrap();
-    }
-    (total, hist)
-}
-
-/// Round trips of `batch` (`depth` messages) on one connection until `end`;
-/// those after `warm` are counted and timed.
-async fn trips<S: AsyncRead + AsyncWrite + Unpin>(
-    mut s: S,
-    batch: &[u8],
-    depth: usize,
-    warm: Instant,
-    end: Instant,
-) -> (u64, Histogram<u64>) {
-    let mut back = vec![0u8; batch.len()];
-    let mut hist = Histogram::<u64>::new(3).unwrap();
-    let mut msgs = 0u64;
-    loop {
-        let t = Instant::now();
-        if t >= end {
-            break;
-        }
-        s.write_all(batch).await.unwrap();
-        s.read_exact(&mut back).await.unwrap();
-        assert_eq!(back, batch, "echo mismatch");
-        if t >= warm {
-            hist.record(t.elapsed().as_nanos() as u64).unwrap();
-            msgs += depth as u64;
-        }
-    }
-    (msgs, hist)
 }
 
 fn main() {

@@ -23,6 +23,22 @@ pub fn free_port() -> u16 {
 /// # Panics
 /// If `python3` cannot be started or never listens.
 pub fn spawn_python_echo(uvloop: bool, backlog: u32) -> Option<(Child, SocketAddr)> {
+    let port = free_port();
+    let child = spawn_python_echo_on(port, uvloop, backlog, &[])?;
+    Some((child, SocketAddr::from(([127, 0, 0, 1], port))))
+}
+
+/// Like [`spawn_python_echo`], on `port`, with more arguments for the script
+/// (`--reuseport`, `--handler-dir DIR`).
+///
+/// # Panics
+/// If `python3` cannot be started or never listens.
+pub fn spawn_python_echo_on(
+    port: u16,
+    uvloop: bool,
+    backlog: u32,
+    extra: &[&str],
+) -> Option<Child> {
     if uvloop
         && !Command::new("python3")
             .args(["-c", "import uvloop"])
@@ -32,7 +48,6 @@ pub fn spawn_python_echo(uvloop: bool, backlog: u32) -> Option<(Child, SocketAdd
         eprintln!("uvloop not importable: skipping (pip install uvloop)");
         return None;
     }
-    let port = free_port();
     let mut cmd = Command::new("python3");
     cmd.arg(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -40,12 +55,12 @@ pub fn spawn_python_echo(uvloop: bool, backlog: u32) -> Option<(Child, SocketAdd
     ))
     .arg(port.to_string())
     .args(["--backlog", &backlog.to_string()])
+    .args(extra)
     .stdout(Stdio::null());
     if uvloop {
         cmd.arg("--uvloop");
     }
     let child = cmd.spawn().unwrap();
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    super::daemon::wait_listening(addr);
-    Some((child, addr))
+    super::daemon::wait_listening(SocketAddr::from(([127, 0, 0, 1], port)));
+    Some(child)
 }
