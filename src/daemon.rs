@@ -256,6 +256,12 @@ impl Daemon {
         }
         notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
         let worker = crate::workers::this_worker().is_some();
+        if let Some(limit) = crate::workers::identity::max_requests() {
+            self.roles.spawn(crate::workers::ask_for_replacement_after(
+                limit,
+                self.token.child_token(),
+            ));
+        }
         while let Some(request) = control.recv().await {
             match request {
                 Control::Reload if worker => {

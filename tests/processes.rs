@@ -579,3 +579,108 @@ handler = "h:who"
         d.lines.text()
     );
 }
+
+#[test]
+fn workers_are_recycled_by_requests_age_and_memory_without_losing_a_request() {
+    for (reason, limits, log_line) in [
+        ("max_requests", "max_requests = 3000", "): max_requests"),
+        ("lifetime", "lifetime = \"2s\"", "): lifetime"),
+        (
+            "max_rss",
+            "max_rss = \"1MiB\"\nmax_rss_samples = 2",
+            "over max_rss for 2 samples in a row",
+        ),
+    ] {
+        recycled_without_loss(reason, limits, log_line);
+    }
+}
+
+/// Closed-loop clients while workers are replaced for `reason` (set by
+/// `limits`) at least twice: every request answered, replacements served.
+fn recycled_without_loss(reason: &str, limits: &str, log_line: &str) {
+    let sc = Scenario::new();
+    sc.write("h.py", WHO);
+    let (port, admin) = (free_port(), free_port());
+    let cfg = sc.config(&format!(
+        r#"processes = 2
+reload_drain = "5s"
+recycle_jitter = 0.0
+{limits}
+[python]
+paths = ["."]
+workers = 1
+[admin]
+listen = "127.0.0.1:{admin}"
+[[tcp.server]]
+name = "who"
+listen = "127.0.0.1:{port}"
+framing = "line"
+handler = "h:who"
+"#
+    ));
+    let mut d = Daemon::start(&cfg, &[]);
+    d.wait_ready();
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|c| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let (mut n, mut pids) = (0u64, BTreeSet::new());
+                while !stop.load(Ordering::Relaxed) {
+                    let s = TcpStream::connect(("127.0.0.1", port)).expect("connect refused");
+                    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                    let mut r = BufReader::new(s.try_clone().unwrap());
+                    for _ in 0..10 {
+                        let msg = format!("c{c}n{n}");
+                        (&s).write_all(format!("{msg}\n").as_bytes()).unwrap();
+                        let mut reply = String::new();
+                        r.read_line(&mut reply).unwrap();
+                        assert!(
+                            reply.trim_end().ends_with(&format!(":{msg}")),
+                            "request {msg} got {reply:?}"
+                        );
+                        pids.insert(reply.split(':').nth(1).unwrap().to_string());
+                        n += 1;
+                    }
+                }
+                pids
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let series = format!("pyipcd_worker_respawns_total{{reason=\"{reason}\"}}");
+    loop {
+        let (_, body) = http_get(admin, "/metrics");
+        if common::metric(&body, &series) >= 2.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{reason}: {body}\n{}",
+            d.lines.text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The replacements serve a while before the clients stop.
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    let mut pids = BTreeSet::new();
+    for c in clients {
+        pids.extend(c.join().expect("a client lost a request"));
+    }
+    assert!(pids.len() > 2, "{reason}: replacements served: {pids:?}");
+    let log = d.lines.text();
+    assert!(
+        log.contains(log_line),
+        "{reason}: no `{log_line}` in:\n{log}"
+    );
+    assert_eq!(d.lines.count(&["exited before it was ready"]), 0, "{log}");
+    let (status, health) = http_get(admin, "/health");
+    assert_eq!(status, 200, "{reason}: {health}");
+    d.signal("TERM");
+    assert!(
+        d.wait_exit(Duration::from_secs(20)).success(),
+        "{}",
+        d.lines.text()
+    );
+}

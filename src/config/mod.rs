@@ -116,6 +116,20 @@ pub struct DaemonConfig {
     /// process started is a supervisor that binds the servers' sockets and
     /// runs that many workers, each with its own interpreter (docs/processes.md).
     pub processes: usize,
+    /// With `processes` > 1: a worker that has answered this many requests
+    /// (± `recycle_jitter`) is replaced, rolling; 0: never.
+    pub max_requests: u64,
+    /// With `processes` > 1: a worker whose resident memory stays above
+    /// this for `max_rss_samples` samples in a row (one a second) is replaced.
+    pub max_rss: Option<ByteSize>,
+    /// How many samples in a row over `max_rss` replace a worker (a spike does not).
+    pub max_rss_samples: u32,
+    /// With `processes` > 1: a worker older than this (± `recycle_jitter`) is replaced.
+    #[serde(with = "humantime_serde")]
+    pub lifetime: Option<Duration>,
+    /// Each worker's `max_requests` and `lifetime` are drawn within ± this
+    /// fraction, so that workers started together are not replaced together.
+    pub recycle_jitter: f64,
 }
 
 impl Default for DaemonConfig {
@@ -125,6 +139,11 @@ impl Default for DaemonConfig {
             reload_drain: Duration::from_secs(30),
             io_threads: None,
             processes: 1,
+            max_requests: 0,
+            max_rss: None,
+            max_rss_samples: 3,
+            lifetime: None,
+            recycle_jitter: 0.1,
         }
     }
 }

@@ -42,6 +42,33 @@ impl Config {
                 "daemon.processes must be between 1 and {MAX_PROCESSES} (got {n})"
             ));
         }
+        let d = &self.daemon;
+        let recycles = [
+            ("max_requests", d.max_requests > 0),
+            ("max_rss", d.max_rss.is_some()),
+            ("lifetime", d.lifetime.is_some()),
+        ];
+        for (key, set) in recycles {
+            if set && n == 1 {
+                problems.push(format!(
+                    "daemon.{key}: replacing workers needs daemon.processes > 1 (a supervisor)"
+                ));
+            }
+        }
+        if !(0.0..=0.5).contains(&d.recycle_jitter) {
+            problems.push(format!(
+                "daemon.recycle_jitter must be between 0 and 0.5 (got {})",
+                d.recycle_jitter
+            ));
+        }
+        if d.max_rss_samples == 0 {
+            problems.push("daemon.max_rss_samples must be at least 1".into());
+        }
+        if d.lifetime
+            .is_some_and(|l| l < std::time::Duration::from_secs(1))
+        {
+            problems.push("daemon.lifetime must be at least 1s".into());
+        }
         for (i, r) in self.shm.region.iter().enumerate() {
             let named = r.path.to_string_lossy().contains(WORKER_PLACEHOLDER);
             match r.processes {

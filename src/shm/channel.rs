@@ -387,6 +387,7 @@ fn serve_one<'py>(
         push_reply(py, ch, request.seq, fl, epoch, reply, stop, counters)
     };
     counters.series.messages.increment(1);
+    crate::workers::identity::note_requests(1);
     counters
         .series
         .bytes_in

@@ -271,6 +271,7 @@ impl ConnMetrics {
 
     fn received(&self, messages: usize, bytes: usize) {
         self.series.messages.increment(messages as u64);
+        crate::workers::identity::note_requests(messages as u64);
         self.series.bytes_in.increment(bytes as u64);
     }
 

@@ -15,7 +15,7 @@ use tokio::net::UnixDatagram;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::identity::{DEFER_ENV, SERIAL_ENV, WORKER_ENV};
+use super::identity::{DEFER_ENV, MAX_REQUESTS_ENV, SERIAL_ENV, WORKER_ENV};
 
 /// What a worker process tells the supervisor.
 #[derive(Debug)]
@@ -47,6 +47,8 @@ pub(super) struct Spec<'a> {
     pub defer_singletons: bool,
     /// The watchdog period it is given (`WATCHDOG_USEC`), if any.
     pub watchdog: Option<Duration>,
+    /// After how many requests it asks to be replaced, if ever.
+    pub max_requests: Option<u64>,
 }
 
 /// A running worker process.
@@ -62,6 +64,12 @@ pub(super) struct Child {
     pub pinged: Instant,
     /// Its own admin endpoint (`X_PYIPCD_ADMIN=`), on loopback.
     pub admin: Option<String>,
+    /// When its `lifetime` ends.
+    pub deadline: Option<Instant>,
+    /// Memory samples in a row over `max_rss`.
+    pub over_rss: u32,
+    /// Not replaced again before this (its last replacement failed).
+    pub recycle_after: Option<Instant>,
     /// Its notify socket, removed when the child is dropped.
     notify_path: PathBuf,
     listener: JoinHandle<()>,
@@ -116,6 +124,10 @@ impl Child {
         } else {
             cmd.env_remove(DEFER_ENV);
         }
+        match spec.max_requests {
+            Some(n) => cmd.env(MAX_REQUESTS_ENV, n.to_string()),
+            None => cmd.env_remove(MAX_REQUESTS_ENV),
+        };
         match spec.watchdog {
             Some(period) => cmd.env("WATCHDOG_USEC", period.as_micros().to_string()),
             None => cmd.env_remove("WATCHDOG_USEC"),
@@ -186,6 +198,9 @@ impl Child {
             ready: None,
             pinged: now,
             admin: None,
+            deadline: None,
+            over_rss: 0,
+            recycle_after: None,
             notify_path,
             listener,
         })

@@ -42,6 +42,9 @@ pub(super) enum Part {
     Incoming,
     /// An old generation finishing its connections; told at this instant.
     Retiring(Instant),
+    /// Starting to replace the serving worker with this serial (recycling;
+    /// `None` once that one is gone).
+    Replacement(Option<u64>),
 }
 
 /// A worker process and its part.
@@ -85,6 +88,8 @@ pub(super) struct Fleet {
     pub(super) singletons_for: Option<u64>,
     /// Workers started again, by why.
     pub(super) respawns: BTreeMap<&'static str, u64>,
+    /// When lifetimes and memory were last checked.
+    recycle_checked: Instant,
     /// The admin endpoint's socket, until it serves.
     admin: Option<std::net::TcpListener>,
     /// What the admin endpoint shows.
@@ -149,6 +154,7 @@ impl Fleet {
             reload: None,
             singletons_for: None,
             respawns: BTreeMap::new(),
+            recycle_checked: Instant::now(),
             config,
         })
     }
@@ -234,7 +240,9 @@ impl Fleet {
             .iter()
             .map(|b| (socket_name(&b.role), b.socket.as_fd()))
             .collect();
+        let (max_requests, deadline) = self.limits(serial);
         let spec = Spec {
+            max_requests,
             exe: &self.exe,
             config: &self.config.source,
             index,
@@ -244,7 +252,8 @@ impl Fleet {
             defer_singletons,
             watchdog: self.watchdog,
         };
-        let child = Child::spawn(&spec, &self.events)?;
+        let mut child = Child::spawn(&spec, &self.events)?;
+        child.deadline = deadline;
         tracing::info!(
             worker = index,
             pid = child.pid,
@@ -264,7 +273,7 @@ impl Fleet {
                 Next::Continue
             }
             Event::Exited { serial, status } => match self.procs.remove(&serial) {
-                Some(proc) => self.on_exit(proc, status),
+                Some(proc) => self.on_exit(serial, proc, status),
                 None => Next::Continue,
             },
         }
@@ -282,6 +291,7 @@ impl Fleet {
                 match proc.part {
                     Part::Serving => self.announce_if_ready(),
                     Part::Incoming => self.finish_reload_if_ready(),
+                    Part::Replacement(old) => self.replacement_ready(serial, old),
                     Part::Retiring(_) => {}
                 }
             }
@@ -289,6 +299,7 @@ impl Fleet {
             _ if line.starts_with("X_PYIPCD_ADMIN=") => {
                 proc.child.admin = Some(line["X_PYIPCD_ADMIN=".len()..].to_string());
             }
+            "X_PYIPCD_RECYCLE=max_requests" => self.replace(serial, "max_requests"),
             "X_PYIPCD_SINGLETONS=released" => {
                 tracing::info!(
                     worker = index,
@@ -330,7 +341,7 @@ impl Fleet {
         self.procs.values().filter(|p| p.part == Part::Serving)
     }
 
-    fn on_exit(&mut self, proc: Proc, status: std::process::ExitStatus) -> Next {
+    fn on_exit(&mut self, proc_serial: u64, proc: Proc, status: std::process::ExitStatus) -> Next {
         let (index, pid) = (proc.child.index, proc.child.pid);
         match proc.part {
             Part::Retiring(_) => {
@@ -344,6 +355,15 @@ impl Fleet {
                 }
                 Next::Continue
             }
+            Part::Replacement(old) => {
+                tracing::error!(
+                    worker = index,
+                    pid,
+                    "replacement worker {index} (pid {pid}) exited before it was ready: {status}"
+                );
+                self.replacement_failed(old);
+                Next::Continue
+            }
             Part::Incoming => {
                 tracing::error!(
                     worker = index,
@@ -354,6 +374,21 @@ impl Fleet {
                 Next::Continue
             }
             Part::Serving => {
+                let serial = proc_serial;
+                if let Some(r) = self
+                    .procs
+                    .values_mut()
+                    .find(|p| p.part == Part::Replacement(Some(serial)))
+                {
+                    // Its replacement is on the way: it takes the place.
+                    r.part = Part::Replacement(None);
+                    tracing::warn!(
+                        worker = index,
+                        pid,
+                        "worker {index} (pid {pid}) exited while being replaced: {status}"
+                    );
+                    return Next::Continue;
+                }
                 if !self.announced && status.code() == Some(EXIT_CONFIG) {
                     tracing::error!(
                         worker = index,
@@ -431,6 +466,10 @@ impl Fleet {
             self.abort_reload(&format!(
                 "the new workers were not ready within {START_TIMEOUT:?}"
             ));
+        }
+        if now - self.recycle_checked >= Duration::from_secs(1) {
+            self.recycle_checked = now;
+            self.recycle_tick();
         }
         if let Some(period) = self.watchdog
             && self.announced

@@ -3,12 +3,15 @@
 //! supervisor passes the servers' listening sockets.
 
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The worker's index (0 to `daemon.processes` − 1), set by the supervisor
 /// and left in the environment for Python code (`os.environ`).
 pub const WORKER_ENV: &str = "PYIPCD_WORKER";
 /// The supervisor's serial number for this worker process (unique per start).
 pub const SERIAL_ENV: &str = "PYIPCD_WORKER_SERIAL";
+/// The number of requests after which the worker asks to be replaced.
+pub const MAX_REQUESTS_ENV: &str = "PYIPCD_MAX_REQUESTS";
 /// Set (to `1`) when the worker must not start its worker-0 roles until
 /// told (SIGUSR1): the worker 0 it replaces still runs them.
 pub const DEFER_ENV: &str = "PYIPCD_DEFER_SINGLETONS";
@@ -25,6 +28,27 @@ pub struct Worker {
 }
 
 static WORKER: OnceLock<Option<Worker>> = OnceLock::new();
+static REQUESTS: AtomicU64 = AtomicU64::new(0);
+
+/// Counts `n` requests answered (TCP messages, shm channel requests), for `max_requests`.
+pub fn note_requests(n: u64) {
+    REQUESTS.fetch_add(n, Ordering::Relaxed);
+}
+
+/// Requests answered so far by this process.
+pub fn requests() -> u64 {
+    REQUESTS.load(Ordering::Relaxed)
+}
+
+/// The `max_requests` (jitter applied) the supervisor gave this worker.
+pub fn max_requests() -> Option<u64> {
+    this_worker()?;
+    std::env::var(MAX_REQUESTS_ENV)
+        .ok()?
+        .parse()
+        .ok()
+        .filter(|n| *n > 0)
+}
 static ELSEWHERE: OnceLock<Vec<String>> = OnceLock::new();
 
 /// This process as a worker; `None` for a daemon started by hand (or the

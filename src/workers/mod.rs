@@ -14,6 +14,8 @@
 //!   (stop accepting, serve their open connections until those close or
 //!   `reload_drain`); worker-0 roles move over once the old worker 0 has
 //!   stopped them, so they never run twice;
+//! - workers are recycled (`recycle`): replaced, rolling, after
+//!   `max_requests`, past `lifetime`, or over `max_rss`;
 //! - SIGTERM/SIGINT stop every worker within `shutdown_grace` (a second
 //!   signal kills them at once).
 //!
@@ -25,6 +27,7 @@ mod admin;
 mod child;
 mod fleet;
 pub mod identity;
+mod recycle;
 mod reload;
 
 pub use identity::{Worker, runs_elsewhere, set_elsewhere, socket_name, this_worker};
@@ -53,4 +56,23 @@ pub fn supervise(config: Config) -> Result<i32, Error> {
         let mut fleet = fleet::Fleet::bind(config)?;
         Ok(fleet.run(signals).await)
     })
+}
+
+/// A worker's side of `max_requests`: once this process has answered
+/// `limit` requests, asks its supervisor (once) for a replacement.
+pub async fn ask_for_replacement_after(limit: u64, token: tokio_util::sync::CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            () = token.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if identity::requests() >= limit {
+            tracing::info!("{limit} requests answered (max_requests): asking for a replacement");
+            crate::systemd::notify(&[sd_notify::NotifyState::Custom(
+                "X_PYIPCD_RECYCLE=max_requests",
+            )]);
+            return;
+        }
+    }
 }

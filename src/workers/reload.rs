@@ -152,6 +152,11 @@ impl Fleet {
                     }
                     proc.part = Part::Serving;
                 }
+                // A recycling replacement of the old generation.
+                Part::Replacement(_) => {
+                    proc.part = Part::Retiring(now);
+                    proc.child.signal(Signal::SIGTERM);
+                }
                 Part::Retiring(_) => {}
             }
         }
