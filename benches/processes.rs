@@ -28,7 +28,7 @@ mod load;
 #[path = "common/python_echo.rs"]
 mod python_echo;
 use args::arg;
-use load::{Addr, Row, drive};
+use load::{Addr, Row, drive_timed};
 use python_echo::free_port;
 
 /// A server under test and the processes to stop afterwards.
@@ -195,29 +195,36 @@ fn main() {
         .iter()
         .map(|_| (0, Histogram::<u64>::new(3).unwrap()))
         .collect();
+    let mut cpu = vec![0.0; servers.len()];
     for slice in 0..slices {
         let warm_up = Duration::from_millis(if slice == 0 { 500 } else { 200 });
-        for (server, (total, hist)) in servers.iter().zip(results.iter_mut()) {
-            let (msgs, h) = load.block_on(drive(
+        for (i, (server, (total, hist))) in servers.iter().zip(results.iter_mut()).enumerate() {
+            // The CPU of every process of the server (supervisor and
+            // workers; or both uvloop processes).
+            let pids: Vec<u32> = server.children.iter().map(Child::id).collect();
+            let (msgs, h, used) = load.block_on(drive_timed(
                 &Addr::Tcp(server.addr),
                 &row,
                 warm_up,
                 seconds / slices as f64,
+                &pids,
             ));
             *total += msgs;
             hist.add(h).unwrap();
+            cpu[i] += used;
         }
     }
-    println!("| workload | server | msg/s | p50 µs | p99 µs |");
-    println!("| --- | --- | ---: | ---: | ---: |");
-    for (server, (total, hist)) in servers.iter().zip(&results) {
+    println!("| workload | server | msg/s | p50 µs | p99 µs | server CPU µs/msg |");
+    println!("| --- | --- | ---: | ---: | ---: | ---: |");
+    for ((server, (total, hist)), cpu) in servers.iter().zip(&results).zip(&cpu) {
         println!(
-            "| {} | {} | {:.0} | {:.1} | {:.1} |",
+            "| {} | {} | {:.0} | {:.1} | {:.1} | {:.1} |",
             row.label,
             server.name,
             *total as f64 / seconds,
             hist.value_at_quantile(0.5) as f64 / 1000.0,
-            hist.value_at_quantile(0.99) as f64 / 1000.0
+            hist.value_at_quantile(0.99) as f64 / 1000.0,
+            cpu * 1e6 / (*total).max(1) as f64
         );
     }
     // Each server with 2 processes against the same with 1 (the row before it).

@@ -42,7 +42,7 @@ mod load;
 #[path = "common/python_echo.rs"]
 mod python_echo;
 use args::{arg, arg_text};
-use load::{Addr, Row, cpu_seconds, drive};
+use load::{Addr, Row, drive_timed};
 use python_echo::free_port;
 
 struct Server {
@@ -327,21 +327,11 @@ fn main() {
             let warm_up = Duration::from_millis(if slice == 0 { 500 } else { 200 });
             for (i, (server, (total, hist))) in servers.iter().zip(results.iter_mut()).enumerate() {
                 let before = server.admin.filter(|_| metrics).map(pool_counters);
-                let pid = server.child.as_ref().map(Child::id);
+                let pids: Vec<u32> = server.child.iter().map(Child::id).collect();
                 let slice = seconds / slices as f64;
-                let (msgs, h) = load.block_on(async {
-                    // CPU time over the measured part only (after the warm-up).
-                    let measure = async {
-                        tokio::time::sleep(warm_up).await;
-                        let start = pid.map(cpu_seconds);
-                        tokio::time::sleep(Duration::from_secs_f64(slice)).await;
-                        pid.zip(start).map(|(p, s)| cpu_seconds(p) - s)
-                    };
-                    let (driven, used) =
-                        tokio::join!(drive(&server.addr, row, warm_up, slice), measure);
-                    cpu[i] += used.unwrap_or(0.0);
-                    driven
-                });
+                let (msgs, h, used) =
+                    load.block_on(drive_timed(&server.addr, row, warm_up, slice, &pids));
+                cpu[i] += used;
                 *total += msgs;
                 hist.add(h).unwrap();
                 if let (Some(admin), Some(before)) = (server.admin, before) {

@@ -23,6 +23,29 @@ def who(data):
     return f"{os.environ['PYIPCD_WORKER']}:{os.getpid()}:{VERSION}:{data.decode().strip()}".encode()
 "#;
 
+/// A worker-0 task that notes each start, holds a lock while it runs and
+/// takes half a second to stop: a second copy running at the same time
+/// writes `twice.txt`.
+const HOLDER: &str = r#"
+import fcntl, os, time, pyipcd
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+def beat():
+    with open(os.path.join(HERE, "starts.txt"), "a") as f:
+        f.write(os.environ["PYIPCD_WORKER"] + "\n")
+    lock = open(os.path.join(HERE, "roles.lock"), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        with open(os.path.join(HERE, "twice.txt"), "a") as f:
+            f.write(f"{os.getpid()}\n")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    while not pyipcd.stopping():
+        time.sleep(0.02)
+    time.sleep(0.5)
+    lock.close()
+"#;
+
 /// One line request, its reply.
 fn ask(port: u16, line: &str) -> String {
     let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -473,10 +496,7 @@ handler = "slow:slow"
 fn rolling_reloads_lose_no_request_and_new_connections_get_the_new_code() {
     let sc = Scenario::new();
     sc.write("h.py", WHO);
-    sc.write(
-        "t.py",
-        "import os, time, pyipcd\ndef beat():\n    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'starts.txt'), 'a') as f:\n        f.write(os.environ['PYIPCD_WORKER'] + '\\n')\n    while not pyipcd.stopping():\n        time.sleep(0.02)\n",
-    );
+    sc.write("t.py", HOLDER);
     let port = free_port();
     let text = format!(
         r#"processes = 2
@@ -571,6 +591,10 @@ handler = "h:who"
         starts, "0\n0\n0\n0\n",
         "the worker-0 task, once per generation"
     );
+    assert!(
+        !sc.path("twice.txt").exists(),
+        "the worker-0 task ran twice at once"
+    );
     assert_eq!(d.lines.count(&["killing it"]), 0);
     d.signal("TERM");
     assert!(
@@ -600,6 +624,7 @@ fn workers_are_recycled_by_requests_age_and_memory_without_losing_a_request() {
 fn recycled_without_loss(reason: &str, limits: &str, log_line: &str) {
     let sc = Scenario::new();
     sc.write("h.py", WHO);
+    sc.write("t.py", HOLDER);
     let (port, admin) = (free_port(), free_port());
     let cfg = sc.config(&format!(
         r#"processes = 2
@@ -609,6 +634,9 @@ recycle_jitter = 0.0
 [python]
 paths = ["."]
 workers = 1
+[[python.task]]
+name = "beat"
+run = "t:beat"
 [admin]
 listen = "127.0.0.1:{admin}"
 [[tcp.server]]
@@ -675,6 +703,12 @@ handler = "h:who"
         "{reason}: no `{log_line}` in:\n{log}"
     );
     assert_eq!(d.lines.count(&["exited before it was ready"]), 0, "{log}");
+    assert!(
+        !sc.path("twice.txt").exists(),
+        "{reason}: the worker-0 task ran twice at once"
+    );
+    let starts = std::fs::read_to_string(sc.path("starts.txt")).unwrap();
+    assert!(starts.lines().all(|l| l == "0"), "{starts}");
     let (status, health) = http_get(admin, "/health");
     assert_eq!(status, 200, "{reason}: {health}");
     d.signal("TERM");

@@ -103,6 +103,38 @@ async fn trips<S: AsyncRead + AsyncWrite + Unpin>(
     (msgs, hist)
 }
 
+/// [`drive`], and the CPU seconds processes `pids` and their descendants
+/// used over the measured part (after the warm-up).
+pub async fn drive_timed(
+    addr: &Addr,
+    row: &Row,
+    warm_up: Duration,
+    seconds: f64,
+    pids: &[u32],
+) -> (u64, Histogram<u64>, f64) {
+    let total = || pids.iter().copied().map(tree_cpu_seconds).sum::<f64>();
+    let measure = async {
+        tokio::time::sleep(warm_up).await;
+        let start = total();
+        tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+        total() - start
+    };
+    let ((msgs, hist), used) = tokio::join!(drive(addr, row, warm_up, seconds), measure);
+    (msgs, hist, used)
+}
+
+/// CPU seconds of process `pid` and of its children, theirs, and so on.
+pub fn tree_cpu_seconds(pid: u32) -> f64 {
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    cpu_seconds(pid)
+        + children
+            .split_whitespace()
+            .filter_map(|c| c.parse().ok())
+            .map(tree_cpu_seconds)
+            .sum::<f64>()
+}
+
 /// User + system CPU seconds process `pid` (and its threads) used so far.
 pub fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();

@@ -5,10 +5,12 @@
 //! says `READY=1`, `WATCHDOG=1` and `STATUS=` as it would to systemd.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::net::UnixDatagram;
@@ -70,6 +72,12 @@ pub(super) struct Child {
     pub over_rss: u32,
     /// Not replaced again before this (its last replacement failed).
     pub recycle_after: Option<Instant>,
+    /// A replacement asked for while one could not start (why).
+    pub wanted: Option<&'static str>,
+    /// When it was started.
+    pub started: Instant,
+    /// Set once it has been reaped: its pid may belong to another process.
+    reaped: Arc<AtomicBool>,
     /// Its notify socket, removed when the child is dropped.
     notify_path: PathBuf,
     listener: JoinHandle<()>,
@@ -155,16 +163,25 @@ impl Child {
                     return Err(io::Error::last_os_error());
                 }
                 if libc::getppid() != supervisor {
-                    return Err(io::Error::other("the supervisor is gone"));
+                    // (No allocation here, after a fork.)
+                    return Err(io::Error::from_raw_os_error(libc::ESRCH));
                 }
                 Ok(())
             });
         }
-        let mut process = tokio::process::Command::from(cmd).spawn()?;
+        // std opens its exec-error pipe just before the fork, at the lowest
+        // free descriptor: keep 3 .. 3 + n taken so that it lands above
+        // them (the child's dup2 into 3 .. 3 + n would close it).
+        let placeholders = hold_descriptors(3..above)?;
+        let spawned = tokio::process::Command::from(cmd).spawn();
+        drop(placeholders);
+        let mut process = spawned?;
         drop(copies);
         let pid = process.id().unwrap_or(0);
         let serial = spec.serial;
         let tx = events.clone();
+        let reaped = Arc::new(AtomicBool::new(false));
+        let reaped_here = reaped.clone();
         let listener = tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
             let mut exited = std::pin::pin!(process.wait());
@@ -178,14 +195,19 @@ impl Child {
                         }
                     }
                     status = &mut exited => {
+                        reaped_here.store(true, Ordering::SeqCst);
                         // Notices sent just before the exit come first.
                         while let Ok(len) = notices.try_recv(&mut buf) {
                             let text = String::from_utf8_lossy(&buf[..len]).into_owned();
                             let _ = tx.send(Event::Notice { serial, text }).await;
                         }
-                        if let Ok(status) = status {
-                            let _ = tx.send(Event::Exited { serial, status }).await;
-                        }
+                        // If waiting failed, say it exited (1) anyway: the
+                        // supervisor must not wait for it forever.
+                        let status = status.unwrap_or_else(|e| {
+                            tracing::error!("cannot wait for worker pid {pid}: {e}");
+                            std::os::unix::process::ExitStatusExt::from_raw(1 << 8)
+                        });
+                        let _ = tx.send(Event::Exited { serial, status }).await;
                         return;
                     }
                 }
@@ -201,13 +223,20 @@ impl Child {
             deadline: None,
             over_rss: 0,
             recycle_after: None,
+            wanted: None,
+            started: now,
+            reaped,
             notify_path,
             listener,
         })
     }
 
-    /// Sends it `signal` (it has not been reaped: its `Exited` event has not come).
+    /// Sends it `signal`, unless it has been reaped (its pid may then be
+    /// another process's).
     pub(super) fn signal(&self, signal: nix::sys::signal::Signal) {
+        if self.reaped.load(Ordering::SeqCst) {
+            return;
+        }
         let pid = nix::unistd::Pid::from_raw(i32::try_from(self.pid).unwrap_or(0));
         if let Err(e) = nix::sys::signal::kill(pid, signal) {
             tracing::warn!(
@@ -217,6 +246,21 @@ impl Child {
             );
         }
     }
+}
+
+/// Close-on-exec placeholders (`/dev/null`) on the free descriptors in
+/// `range`, race-free with other threads (each is a duplicate numbered at
+/// least its target: a number taken meanwhile just stays taken).
+fn hold_descriptors(range: std::ops::Range<RawFd>) -> io::Result<Vec<OwnedFd>> {
+    let null = OwnedFd::from(std::fs::File::open("/dev/null")?);
+    let mut held = Vec::new();
+    for fd in range {
+        let copy = dup_at_least(null.as_fd(), fd)?;
+        if copy.as_raw_fd() == fd {
+            held.push(copy);
+        }
+    }
+    Ok(held)
 }
 
 /// A close-on-exec duplicate of `fd` numbered at least `above`.

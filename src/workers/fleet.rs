@@ -84,7 +84,10 @@ pub(super) struct Fleet {
     /// `READY=1` sent to systemd.
     announced: bool,
     pub(super) reload: Option<Reload>,
-    /// A new worker 0 waiting to start the worker-0 roles (serial).
+    /// The process running the worker-0 roles (tasks, clients, shm
+    /// regions); at most one at any time.
+    pub(super) holder: Option<u64>,
+    /// A worker 0 started without them, waiting for the holder to let go.
     pub(super) singletons_for: Option<u64>,
     /// Workers started again, by why.
     pub(super) respawns: BTreeMap<&'static str, u64>,
@@ -152,6 +155,7 @@ impl Fleet {
             pinged: Instant::now(),
             announced: false,
             reload: None,
+            holder: None,
             singletons_for: None,
             respawns: BTreeMap::new(),
             recycle_checked: Instant::now(),
@@ -172,7 +176,7 @@ impl Fleet {
         for index in 0..self.config.daemon.processes {
             if let Err(e) = self.start(index, Part::Serving, false, None) {
                 tracing::error!("cannot start worker {index}: {e}");
-                return self.stop(&mut signals, None).await;
+                return self.stop(&mut signals, Some(EXIT_FAILURE)).await;
             }
         }
         let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -254,6 +258,13 @@ impl Fleet {
         };
         let mut child = Child::spawn(&spec, &self.events)?;
         child.deadline = deadline;
+        if index == 0 {
+            if defer_singletons {
+                self.singletons_for = Some(serial);
+            } else {
+                self.holder = Some(serial);
+            }
+        }
         tracing::info!(
             worker = index,
             pid = child.pid,
@@ -300,12 +311,14 @@ impl Fleet {
                 proc.child.admin = Some(line["X_PYIPCD_ADMIN=".len()..].to_string());
             }
             "X_PYIPCD_RECYCLE=max_requests" => self.replace(serial, "max_requests"),
-            "X_PYIPCD_SINGLETONS=released" => {
+            // Only the process that holds them can let them go.
+            "X_PYIPCD_SINGLETONS=released" if self.holder == Some(serial) => {
                 tracing::info!(
                     worker = index,
                     pid,
-                    "the previous worker 0 stopped its worker-0 roles"
+                    "worker {index} (pid {pid}) stopped its worker-0 roles"
                 );
+                self.holder = None;
                 self.hand_singletons();
             }
             _ => {}
@@ -342,6 +355,24 @@ impl Fleet {
     }
 
     fn on_exit(&mut self, proc_serial: u64, proc: Proc, status: std::process::ExitStatus) -> Next {
+        // The worker-0 roles are free once their process is gone.
+        if self.holder == Some(proc_serial) {
+            self.holder = None;
+        }
+        if self.singletons_for == Some(proc_serial) {
+            self.singletons_for = None;
+        }
+        let next = self.after_exit(proc_serial, proc, status);
+        self.hand_singletons();
+        next
+    }
+
+    fn after_exit(
+        &mut self,
+        proc_serial: u64,
+        proc: Proc,
+        status: std::process::ExitStatus,
+    ) -> Next {
         let (index, pid) = (proc.child.index, proc.child.pid);
         match proc.part {
             Part::Retiring(_) => {
@@ -350,9 +381,6 @@ impl Fleet {
                     pid,
                     "previous worker {index} (pid {pid}) exited: {status}"
                 );
-                if self.singletons_for.is_some() && index == 0 {
-                    self.hand_singletons();
-                }
                 Next::Continue
             }
             Part::Replacement(old) => {
@@ -361,7 +389,10 @@ impl Fleet {
                     pid,
                     "replacement worker {index} (pid {pid}) exited before it was ready: {status}"
                 );
-                self.replacement_failed(old);
+                if self.replacement_failed(old) {
+                    // The worker it replaced is gone too: start one again.
+                    self.restarts.push((index, Instant::now() + BACKOFF_MIN));
+                }
                 Next::Continue
             }
             Part::Incoming => {
@@ -425,12 +456,18 @@ impl Fleet {
     }
 
     fn restart_due(&mut self) -> Next {
+        // During a rolling reload the new generation takes their place.
+        if self.reload.is_some() {
+            return Next::Continue;
+        }
         let now = Instant::now();
         let (due, later): (Vec<_>, Vec<_>) =
             self.restarts.drain(..).partition(|(_, at)| *at <= now);
         self.restarts = later;
         for (index, _) in due {
-            if let Err(e) = self.start(index, Part::Serving, false, None) {
+            // A worker 0 waits for the roles while another process holds them.
+            let defer = index == 0 && self.holder.is_some();
+            if let Err(e) = self.start(index, Part::Serving, defer, None) {
                 tracing::error!("cannot start worker {index} again: {e}");
                 return Next::Stop(Some(EXIT_FAILURE));
             }
@@ -443,6 +480,18 @@ impl Fleet {
         for proc in self.procs.values() {
             if proc.part == Part::Serving && proc.child.ready.is_some_and(|r| now - r >= EARLY) {
                 self.early.remove(&proc.child.index);
+            }
+            if proc.child.ready.is_none()
+                && matches!(proc.part, Part::Serving | Part::Replacement(_))
+                && now - proc.child.started > START_TIMEOUT
+            {
+                tracing::error!(
+                    worker = proc.child.index,
+                    pid = proc.child.pid,
+                    "worker {} not ready within {START_TIMEOUT:?}: killing it",
+                    proc.child.index
+                );
+                proc.child.signal(Signal::SIGKILL);
             }
             if let Part::Retiring(since) = proc.part
                 && now - since
@@ -474,7 +523,12 @@ impl Fleet {
         if let Some(period) = self.watchdog
             && self.announced
             && now - self.pinged >= period / 2
-            && self.serving().all(|p| now - p.child.pinged < period)
+            // A worker still starting pings only once ready (the start
+            // timeout covers it).
+            && self
+                .serving()
+                .filter(|p| p.child.ready.is_some())
+                .all(|p| now - p.child.pinged < period)
         {
             self.pinged = now;
             notify(&[NotifyState::Watchdog]);

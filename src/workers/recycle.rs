@@ -61,8 +61,11 @@ impl Fleet {
             return;
         };
         if busy || proc.child.recycle_after.is_some_and(|t| Instant::now() < t) {
+            // Asked again once a second (`recycle_tick`) until it can be.
+            proc.child.wanted = Some(reason);
             return;
         }
+        proc.child.wanted = None;
         let (index, pid) = (proc.child.index, proc.child.pid);
         tracing::info!(
             worker = index,
@@ -83,37 +86,33 @@ impl Fleet {
         if let Some(p) = self.procs.get_mut(&new) {
             p.part = Part::Serving;
         }
-        let retiring = old
+        if let Some(p) = old
             .and_then(|o| self.procs.get_mut(&o))
-            .filter(|p| p.part == Part::Serving);
-        let old_index_0 = match retiring {
-            Some(p) => {
-                p.part = Part::Retiring(Instant::now());
-                p.child.signal(Signal::SIGUSR2);
-                p.child.index == 0
-            }
-            None => false,
-        };
-        let new_index_0 = self.procs.get(&new).is_some_and(|p| p.child.index == 0);
-        if new_index_0 {
-            self.singletons_for = Some(new);
-            if !old_index_0 {
-                self.hand_singletons();
-            }
+            .filter(|p| p.part == Part::Serving)
+        {
+            p.part = Part::Retiring(Instant::now());
+            p.child.signal(Signal::SIGUSR2);
         }
+        // A new worker 0 started deferred (`singletons_for`): it gets the
+        // roles once the worker it replaces has released them.
+        self.hand_singletons();
     }
 
     /// A replacement exited before it was ready: the old worker goes on.
-    pub(super) fn replacement_failed(&mut self, old: Option<u64>) {
-        if let Some(p) = old.and_then(|o| self.procs.get_mut(&o)) {
-            p.child.recycle_after = Some(Instant::now() + RETRY_AFTER);
-            tracing::error!(
-                worker = p.child.index,
-                pid = p.child.pid,
-                "its replacement exited before it was ready: worker {} goes on serving (tried again in {RETRY_AFTER:?} at the earliest)",
-                p.child.index
-            );
-        }
+    /// Returns true when there is no old worker any more (it exited
+    /// meanwhile): the caller starts that worker again.
+    pub(super) fn replacement_failed(&mut self, old: Option<u64>) -> bool {
+        let Some(p) = old.and_then(|o| self.procs.get_mut(&o)) else {
+            return true;
+        };
+        p.child.recycle_after = Some(Instant::now() + RETRY_AFTER);
+        tracing::error!(
+            worker = p.child.index,
+            pid = p.child.pid,
+            "its replacement exited before it was ready: worker {} goes on serving (tried again in {RETRY_AFTER:?} at the earliest)",
+            p.child.index
+        );
+        false
     }
 
     /// Once a second: lifetimes over, memory over `max_rss`.
@@ -126,6 +125,10 @@ impl Fleet {
             if p.part != Part::Serving || p.child.ready.is_none() {
                 continue;
             }
+            if let Some(reason) = p.child.wanted {
+                due.push((*serial, reason));
+                continue;
+            }
             if p.child.deadline.is_some_and(|t| now >= t) {
                 due.push((*serial, "lifetime"));
                 continue;
@@ -133,7 +136,7 @@ impl Fleet {
             if let (Some(limit), Some(rss)) = (limit, rss(p.child.pid)) {
                 if rss > limit {
                     p.child.over_rss += 1;
-                    if p.child.over_rss == samples {
+                    if p.child.over_rss >= samples {
                         tracing::warn!(
                             worker = p.child.index,
                             pid = p.child.pid,

@@ -58,14 +58,14 @@ impl Fleet {
             }
         };
         // The new worker 0 waits for the old one's worker-0 roles.
-        let defer = self.serving().any(|p| p.child.index == 0);
         let mut started = Vec::new();
         for index in 0..config.daemon.processes {
-            match self.start(index, Part::Incoming, defer && index == 0, Some(&sockets)) {
+            match self.start(index, Part::Incoming, index == 0, Some(&sockets)) {
                 Ok(serial) => started.push(serial),
                 Err(e) => {
                     for serial in started {
-                        if let Some(p) = self.procs.get(&serial) {
+                        if let Some(p) = self.procs.get_mut(&serial) {
+                            p.part = Part::Retiring(Instant::now());
                             p.child.signal(Signal::SIGTERM);
                         }
                     }
@@ -137,21 +137,13 @@ impl Fleet {
             return;
         };
         let now = Instant::now();
-        let mut old_worker_0 = false;
-        let mut new_worker_0 = None;
-        for (serial, proc) in &mut self.procs {
+        for proc in self.procs.values_mut() {
             match proc.part {
                 Part::Serving => {
-                    old_worker_0 |= proc.child.index == 0;
                     proc.part = Part::Retiring(now);
                     proc.child.signal(Signal::SIGUSR2);
                 }
-                Part::Incoming => {
-                    if proc.child.index == 0 {
-                        new_worker_0 = Some(*serial);
-                    }
-                    proc.part = Part::Serving;
-                }
+                Part::Incoming => proc.part = Part::Serving,
                 // A recycling replacement of the old generation.
                 Part::Replacement(_) => {
                     proc.part = Part::Retiring(now);
@@ -164,21 +156,38 @@ impl Fleet {
         self.config = reload.config;
         // Workers waiting to be started again belonged to the old generation.
         self.restarts_clear();
-        self.singletons_for = new_worker_0;
-        if !old_worker_0 {
-            self.hand_singletons();
-        }
+        // The new worker 0 waits (`singletons_for`) until the holder lets go.
+        self.hand_singletons();
         let status = format!("reloaded: {}", self.status());
         tracing::info!("{status}; the previous workers finish their connections");
         notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
     }
 
-    /// Gives the worker-0 roles to the new worker 0 (once).
+    /// Gives the worker-0 roles to the worker 0 waiting for them, once no
+    /// process holds them (the holder said it released them, or exited).
     pub(super) fn hand_singletons(&mut self) {
-        if let Some(serial) = self.singletons_for.take()
+        if self.holder.is_some() {
+            return;
+        }
+        // Else the serving worker 0 (one whose wait was cut short by an
+        // aborted reload; for any other this is a no-op).
+        let next = self.singletons_for.take().or_else(|| {
+            self.procs
+                .iter()
+                .find(|(_, p)| p.part == Part::Serving && p.child.index == 0)
+                .map(|(serial, _)| *serial)
+        });
+        if let Some(serial) = next
             && let Some(proc) = self.procs.get(&serial)
         {
+            tracing::info!(
+                worker = 0,
+                pid = proc.child.pid,
+                "worker 0 (pid {}) takes the worker-0 roles",
+                proc.child.pid
+            );
             proc.child.signal(Signal::SIGUSR1);
+            self.holder = Some(serial);
         }
     }
 
