@@ -23,9 +23,14 @@ fn main() {
     std::process::exit(code);
 }
 
-/// The config, or (having said why) the exit code for a bad one.
-fn load(args: &ConfigArg) -> Result<config::Config, i32> {
-    config::load(&args.config).map_err(|e| {
+/// The config (from `text` when given, its relative paths anchored at the
+/// file's folder), or (having said why) the exit code for a bad one.
+fn load(args: &ConfigArg, text: Option<&str>) -> Result<config::Config, i32> {
+    match text {
+        Some(text) => config::from_str_with_env(text, &args.config, None),
+        None => config::load(&args.config),
+    }
+    .map_err(|e| {
         eprintln!("pyipcd: configuration error: {e}");
         EXIT_CONFIG
     })
@@ -33,7 +38,15 @@ fn load(args: &ConfigArg) -> Result<config::Config, i32> {
 
 fn run(args: &ConfigArg) -> i32 {
     let worker = workers::this_worker();
+    // A worker runs the config text its supervisor loaded, not the file as
+    // it may read now (taken from the environment before any thread starts).
+    let snapshot = worker.and_then(|_| std::env::var(workers::identity::CONFIG_ENV).ok());
     if worker.is_some() {
+        // SAFETY: no thread has started yet.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::env::remove_var(workers::identity::CONFIG_ENV);
+        }
         // The supervisor passed the listening sockets the way systemd does,
         // but could not know this process's pid before starting it.
         // SAFETY: no thread has started yet.
@@ -46,7 +59,7 @@ fn run(args: &ConfigArg) -> i32 {
     // and nothing else in this process touches descriptors 3 and up.
     #[allow(unsafe_code)]
     let activated = unsafe { pyipcd::take_activated_sockets() };
-    let mut cfg = match load(args) {
+    let mut cfg = match load(args, snapshot.as_deref()) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -153,7 +166,7 @@ fn check(check: &CheckArgs) -> i32 {
 }
 
 fn health(args: &ConfigArg) -> i32 {
-    let cfg = match load(args) {
+    let cfg = match load(args, None) {
         Ok(c) => c,
         Err(code) => return code,
     };

@@ -339,7 +339,9 @@ handler = "h:who"
     ));
     let mut d = Daemon::start(&cfg, &[]);
     d.wait_ready();
-    // SIGKILL worker 1: it is started again and serves.
+    // SIGKILL worker 1: it is started again, on the config the supervisor
+    // loaded (the file is no longer even TOML), and serves.
+    std::fs::write(&cfg, "this is not the config any more").unwrap();
     let first = started_pid(&d, 1, 0);
     assert!(
         std::process::Command::new("kill")

@@ -47,6 +47,11 @@ pub struct Config {
     /// Where the file was loaded from (set by [`load`], not read from TOML).
     #[serde(skip)]
     pub source: PathBuf,
+    /// The file's text as loaded: a supervisor hands it to every worker it
+    /// starts, so that all of them run what it read, whatever the file says
+    /// by then.
+    #[serde(skip)]
+    pub text: String,
 }
 
 impl Default for Config {
@@ -59,6 +64,7 @@ impl Default for Config {
             shm: ShmConfig::default(),
             admin: AdminConfig::default(),
             source: PathBuf::from("<defaults>"),
+            text: String::new(),
         }
     }
 }
@@ -342,6 +348,7 @@ pub fn from_str_with_env(
         complete,
     } = parse::config(merged, &from_env);
     cfg.source = path.to_path_buf();
+    cfg.text = text.to_string();
     let base = path.parent().unwrap_or(Path::new("."));
     cfg.python.paths = cfg.python.paths.iter().map(|p| resolve(base, p)).collect();
     if let Some(home) = &mut cfg.python.home {

@@ -17,7 +17,7 @@ use tokio::net::UnixDatagram;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::identity::{DEFER_ENV, MAX_REQUESTS_ENV, SERIAL_ENV, WORKER_ENV};
+use super::identity::{CONFIG_ENV, DEFER_ENV, MAX_REQUESTS_ENV, SERIAL_ENV, WORKER_ENV};
 
 /// What a worker process tells the supervisor.
 #[derive(Debug)]
@@ -35,8 +35,10 @@ pub(super) enum Event {
 pub(super) struct Spec<'a> {
     /// The binary (this one).
     pub exe: &'a Path,
-    /// The config file it runs.
+    /// The config file it runs (its folder anchors relative paths).
     pub config: &'a Path,
+    /// That file's text as the supervisor loaded it.
+    pub config_text: &'a str,
     /// Its index, 0 to `processes` − 1.
     pub index: usize,
     /// Unique per process the supervisor starts.
@@ -119,6 +121,7 @@ impl Child {
             .arg("--config")
             .arg(spec.config)
             .stdin(Stdio::null())
+            .env(CONFIG_ENV, spec.config_text)
             .env(WORKER_ENV, spec.index.to_string())
             .env(SERIAL_ENV, spec.serial.to_string())
             .env("NOTIFY_SOCKET", &notify_path)

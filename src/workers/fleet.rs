@@ -249,6 +249,7 @@ impl Fleet {
             max_requests,
             exe: &self.exe,
             config: &self.config.source,
+            config_text: &self.config.text,
             index,
             serial,
             sockets: &named,
@@ -305,6 +306,8 @@ impl Fleet {
                     Part::Replacement(old) => self.replacement_ready(serial, old),
                     Part::Retiring(_) => {}
                 }
+                // A worker 0 waiting for the roles can be given them now.
+                self.hand_singletons();
             }
             "WATCHDOG=1" => proc.child.pinged = Instant::now(),
             _ if line.starts_with("X_PYIPCD_ADMIN=") => {

@@ -10,6 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub const WORKER_ENV: &str = "PYIPCD_WORKER";
 /// The supervisor's serial number for this worker process (unique per start).
 pub const SERIAL_ENV: &str = "PYIPCD_WORKER_SERIAL";
+/// The config text the supervisor loaded (the worker reads it instead of
+/// the file, and anchors relative paths at the file's folder as usual).
+pub const CONFIG_ENV: &str = "PYIPCD_CONFIG_TEXT";
 /// The number of requests after which the worker asks to be replaced.
 pub const MAX_REQUESTS_ENV: &str = "PYIPCD_MAX_REQUESTS";
 /// Set (to `1`) when the worker must not start its worker-0 roles until

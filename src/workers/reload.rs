@@ -169,26 +169,31 @@ impl Fleet {
         if self.holder.is_some() {
             return;
         }
-        // Else the serving worker 0 (one whose wait was cut short by an
-        // aborted reload; for any other this is a no-op).
-        let next = self.singletons_for.take().or_else(|| {
+        // The one waiting, else the serving worker 0 (one whose wait was cut
+        // short by an aborted reload; for any other this is a no-op).
+        let next = self.singletons_for.or_else(|| {
             self.procs
                 .iter()
                 .find(|(_, p)| p.part == Part::Serving && p.child.index == 0)
                 .map(|(serial, _)| *serial)
         });
-        if let Some(serial) = next
-            && let Some(proc) = self.procs.get(&serial)
-        {
-            tracing::info!(
-                worker = 0,
-                pid = proc.child.pid,
-                "worker 0 (pid {}) takes the worker-0 roles",
-                proc.child.pid
-            );
-            proc.child.signal(Signal::SIGUSR1);
-            self.holder = Some(serial);
+        let Some((serial, proc)) = next.and_then(|s| Some((s, self.procs.get(&s)?))) else {
+            return;
+        };
+        // Not before it is ready: until then SIGUSR1 would kill it (its
+        // handler is installed during start-up); READY=1 calls this again.
+        if proc.child.ready.is_none() {
+            return;
         }
+        tracing::info!(
+            worker = 0,
+            pid = proc.child.pid,
+            "worker 0 (pid {}) takes the worker-0 roles",
+            proc.child.pid
+        );
+        proc.child.signal(Signal::SIGUSR1);
+        self.singletons_for = None;
+        self.holder = Some(serial);
     }
 
     /// Stops the new generation; the serving one stays.
