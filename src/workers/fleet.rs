@@ -556,7 +556,12 @@ impl Fleet {
                         && let Some(proc) = self.procs.remove(&serial)
                     {
                         let (index, pid) = (proc.child.index, proc.child.pid);
-                        if status.success() {
+                        // One still starting may not have its handler yet:
+                        // SIGTERM's default action ends it, which is a stop too.
+                        let starting = proc.child.ready.is_none()
+                            && std::os::unix::process::ExitStatusExt::signal(&status)
+                                == Some(libc::SIGTERM);
+                        if status.success() || starting {
                             tracing::info!(worker = index, pid, "worker {index} stopped");
                         } else {
                             clean = false;
