@@ -279,3 +279,31 @@ fn dup_at_least(fd: BorrowedFd<'_>, above: RawFd) -> io::Result<OwnedFd> {
         Ok(OwnedFd::from_raw_fd(new))
     }
 }
+
+/// The supervisor's private folder (mode 0700) for the workers' notify
+/// sockets: under `$RUNTIME_DIRECTORY` (systemd's `RuntimeDirectory=`) or
+/// the temporary folder; removed when the supervisor ends.
+pub(super) struct RunDir(PathBuf);
+
+impl RunDir {
+    pub(super) fn create() -> std::io::Result<Self> {
+        use std::os::unix::fs::DirBuilderExt;
+        let base = std::env::var_os("RUNTIME_DIRECTORY")
+            .and_then(|v| v.to_string_lossy().split(':').next().map(PathBuf::from))
+            .unwrap_or_else(std::env::temp_dir);
+        let dir = base.join(format!("pyipcd-workers-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        Ok(Self(dir))
+    }
+
+    pub(super) fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::BorrowedFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -13,7 +13,7 @@ use sd_notify::NotifyState;
 use tokio::sync::mpsc;
 
 use super::admin;
-use super::child::{Child, Event, Spec};
+use super::child::{Child, Event, RunDir, Spec};
 use super::identity::socket_name;
 use super::reload::Reload;
 use super::{CRASH_LOOP, EARLY};
@@ -21,7 +21,7 @@ use crate::config::Config;
 use crate::shutdown::{SignalEvent, Signals};
 use crate::systemd::notify;
 use crate::tcp::listener::ListenSocket;
-use crate::{EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, Error};
+use crate::{EXIT_CONFIG, EXIT_FAILURE, Error};
 
 /// First restart delay after an early death; doubles with each one in a row.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -31,7 +31,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 pub(super) const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// Beyond `shutdown_grace` (and `reload_drain` for a retiring worker), how
 /// long a worker gets before SIGKILL.
-const KILL_MARGIN: Duration = Duration::from_secs(5);
+pub(super) const KILL_MARGIN: Duration = Duration::from_secs(5);
 
 /// What a worker process is there for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,7 +77,7 @@ pub(super) struct Fleet {
     /// Worker indexes waiting to be started again, and when.
     restarts: Vec<(usize, Instant)>,
     events: mpsc::Sender<Event>,
-    inbox: mpsc::Receiver<Event>,
+    pub(super) inbox: mpsc::Receiver<Event>,
     watchdog: Option<Duration>,
     /// When `WATCHDOG=1` last went to systemd.
     pinged: Instant,
@@ -539,70 +539,10 @@ impl Fleet {
         Next::Continue
     }
 
-    /// Stops every worker (SIGTERM; SIGKILL at the deadline or a second
-    /// signal) and returns `code`, or 0 when every worker stopped cleanly.
-    async fn stop(&mut self, signals: &mut Signals, code: Option<i32>) -> i32 {
-        notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
-        let mut clean = true;
-        for proc in self.procs.values() {
-            proc.child.signal(Signal::SIGTERM);
-        }
-        let deadline = Instant::now() + self.config.daemon.shutdown_grace + KILL_MARGIN;
-        let mut killed = false;
-        while !self.procs.is_empty() {
-            tokio::select! {
-                Some(event) = self.inbox.recv() => {
-                    if let Event::Exited { serial, status } = event
-                        && let Some(proc) = self.procs.remove(&serial)
-                    {
-                        let (index, pid) = (proc.child.index, proc.child.pid);
-                        // One still starting may not have its handler yet:
-                        // SIGTERM's default action ends it, which is a stop too.
-                        let starting = proc.child.ready.is_none()
-                            && std::os::unix::process::ExitStatusExt::signal(&status)
-                                == Some(libc::SIGTERM);
-                        if status.success() || starting {
-                            tracing::info!(worker = index, pid, "worker {index} stopped");
-                        } else {
-                            clean = false;
-                            tracing::warn!(worker = index, pid, "worker {index} stopped: {status}");
-                        }
-                    }
-                }
-                signal = signals.next(), if !killed => {
-                    if let SignalEvent::Stop(name, _) = signal {
-                        tracing::warn!("{name} received again: killing the workers");
-                        self.kill_all();
-                        killed = true;
-                    }
-                }
-                () = tokio::time::sleep_until(deadline.into()), if !killed => {
-                    tracing::warn!("workers still running after shutdown_grace: killing them");
-                    self.kill_all();
-                    killed = true;
-                }
-            }
-        }
-        let code = code.unwrap_or(if clean && !killed {
-            EXIT_OK
-        } else {
-            EXIT_FAILURE
-        });
-        tracing::info!("supervisor stopped (exit status {code})");
-        crate::systemd::flush(Duration::from_millis(500));
-        code
-    }
-
     /// Forgets the workers waiting to be started again (a new generation replaced them).
     pub(super) fn restarts_clear(&mut self) {
         self.restarts.clear();
         self.early.clear();
-    }
-
-    fn kill_all(&self) {
-        for proc in self.procs.values() {
-            proc.child.signal(Signal::SIGKILL);
-        }
     }
 }
 
@@ -610,33 +550,5 @@ impl Fleet {
 async fn sleep_until(at: Option<Instant>) {
     if let Some(at) = at {
         tokio::time::sleep_until(at.into()).await;
-    }
-}
-
-/// The supervisor's private folder (mode 0700) for the workers' notify
-/// sockets: under `$RUNTIME_DIRECTORY` (systemd's `RuntimeDirectory=`) or
-/// the temporary folder; removed when the supervisor ends.
-struct RunDir(PathBuf);
-
-impl RunDir {
-    fn create() -> std::io::Result<Self> {
-        use std::os::unix::fs::DirBuilderExt;
-        let base = std::env::var_os("RUNTIME_DIRECTORY")
-            .and_then(|v| v.to_string_lossy().split(':').next().map(PathBuf::from))
-            .unwrap_or_else(std::env::temp_dir);
-        let dir = base.join(format!("pyipcd-workers-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
-        Ok(Self(dir))
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for RunDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }

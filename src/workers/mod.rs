@@ -29,6 +29,7 @@ mod fleet;
 pub mod identity;
 mod recycle;
 mod reload;
+mod stop;
 
 pub use identity::{Worker, runs_elsewhere, set_elsewhere, socket_name, this_worker};
 
