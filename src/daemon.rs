@@ -198,6 +198,7 @@ impl Daemon {
             self.config.daemon.reload_drain
         );
         let (others, all) = self.supervisor.retire_all();
+        crate::workers::balance::leave();
         py::module::set_stopping();
         self.stop.set();
         let grace = self.config.daemon.shutdown_grace;

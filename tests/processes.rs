@@ -154,6 +154,28 @@ handler = "h:who"
     }
     assert_eq!(by_worker.len(), 2, "both workers served: {by_worker:?}");
     eprintln!("connections per worker: {by_worker:?}");
+    // 40 connections held open, made in a burst: the workers share them
+    // (each steps back while it holds more than the other plus one).
+    let held: Vec<TcpStream> = (0..40)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    let mut per_pid: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, s) in held.iter().enumerate() {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        (&*s).write_all(format!("h{i}\n").as_bytes()).unwrap();
+        let mut reply = String::new();
+        BufReader::new(s).read_line(&mut reply).unwrap();
+        *per_pid
+            .entry(reply.split(':').nth(1).unwrap().to_string())
+            .or_default() += 1;
+    }
+    let counts: Vec<usize> = per_pid.values().copied().collect();
+    assert!(
+        counts.len() == 2 && counts.iter().max().unwrap() - counts.iter().min().unwrap() <= 6,
+        "40 held connections per worker: {per_pid:?}"
+    );
+    eprintln!("held connections per worker: {per_pid:?}");
+    drop(held);
     // One /health and one /metrics for both, with a worker label.
     let (status, health) = http_get(admin, "/health");
     assert_eq!(status, 200, "{health}");
@@ -171,7 +193,7 @@ handler = "h:who"
             )
         })
         .sum();
-    assert_eq!(served, 200.0, "{metrics}");
+    assert_eq!(served, 240.0, "{metrics}");
     assert_eq!(common::metric(&metrics, "pyipcd_workers "), 2.0);
     assert_eq!(
         metrics

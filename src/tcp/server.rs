@@ -222,6 +222,7 @@ async fn connection<S: Duplex>(
     }
     drop(permit);
     open.decrement(1.0);
+    crate::workers::balance::closed();
 }
 
 /// Accepts until `ctx.intake` is cancelled, then lets open connections
@@ -242,6 +243,14 @@ async fn accept(
     let series = ServerSeries::register(&cfg.name);
     tracing::info!(role = %cfg.name, addr = %shown, framing = ?cfg.framing, handler = %cfg.handler, "listening");
     loop {
+        // A worker holding more than its share lets the others take the
+        // next connection (for a moment: see `workers::balance`).
+        if crate::workers::balance::over_share() {
+            tokio::select! {
+                _ = ctx.intake.cancelled() => break,
+                () = tokio::time::sleep(crate::workers::balance::STEP) => {}
+            }
+        }
         let accepted = tokio::select! {
             _ = ctx.intake.cancelled() => break,
             a = listener.accept() => a,
@@ -273,6 +282,9 @@ async fn accept(
             tracing::warn!(role = %cfg.name, %peer, "refusing connection: max_connections ({}) reached", cfg.max_connections);
             continue;
         };
+        // Counted now, not when its task first runs: a burst of accepts
+        // must see its own size (`workers::balance`).
+        crate::workers::balance::opened();
         let conn_id = ids.fetch_add(1, Ordering::Relaxed) + 1;
         let span = tracing::info_span!("conn", role = %cfg.name, conn_id, %peer);
         let conn = Arc::new(CallContext {

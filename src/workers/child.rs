@@ -17,7 +17,9 @@ use tokio::net::UnixDatagram;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::identity::{CONFIG_ENV, DEFER_ENV, MAX_REQUESTS_ENV, SERIAL_ENV, WORKER_ENV};
+use super::identity::{
+    CONFIG_ENV, DEFER_ENV, MAX_REQUESTS_ENV, SERIAL_ENV, WORKER_ENV, WORKERS_ENV,
+};
 
 /// What a worker process tells the supervisor.
 #[derive(Debug)]
@@ -41,6 +43,8 @@ pub(super) struct Spec<'a> {
     pub config_text: &'a str,
     /// Its index, 0 to `processes` − 1.
     pub index: usize,
+    /// How many workers its generation has.
+    pub workers: usize,
     /// Unique per process the supervisor starts.
     pub serial: u64,
     /// The listening sockets, by the name it looks them up under.
@@ -123,6 +127,7 @@ impl Child {
             .stdin(Stdio::null())
             .env(CONFIG_ENV, spec.config_text)
             .env(WORKER_ENV, spec.index.to_string())
+            .env(WORKERS_ENV, spec.workers.to_string())
             .env(SERIAL_ENV, spec.serial.to_string())
             .env("NOTIFY_SOCKET", &notify_path)
             .env("LISTEN_FDS", n.to_string())
@@ -306,4 +311,24 @@ impl Drop for RunDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// A new shared mapping for a generation's accept balance (`balance`).
+///
+/// # Errors
+/// If the memfd cannot be made or sized.
+pub(super) fn balance_map() -> io::Result<OwnedFd> {
+    // SAFETY: memfd_create with a valid C string; on success the result is
+    // a new descriptor nothing else owns.
+    #[allow(unsafe_code)]
+    let fd = unsafe {
+        let fd = libc::memfd_create(c"pyipcd-balance".as_ptr(), libc::MFD_CLOEXEC);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        OwnedFd::from_raw_fd(fd)
+    };
+    let file = std::fs::File::from(fd);
+    file.set_len(super::balance::BYTES as u64)?;
+    Ok(file.into())
 }

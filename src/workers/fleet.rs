@@ -4,7 +4,7 @@
 //! signals, and the clock.
 
 use std::collections::BTreeMap;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -70,6 +70,8 @@ pub(super) struct Fleet {
     exe: PathBuf,
     run_dir: RunDir,
     pub(super) sockets: Vec<Bound>,
+    /// The serving generation's accept-balance mapping (`balance`).
+    pub(super) balance: std::os::fd::OwnedFd,
     pub(super) procs: BTreeMap<u64, Proc>,
     next_serial: u64,
     /// Early deaths in a row, per worker index.
@@ -144,6 +146,7 @@ impl Fleet {
             view: admin::Shared::default(),
             exe: std::env::current_exe()?,
             run_dir: RunDir::create()?,
+            balance: super::child::balance_map()?,
             sockets,
             procs: BTreeMap::new(),
             next_serial: 1,
@@ -182,7 +185,11 @@ impl Fleet {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let due = self.restarts.iter().map(|(_, at)| *at).min();
+            // Restarts wait while a rolling reload is under way (its new
+            // generation takes their place).
+            let due = (self.reload.is_none())
+                .then(|| self.restarts.iter().map(|(_, at)| *at).min())
+                .flatten();
             let next = tokio::select! {
                 Some(event) = self.inbox.recv() => self.on_event(event),
                 signal = signals.next() => match signal {
@@ -235,15 +242,20 @@ impl Fleet {
         index: usize,
         part: Part,
         defer_singletons: bool,
-        sockets: Option<&[Bound]>,
+        generation: Option<(&[Bound], BorrowedFd<'_>, usize)>,
     ) -> std::io::Result<u64> {
         let serial = self.next_serial;
         self.next_serial += 1;
-        let sockets = sockets.unwrap_or(&self.sockets);
-        let named: Vec<(String, BorrowedFd<'_>)> = sockets
+        let (sockets, balance, workers) = generation.unwrap_or((
+            &self.sockets,
+            self.balance.as_fd(),
+            self.config.daemon.processes,
+        ));
+        let mut named: Vec<(String, BorrowedFd<'_>)> = sockets
             .iter()
             .map(|b| (socket_name(&b.role), b.socket.as_fd()))
             .collect();
+        named.push((super::balance::FD_NAME.to_string(), balance));
         let (max_requests, deadline) = self.limits(serial);
         let spec = Spec {
             max_requests,
@@ -251,6 +263,7 @@ impl Fleet {
             config: &self.config.source,
             config_text: &self.config.text,
             index,
+            workers,
             serial,
             sockets: &named,
             run_dir: self.run_dir.path(),
@@ -459,10 +472,6 @@ impl Fleet {
     }
 
     fn restart_due(&mut self) -> Next {
-        // During a rolling reload the new generation takes their place.
-        if self.reload.is_some() {
-            return Next::Continue;
-        }
         let now = Instant::now();
         let (due, later): (Vec<_>, Vec<_>) =
             self.restarts.drain(..).partition(|(_, at)| *at <= now);

@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// The worker's index (0 to `daemon.processes` − 1), set by the supervisor
 /// and left in the environment for Python code (`os.environ`).
 pub const WORKER_ENV: &str = "PYIPCD_WORKER";
+/// How many workers the generation has.
+pub const WORKERS_ENV: &str = "PYIPCD_WORKERS";
 /// The supervisor's serial number for this worker process (unique per start).
 pub const SERIAL_ENV: &str = "PYIPCD_WORKER_SERIAL";
 /// The config text the supervisor loaded (the worker reads it instead of
@@ -28,6 +30,8 @@ pub struct Worker {
     pub serial: u64,
     /// Whether its worker-0 roles wait for SIGUSR1 (a rolling reload).
     pub defer_singletons: bool,
+    /// How many workers its generation has.
+    pub workers: usize,
 }
 
 static WORKER: OnceLock<Option<Worker>> = OnceLock::new();
@@ -65,6 +69,10 @@ pub fn this_worker() -> Option<&'static Worker> {
                 index,
                 serial,
                 defer_singletons: std::env::var_os(DEFER_ENV).is_some(),
+                workers: std::env::var(WORKERS_ENV)
+                    .ok()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(1),
             })
         })
         .as_ref()

@@ -24,6 +24,7 @@
 //! less, and a worker leaving never drops a queued connection.
 
 mod admin;
+pub mod balance;
 mod child;
 mod fleet;
 pub mod identity;

@@ -9,6 +9,7 @@
 //! they never run twice. If a new worker fails, the new generation is
 //! stopped and the old one goes on serving.
 
+use std::os::fd::AsFd;
 use std::time::Instant;
 
 use nix::sys::signal::Signal;
@@ -28,6 +29,8 @@ pub(super) struct Reload {
     config: Config,
     /// Its sockets (kept or new).
     sockets: Vec<Bound>,
+    /// Its accept-balance mapping.
+    balance: std::os::fd::OwnedFd,
 }
 
 impl Fleet {
@@ -57,10 +60,19 @@ impl Fleet {
                 return;
             }
         };
+        let balance = match super::child::balance_map() {
+            Ok(b) => b,
+            Err(e) => {
+                self.reload_failed(&format!("cannot make the accept-balance map: {e}"));
+                return;
+            }
+        };
         // The new worker 0 waits for the old one's worker-0 roles.
         let mut started = Vec::new();
-        for index in 0..config.daemon.processes {
-            match self.start(index, Part::Incoming, index == 0, Some(&sockets)) {
+        let workers = config.daemon.processes;
+        for index in 0..workers {
+            let generation = Some((sockets.as_slice(), balance.as_fd(), workers));
+            match self.start(index, Part::Incoming, index == 0, generation) {
                 Ok(serial) => started.push(serial),
                 Err(e) => {
                     for serial in started {
@@ -78,6 +90,7 @@ impl Fleet {
             started: Instant::now(),
             config,
             sockets,
+            balance,
         });
     }
 
@@ -153,6 +166,7 @@ impl Fleet {
             }
         }
         self.sockets = reload.sockets;
+        self.balance = reload.balance;
         self.config = reload.config;
         // Workers waiting to be started again belonged to the old generation.
         self.restarts_clear();
