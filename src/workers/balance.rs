@@ -15,6 +15,9 @@ use std::time::Duration;
 
 /// The name under which the supervisor passes the mapping.
 pub const FD_NAME: &str = "pyipcd-balance";
+/// Set when the worker takes the place of one that died: the count it left
+/// in the slot is void.
+pub const RESET_ENV: &str = "PYIPCD_BALANCE_RESET";
 /// Bytes of the mapping: one counter per possible worker.
 pub const BYTES: usize = crate::config::MAX_PROCESSES * 8;
 /// Connections a worker may hold beyond the fewest before it steps back.
@@ -58,13 +61,17 @@ fn shared() -> Option<&'static Shared> {
             // writing its own slot through atomics.
             #[allow(unsafe_code)]
             let map = unsafe { memmap2::MmapMut::map_mut(&file) }.ok()?;
-            (map.len() >= BYTES).then_some(Shared {
+            let shared = (map.len() >= BYTES).then_some(Shared {
                 map,
                 index: worker.index,
                 workers: worker.workers,
                 mine: AtomicI64::new(0),
                 left: AtomicBool::new(false),
-            })
+            })?;
+            if std::env::var_os(RESET_ENV).is_some() {
+                shared.slots()[shared.index].store(0, Ordering::Relaxed);
+            }
+            Some(shared)
         })
         .as_ref()
 }

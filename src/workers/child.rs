@@ -57,6 +57,8 @@ pub(super) struct Spec<'a> {
     pub watchdog: Option<Duration>,
     /// After how many requests it asks to be replaced, if ever.
     pub max_requests: Option<u64>,
+    /// It takes the place of a worker that died (its balance slot is void).
+    pub after_death: bool,
 }
 
 /// A running worker process.
@@ -135,6 +137,11 @@ impl Child {
             // The worker names itself (its pid is not known before the fork).
             .env_remove("LISTEN_PID")
             .env_remove("WATCHDOG_PID");
+        if spec.after_death {
+            cmd.env(super::balance::RESET_ENV, "1");
+        } else {
+            cmd.env_remove(super::balance::RESET_ENV);
+        }
         if spec.defer_singletons {
             cmd.env(DEFER_ENV, "1");
         } else {

@@ -259,6 +259,9 @@ impl Fleet {
         let (max_requests, deadline) = self.limits(serial);
         let spec = Spec {
             max_requests,
+            // A serving start is the first (a fresh map) or a restart after
+            // a death: either way its slot starts at zero.
+            after_death: part == Part::Serving,
             exe: &self.exe,
             config: &self.config.source,
             config_text: &self.config.text,
