@@ -14,13 +14,19 @@ use crate::config::{LogConfig, LogFormat};
 /// Installs the global subscriber (once; later calls are ignored) and returns
 /// the most verbose level it lets through, as a Python `logging` level number.
 pub fn init(cfg: &LogConfig) -> u32 {
+    // tracing-subscriber's directive parser panics on some non-ASCII input
+    // (found by the `config` fuzz target): such a filter counts as none.
+    let lossy = |text: &str| {
+        let builder = EnvFilter::builder().with_default_directive(LevelFilter::INFO.into());
+        if text.is_ascii() {
+            builder.parse_lossy(text)
+        } else {
+            builder.parse_lossy("")
+        }
+    };
     let filter = || match std::env::var("RUST_LOG") {
-        Ok(v) if !v.is_empty() => EnvFilter::builder()
-            .with_default_directive(LevelFilter::INFO.into())
-            .parse_lossy(v),
-        _ => EnvFilter::builder()
-            .with_default_directive(LevelFilter::INFO.into())
-            .parse_lossy(&cfg.level),
+        Ok(v) if !v.is_empty() => lossy(&v),
+        _ => lossy(&cfg.level),
     };
     let python_level = python_level(filter().max_level_hint());
     let format = match cfg.format {

@@ -321,3 +321,21 @@ fn worker_placement_is_checked() {
         "{err}"
     );
 }
+
+#[test]
+fn a_non_ascii_log_filter_is_a_config_error_not_a_panic() {
+    // Found by the `config` fuzz target: tracing-subscriber's filter parser
+    // panicked on this (fuzz/corpus/config/regression-non-ascii-log-level).
+    let s = Scenario::new();
+    let cfg = s.write(
+        "pyipcd.toml",
+        "[log]\nlevel = \" ioc\u{fffd}\u{fffd}\u{fffd}\u{fffd}\u{fffd}\u{fffd}\u{fffd}\u{fffd}=[infng o\"\n",
+    );
+    let (code, _, err) = run_to_end(&["check", "-c", cfg.to_str().unwrap()], &[]);
+    assert_eq!(code, 78, "{err}");
+    assert!(
+        err.contains("log.level:") && err.contains("(ASCII only)"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}

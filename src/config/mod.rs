@@ -410,7 +410,14 @@ impl Config {
     pub fn validate(&self) -> Vec<String> {
         let mut problems = Vec::new();
         let py = &self.python;
-        if tracing_subscriber::EnvFilter::builder()
+        // Checked for ASCII first: tracing-subscriber's parser panics on some
+        // other input (found by the `config` fuzz target).
+        if !self.log.level.is_ascii() {
+            problems.push(format!(
+                "log.level: `{}` is not a valid filter (ASCII only)",
+                self.log.level
+            ));
+        } else if tracing_subscriber::EnvFilter::builder()
             .parse(&self.log.level)
             .is_err()
         {
