@@ -129,7 +129,7 @@ fn uvloop(dir: &std::path::Path, processes: usize) -> Option<Server> {
 
 /// `pyipcd_messages_total` per worker, from the supervisor's `/metrics`.
 fn per_worker(admin: u16) -> Vec<(String, f64)> {
-    let Ok((200, text)) = http_get(admin, "/metrics") else {
+    let Ok((200, text)) = pyipcd::admin::fetch(&format!("127.0.0.1:{admin}"), "/metrics") else {
         return Vec::new();
     };
     text.lines()
@@ -139,28 +139,6 @@ fn per_worker(admin: u16) -> Vec<(String, f64)> {
             Some((worker, l.rsplit(' ').next()?.parse().ok()?))
         })
         .collect()
-}
-
-fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    Ok((
-        status,
-        text.split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default(),
-    ))
 }
 
 fn main() {

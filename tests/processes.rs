@@ -56,6 +56,66 @@ fn ask(port: u16, line: &str) -> String {
     reply.trim_end().to_string()
 }
 
+/// Clients in a closed loop against a [`WHO`] server, each reconnecting
+/// after `per_connection` requests and checking that every reply answers
+/// its own request.
+struct ClosedLoop {
+    stop: Arc<AtomicBool>,
+    asked: Arc<AtomicU64>,
+    clients: Vec<std::thread::JoinHandle<BTreeSet<(String, String)>>>,
+}
+
+impl ClosedLoop {
+    fn start(port: u16, clients: usize, per_connection: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let asked = Arc::new(AtomicU64::new(0));
+        let clients = (0..clients)
+            .map(|c| {
+                let (stop, asked) = (stop.clone(), asked.clone());
+                std::thread::spawn(move || {
+                    let (mut n, mut seen) = (0u64, BTreeSet::new());
+                    while !stop.load(Ordering::Relaxed) {
+                        let s = TcpStream::connect(("127.0.0.1", port)).expect("connect refused");
+                        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                        let mut r = BufReader::new(s.try_clone().unwrap());
+                        for _ in 0..per_connection {
+                            let msg = format!("c{c}n{n}");
+                            (&s).write_all(format!("{msg}\n").as_bytes()).unwrap();
+                            let mut reply = String::new();
+                            r.read_line(&mut reply).unwrap();
+                            assert!(
+                                reply.trim_end().ends_with(&format!(":{msg}")),
+                                "request {msg} got {reply:?}"
+                            );
+                            let fields: Vec<&str> = reply.split(':').collect();
+                            seen.insert((fields[1].to_string(), fields[2].to_string()));
+                            n += 1;
+                            asked.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    seen
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            asked,
+            clients,
+        }
+    }
+
+    /// Stops the clients; returns the requests answered and every (pid,
+    /// version) that answered. Panics if a client lost a request.
+    fn stop(self) -> (u64, BTreeSet<(String, String)>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut seen = BTreeSet::new();
+        for c in self.clients {
+            seen.extend(c.join().expect("a client lost a request"));
+        }
+        (self.asked.load(Ordering::Relaxed), seen)
+    }
+}
+
 /// The pid a log line like "worker 1 started (pid 123)" names.
 fn started_pid(d: &Daemon, index: usize, nth: usize) -> u32 {
     let needle = format!("worker {index} started (pid ");
@@ -78,6 +138,15 @@ fn started_pid(d: &Daemon, index: usize, nth: usize) -> u32 {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+fn kill9(pid: u32) {
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(killed, "kill -KILL {pid}");
 }
 
 fn alive(pid: u32) -> bool {
@@ -365,13 +434,7 @@ handler = "h:who"
     // loaded (the file is no longer even TOML), and serves.
     std::fs::write(&cfg, "this is not the config any more").unwrap();
     let first = started_pid(&d, 1, 0);
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-KILL", &first.to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    kill9(first);
     d.lines.wait_for(
         &[&format!("worker 1 (pid {first}) exited: signal: 9")],
         Duration::from_secs(10),
@@ -401,13 +464,7 @@ handler = "h:who"
     );
     // Now worker 1 dies on every start: a crash loop ends the daemon (1).
     sc.write("die", "");
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-KILL", &second.to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    kill9(second);
     let status = d.wait_exit(Duration::from_secs(30));
     assert_eq!(status.code(), Some(1), "{}", d.lines.text());
     let log = d.lines.text();
@@ -545,36 +602,7 @@ handler = "h:who"
     let mut d = Daemon::start(&cfg, &[("PYTHONDONTWRITEBYTECODE", "1")]);
     d.wait_ready();
     // Eight clients in a closed loop, each reconnecting after 25 requests.
-    let stop = Arc::new(AtomicBool::new(false));
-    let asked = Arc::new(AtomicU64::new(0));
-    let clients: Vec<_> = (0..8)
-        .map(|c| {
-            let (stop, asked) = (stop.clone(), asked.clone());
-            std::thread::spawn(move || {
-                let mut versions = BTreeSet::new();
-                let mut n = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    let s = TcpStream::connect(("127.0.0.1", port)).expect("connect refused");
-                    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-                    let mut r = BufReader::new(s.try_clone().unwrap());
-                    for _ in 0..25 {
-                        let msg = format!("c{c}n{n}");
-                        (&s).write_all(format!("{msg}\n").as_bytes()).unwrap();
-                        let mut reply = String::new();
-                        r.read_line(&mut reply).unwrap();
-                        assert!(
-                            reply.trim_end().ends_with(&format!(":{msg}")),
-                            "request {msg} got {reply:?}"
-                        );
-                        versions.insert(reply.split(':').nth(2).unwrap().to_string());
-                        n += 1;
-                        asked.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                versions
-            })
-        })
-        .collect();
+    let clients = ClosedLoop::start(port, 8, 25);
     for version in ["v2", "v3", "v4"] {
         std::thread::sleep(Duration::from_millis(700));
         sc.write("h.py", &WHO.replace("\"v1\"", &format!("\"{version}\"")));
@@ -588,20 +616,14 @@ handler = "h:who"
     // New connections get the new code at once.
     assert!(ask(port, "x").contains(":v4:x"));
     std::thread::sleep(Duration::from_millis(700));
-    stop.store(true, Ordering::Relaxed);
-    let mut seen = BTreeSet::new();
-    for c in clients {
-        seen.extend(c.join().expect("a client lost a request"));
-    }
+    let (asked, answered) = clients.stop();
+    let seen: BTreeSet<String> = answered.into_iter().map(|(_, version)| version).collect();
     assert_eq!(
         seen,
         ["v1", "v2", "v3", "v4"].map(String::from).into(),
         "{seen:?}"
     );
-    eprintln!(
-        "{} requests answered across three rolling reloads",
-        asked.load(Ordering::Relaxed)
-    );
+    eprintln!("{asked} requests answered across three rolling reloads");
     // Every previous worker has left; the worker-0 task ran once per generation.
     d.lines
         .wait_for(&["previous worker 1", "exited"], Duration::from_secs(15));
@@ -672,33 +694,7 @@ handler = "h:who"
     ));
     let mut d = Daemon::start(&cfg, &[]);
     d.wait_ready();
-    let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..4)
-        .map(|c| {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let (mut n, mut pids) = (0u64, BTreeSet::new());
-                while !stop.load(Ordering::Relaxed) {
-                    let s = TcpStream::connect(("127.0.0.1", port)).expect("connect refused");
-                    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-                    let mut r = BufReader::new(s.try_clone().unwrap());
-                    for _ in 0..10 {
-                        let msg = format!("c{c}n{n}");
-                        (&s).write_all(format!("{msg}\n").as_bytes()).unwrap();
-                        let mut reply = String::new();
-                        r.read_line(&mut reply).unwrap();
-                        assert!(
-                            reply.trim_end().ends_with(&format!(":{msg}")),
-                            "request {msg} got {reply:?}"
-                        );
-                        pids.insert(reply.split(':').nth(1).unwrap().to_string());
-                        n += 1;
-                    }
-                }
-                pids
-            })
-        })
-        .collect();
+    let clients = ClosedLoop::start(port, 4, 10);
     let deadline = Instant::now() + Duration::from_secs(30);
     let series = format!("pyipcd_worker_respawns_total{{reason=\"{reason}\"}}");
     loop {
@@ -715,11 +711,8 @@ handler = "h:who"
     }
     // The replacements serve a while before the clients stop.
     std::thread::sleep(Duration::from_secs(1));
-    stop.store(true, Ordering::Relaxed);
-    let mut pids = BTreeSet::new();
-    for c in clients {
-        pids.extend(c.join().expect("a client lost a request"));
-    }
+    let (_, answered) = clients.stop();
+    let pids: BTreeSet<String> = answered.into_iter().map(|(pid, _)| pid).collect();
     assert!(pids.len() > 2, "{reason}: replacements served: {pids:?}");
     let log = d.lines.text();
     assert!(
