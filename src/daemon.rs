@@ -288,10 +288,7 @@ impl Daemon {
     /// settings, tasks, logging and the admin endpoint need a restart (a
     /// warning says so).
     pub async fn reload(&mut self) {
-        notify(&[
-            NotifyState::Reloading,
-            NotifyState::monotonic_usec_now().unwrap_or(NotifyState::Status("reloading")),
-        ]);
+        crate::systemd::notify_reloading();
         let path = self.config.source.clone();
         tracing::info!(config = %path.display(), "SIGHUP: reloading");
         let new = match crate::config::load(&path) {

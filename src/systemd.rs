@@ -53,6 +53,15 @@ pub fn notify(states: &[NotifyState<'_>]) {
     }
 }
 
+/// `RELOADING=1` with the `MONOTONIC_USEC=` systemd requires beside it
+/// (`Type=notify-reload`), or a `STATUS=` line if the clock cannot be read.
+pub fn notify_reloading() {
+    notify(&[
+        NotifyState::Reloading,
+        NotifyState::monotonic_usec_now().unwrap_or(NotifyState::Status("reloading")),
+    ]);
+}
+
 /// Waits (up to `timeout`) until every notice given so far was sent: the
 /// last ones (STOPPING=1) before the process exits.
 pub fn flush(timeout: Duration) {

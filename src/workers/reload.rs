@@ -40,10 +40,7 @@ impl Fleet {
             tracing::warn!("SIGHUP ignored: a rolling reload is already under way");
             return;
         }
-        notify(&[
-            NotifyState::Reloading,
-            NotifyState::monotonic_usec_now().unwrap_or(NotifyState::Status("reloading")),
-        ]);
+        crate::systemd::notify_reloading();
         let path = self.config.source.clone();
         tracing::info!(config = %path.display(), "SIGHUP: rolling reload");
         let config = match crate::config::load(&path) {
