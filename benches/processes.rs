@@ -8,7 +8,8 @@
 //! also prints how the messages were spread over the workers.
 //!
 //! Run: `cargo build --release && cargo bench --bench processes -- --seconds 10`
-//! (`--conns N`, `--work-us N`, `--interleave K`, `--dispatch pool,inline`, `--bin PATH`).
+//! (`--conns N`, `--work-us N`, `--interleave K`, `--dispatch pool,inline`, `--bin PATH`;
+//! `BENCH_DAEMON_LOG=1` shows the daemons' logs, at `info`).
 
 use std::net::SocketAddr;
 use std::process::{Child, Command};
@@ -88,11 +89,16 @@ fn pyipcd(dir: &std::path::Path, processes: usize, dispatch: &str) -> Server {
     std::fs::write(
         &cfg,
         format!(
-            "[log]\nlevel = \"warn\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+            "[log]\nlevel = \"{level}\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
              [daemon]\nprocesses = {processes}\nio_threads = 1\n[python]\npaths = [\"{}\"]\nworkers = 1\n\
              [[tcp.server]]\nname = \"work\"\nlisten = \"127.0.0.1:{port}\"\nframing = \"len32\"\nhandler = \"cpu_work:work\"\ndispatch = \"{}\"\n",
             dir.display(),
-            dispatch
+            dispatch,
+            level = if std::env::var_os("BENCH_DAEMON_LOG").is_some() {
+                "info"
+            } else {
+                "warn"
+            },
         ),
     )
     .unwrap();
@@ -127,13 +133,23 @@ fn uvloop(dir: &std::path::Path, processes: usize) -> Option<Server> {
     })
 }
 
-/// `pyipcd_messages_total` per worker, from the supervisor's `/metrics`.
-fn per_worker(admin: u16) -> Vec<(String, f64)> {
+/// Series counted per worker (`pyipcd_messages_total` first), as printed after the table.
+const PER_WORKER: [(&str, &str); 3] = [
+    ("pyipcd_messages_total{", "messages"),
+    (
+        "pyipcd_pool_calls_here_total{",
+        "pool calls made on the I/O thread",
+    ),
+    ("pyipcd_pool_spin_gate_shuts_total{", "spin gate shuts"),
+];
+
+/// Series `prefix` per worker, from the supervisor's `/metrics`.
+fn per_worker(admin: u16, prefix: &str) -> Vec<(String, f64)> {
     let Ok((200, text)) = pyipcd::admin::fetch(&format!("127.0.0.1:{admin}"), "/metrics") else {
         return Vec::new();
     };
     text.lines()
-        .filter(|l| l.starts_with("pyipcd_messages_total{"))
+        .filter(|l| l.starts_with(prefix))
         .filter_map(|l| {
             let worker = l.split("worker=\"").nth(1)?.split('"').next()?.to_string();
             Some((worker, l.rsplit(' ').next()?.parse().ok()?))
@@ -168,7 +184,11 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let before: Vec<_> = servers.iter().map(|s| s.admin.map(per_worker)).collect();
+    let counts = |s: &Server| {
+        s.admin
+            .map(|a| PER_WORKER.map(|(prefix, _)| per_worker(a, prefix)))
+    };
+    let before: Vec<_> = servers.iter().map(counts).collect();
     let mut results: Vec<(u64, Histogram<u64>)> = servers
         .iter()
         .map(|_| (0, Histogram::<u64>::new(3).unwrap()))
@@ -215,8 +235,10 @@ fn main() {
         );
     }
     for (server, before) in servers.iter().zip(&before) {
-        if let (Some(admin), Some(before)) = (server.admin, before) {
-            let after = per_worker(admin);
+        let (Some(after), Some(before)) = (counts(server), before) else {
+            continue;
+        };
+        for ((after, before), (_, what)) in after.iter().zip(before).zip(PER_WORKER) {
             let spread: Vec<String> = after
                 .iter()
                 .map(|(w, n)| {
@@ -224,7 +246,9 @@ fn main() {
                     format!("worker {w}: {:.0}", n - b)
                 })
                 .collect();
-            println!("{}: messages by worker: {}", server.name, spread.join(", "));
+            if !spread.is_empty() {
+                println!("{}: {what} by worker: {}", server.name, spread.join(", "));
+            }
         }
     }
 }

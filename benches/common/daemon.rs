@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 /// Starts `target/release/pyipcd run -c config` (or the binary given with
 /// `--bin PATH`, to compare builds in one bench run) with an empty environment.
+/// Its log goes to the bench's stderr when `BENCH_DAEMON_LOG` is set, else nowhere.
 ///
 /// # Panics
 /// If the release binary has not been built.
@@ -18,7 +19,11 @@ pub fn spawn_release(config: &Path) -> Child {
         .args(["run", "-c"])
         .arg(config)
         .env_clear()
-        .stderr(Stdio::null())
+        .stderr(if std::env::var_os("BENCH_DAEMON_LOG").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
         .spawn()
         .expect("build the release binary first: cargo build --release")
 }

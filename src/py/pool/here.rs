@@ -17,7 +17,11 @@
 //! [`SLOW_OUT`], or [`STRIKES`] calls over [`SLOW_CALL`] within
 //! [`STRIKE_WINDOW`] calls, keep the handler on the pool for good (logged
 //! once). Strikes, not one slow call, because on a busy host a fast call is
-//! sometimes preempted for a time slice or two. A handler that is fast for a
+//! sometimes preempted for a time slice or two; and once a handler has a
+//! strike, its calls here are measured with `getrusage` until the strikes
+//! are forgotten, so that time spent waiting for a core (preemption, no
+//! voluntary context switch) does not count: only the call's CPU time, or
+//! its whole duration when it blocked. A handler that is fast for a
 //! while and then blocks holds this I/O thread (and every connection it
 //! serves) for that call, as an inline role would, and its caller gets no
 //! `call_timeout` error: the reply is sent when the call returns.
@@ -81,6 +85,12 @@ impl CallSpeed {
         r
     }
 
+    /// Whether calls made here should be measured with [`ThreadUsage`]: the
+    /// handler has a recent strike, which may have been a preemption.
+    pub(crate) fn suspect(&self) -> bool {
+        self.strikes.load(Ordering::Relaxed) > 0
+    }
+
     /// Whether pool calls still need timing (not yet proven, not yet slow).
     pub(crate) fn learning(&self) -> bool {
         self.fast.load(Ordering::Relaxed) < PROVEN_AFTER && !self.slow.load(Ordering::Relaxed)
@@ -110,6 +120,42 @@ impl CallSpeed {
             }
         }
         false
+    }
+}
+
+/// What the kernel has counted for the calling thread so far.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ThreadUsage {
+    cpu: Duration,
+    voluntary_switches: i64,
+}
+
+impl ThreadUsage {
+    /// This thread's CPU time and voluntary context switches (`None` if
+    /// the kernel does not say, which Linux does). The CPU time comes from
+    /// the thread's CPU clock: `getrusage` reports a running thread's time
+    /// as of its last tick (4 ms steps here), too coarse for one call.
+    pub(crate) fn now() -> Option<Self> {
+        use nix::sys::resource::{UsageWho, getrusage};
+        use nix::time::{ClockId, clock_gettime};
+        let cpu = clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).ok()?;
+        let usage = getrusage(UsageWho::RUSAGE_THREAD).ok()?;
+        Some(Self {
+            cpu: Duration::from(cpu),
+            voluntary_switches: usage.voluntary_context_switches(),
+        })
+    }
+
+    /// How long a call that took `took` (wall clock) between `self` and
+    /// `after` held its thread, as far as the handler is to blame: its CPU
+    /// time if the thread never blocked (the rest was waiting for a core),
+    /// all of it if the thread blocked (a sleep, I/O, a wait for the GIL).
+    pub(crate) fn held(self, after: Self, took: Duration) -> Duration {
+        if after.voluntary_switches > self.voluntary_switches {
+            took
+        } else {
+            after.cpu.saturating_sub(self.cpu).min(took)
+        }
     }
 }
 
@@ -197,6 +243,7 @@ impl GilPool {
         let pool = std::ptr::from_ref(self) as usize;
         // Timed from before the GIL is taken: waiting for it holds this
         // thread's connections up just as a slow call does.
+        let usage = handler.speed.suspect().then(ThreadUsage::now).flatten();
         let started = Instant::now();
         let r = Python::attach(|py| {
             // The slot is cloned out so that `f` may call into the pool again.
@@ -220,7 +267,12 @@ impl GilPool {
             ON_IO.set(false);
             r
         });
-        let took = started.elapsed();
+        let mut took = started.elapsed();
+        if let Some(before) = usage
+            && let Some(after) = ThreadUsage::now()
+        {
+            took = before.held(after, took);
+        }
         if handler
             .speed
             .record(took, usize::try_from(calls).unwrap_or(usize::MAX))
@@ -299,6 +351,58 @@ mod tests {
         // 64 calls in 64 ms: 1 ms each on average, yet the batch held the thread 64 ms.
         assert!(speed.record(Duration::from_millis(64), 64));
         assert!(!speed.proven());
+    }
+
+    #[test]
+    fn a_strike_makes_the_handler_suspect_until_forgotten() {
+        let speed = proven();
+        assert!(!speed.suspect(), "no strike, no getrusage calls");
+        speed.record(SLOW_CALL * 2, 1);
+        assert!(speed.suspect() && speed.proven());
+        for _ in 0..STRIKE_WINDOW {
+            speed.record(FAST, 1);
+        }
+        assert!(!speed.suspect());
+    }
+
+    /// Usage at `cpu_us` of CPU with `switches` voluntary context switches.
+    fn usage(cpu_us: u64, switches: i64) -> ThreadUsage {
+        ThreadUsage {
+            cpu: Duration::from_micros(cpu_us),
+            voluntary_switches: switches,
+        }
+    }
+
+    #[test]
+    fn waiting_for_a_core_is_not_held_but_blocking_is() {
+        let took = Duration::from_millis(6);
+        // Preempted: 50 µs of CPU in 6 ms, never blocked.
+        assert_eq!(
+            usage(1000, 3).held(usage(1050, 3), took),
+            Duration::from_micros(50)
+        );
+        // Blocked (a sleep, I/O, the GIL): the whole call.
+        assert_eq!(usage(1000, 3).held(usage(1050, 4), took), took);
+        // CPU-bound: its CPU time, never more than the wall clock.
+        assert_eq!(usage(0, 0).held(usage(9000, 0), took), took);
+    }
+
+    #[test]
+    fn thread_usage_sees_this_threads_cpu_and_sleeps() {
+        let before = ThreadUsage::now().expect("getrusage");
+        let spin = Instant::now();
+        while spin.elapsed() < Duration::from_millis(20) {
+            std::hint::black_box(0);
+        }
+        let spun = ThreadUsage::now().expect("getrusage");
+        assert!(
+            spun.cpu - before.cpu >= Duration::from_millis(10),
+            "{before:?} {spun:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+        let slept = ThreadUsage::now().expect("getrusage");
+        assert!(slept.voluntary_switches > spun.voluntary_switches);
+        assert!(slept.cpu - spun.cpu < Duration::from_millis(5));
     }
 
     #[test]
