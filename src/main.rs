@@ -63,7 +63,7 @@ fn run(args: &ConfigArg) -> i32 {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let python_level = telemetry::init(&cfg.log);
+    let python_level = telemetry::init(&cfg.log, worker.as_ref().map(|w| w.index));
     if let Err(e) = activated {
         tracing::error!("{e}");
         return EXIT_CONFIG;
@@ -125,7 +125,7 @@ fn check(check: &CheckArgs) -> i32 {
             return EXIT_CONFIG;
         }
     };
-    let _ = telemetry::init(&cfg.log);
+    let _ = telemetry::init(&cfg.log, None);
     let interpreter = match cfg.python.interpreter() {
         Ok(i) => i,
         Err(e) => {

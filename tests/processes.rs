@@ -195,6 +195,22 @@ handler = "h:who"
             .expect("worker ready line");
         assert!(at < ready_at, "{log}");
     }
+    // Each worker's log lines say which worker wrote them; the supervisor's do not.
+    let lines = d.lines.all();
+    for i in 0..2 {
+        let tag = format!("[worker {i}] ");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with(&tag) && l.contains("listening")),
+            "no listening line from worker {i}:\n{log}"
+        );
+    }
+    let supervising = lines
+        .iter()
+        .find(|l| l.contains("supervising 2 worker"))
+        .unwrap();
+    assert!(!supervising.starts_with("[worker"), "{supervising}");
     // The supervisor runs no interpreter: none of the daemon's threads.
     let threads = thread_names(d.child.id());
     assert!(
@@ -275,6 +291,54 @@ handler = "h:who"
     assert!(
         d.wait_exit(Duration::from_secs(15)).success(),
         "{}",
+        d.lines.text()
+    );
+}
+
+#[test]
+fn json_log_lines_stay_json_and_name_their_worker() {
+    let sc = Scenario::new();
+    sc.write(
+        "h.py",
+        "import os\ndef who(data):\n    print('asked', data.decode().strip())\n    return (os.environ['PYIPCD_WORKER'] + ':' + data.decode().strip()).encode()\n",
+    );
+    let port = free_port();
+    let cfg = sc.config(&format!(
+        r#"processes = 2
+[log]
+format = "json"
+[python]
+paths = ["."]
+workers = 1
+[[tcp.server]]
+name = "who"
+listen = "127.0.0.1:{port}"
+framing = "line"
+handler = "h:who"
+"#
+    ));
+    let mut d = Daemon::start(&cfg, &[]);
+    d.wait_ready();
+    // Python's own output goes through the same log (a print in a handler).
+    assert!(ask(port, "hello").ends_with(":hello"));
+    d.signal("TERM");
+    assert!(d.wait_exit(Duration::from_secs(20)).success());
+    let (mut workers, mut printed) = (BTreeSet::new(), None);
+    for line in d.lines.all() {
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v.get("fields").is_some(), "{line}");
+        if let Some(w) = v.get("worker") {
+            workers.insert(w.as_u64().expect("a number"));
+        }
+        if line.contains("asked hello") {
+            printed = v.get("worker").cloned();
+        }
+    }
+    assert_eq!(workers, BTreeSet::from([0, 1]), "{}", d.lines.text());
+    assert!(
+        printed.is_some(),
+        "the print has no worker: {}",
         d.lines.text()
     );
 }
