@@ -546,6 +546,68 @@ handler = "h:who"
     assert!(!alive(worker_0), "worker 0 still running");
 }
 
+/// Connects, asks `line`, and returns the open connection with the index
+/// of the worker that answered.
+fn hold(port: u16, line: &str) -> (TcpStream, String) {
+    let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    (&s).write_all(format!("{line}\n").as_bytes()).unwrap();
+    let mut reply = String::new();
+    BufReader::new(&s).read_line(&mut reply).unwrap();
+    let worker = reply.split(':').next().unwrap().to_string();
+    (s, worker)
+}
+
+#[test]
+fn a_restarted_worker_counts_its_connections_from_zero() {
+    let sc = Scenario::new();
+    sc.write("h.py", WHO);
+    let port = free_port();
+    let cfg = sc.config(&format!(
+        r#"processes = 2
+[python]
+paths = ["."]
+workers = 1
+[[tcp.server]]
+name = "who"
+listen = "127.0.0.1:{port}"
+framing = "line"
+handler = "h:who"
+"#
+    ));
+    let mut d = Daemon::start(&cfg, &[]);
+    d.wait_ready();
+    // 20 connections, one after another: the balancing splits them. Worker
+    // 0's are closed, so worker 1 holds about ten and worker 0 none.
+    let (on_0, held): (Vec<_>, Vec<_>) = (0..20)
+        .map(|i| hold(port, &format!("a{i}")))
+        .partition(|(_, w)| w == "0");
+    let on_1 = held.len();
+    assert!((5..=15).contains(&on_1), "worker 1 holds {on_1} of 20");
+    drop(on_0);
+    // Worker 1 dies with its connections. The one started in its place
+    // must not inherit their count: it would step back from the next
+    // connections until worker 0 had caught up with ten it does not hold.
+    let first = started_pid(&d, 1, 0);
+    kill9(first);
+    let second = started_pid(&d, 1, 1);
+    d.lines.wait_for(
+        &["worker 1 ready", &format!("pid={second}")],
+        Duration::from_secs(15),
+    );
+    // Both start from zero: the next ten are shared (about five each;
+    // with the dead worker's count, worker 1 took none to two of them).
+    let fresh: Vec<_> = (0..10).map(|i| hold(port, &format!("b{i}"))).collect();
+    let to_1 = fresh.iter().filter(|(_, w)| w == "1").count();
+    assert!(
+        to_1 >= 3,
+        "the new worker 1 took {to_1} of 10 new connections (it lost {on_1} when the old one died)"
+    );
+    drop((held, fresh));
+    d.signal("TERM");
+    assert!(d.wait_exit(Duration::from_secs(20)).success());
+}
+
 #[test]
 fn a_configuration_the_workers_cannot_run_exits_78() {
     let sc = Scenario::new();

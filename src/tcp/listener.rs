@@ -9,6 +9,9 @@ use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
+use futures::FutureExt;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
 use super::endpoint::{Listen, UnixAddr};
@@ -355,7 +358,52 @@ pub(crate) enum Accepted {
     Unix(UnixStream, Peer),
 }
 
+/// A second registration of a listening socket (a duplicate descriptor)
+/// that says when connections arrive without taking one: a worker over its
+/// share waits for an arrival, leaves it to the others for a moment, and
+/// then takes it only if it is still there (`workers::balance`).
+pub(crate) struct Arrivals(AsyncFd<OwnedFd>);
+
+impl Arrivals {
+    /// Resolves when a connection may be waiting (at once if one arrived
+    /// since the last [`Arrivals::clear`]).
+    pub(crate) async fn wait(&self) -> io::Result<()> {
+        let mut ready = self.0.readable().await?;
+        ready.retain_ready();
+        Ok(())
+    }
+
+    /// Forgets the arrivals seen so far: call it before looking at the
+    /// queue, so a connection that arrives afterwards wakes [`Arrivals::wait`].
+    pub(crate) fn clear(&self) {
+        if let Some(Ok(mut ready)) = self.0.readable().now_or_never() {
+            ready.clear_ready();
+        }
+    }
+}
+
 impl Listener {
+    /// A registration that sees arrivals without accepting (see [`Arrivals`]).
+    ///
+    /// # Errors
+    /// If the descriptor cannot be duplicated or registered.
+    pub(crate) fn arrivals(&self) -> io::Result<Arrivals> {
+        let fd = match &self.inner {
+            Inner::Tcp(l) => l.as_fd().try_clone_to_owned()?,
+            Inner::Unix(l) => l.as_fd().try_clone_to_owned()?,
+        };
+        // SAFETY: `fd` is an open descriptor the AsyncFd owns for its life.
+        #[allow(unsafe_code)]
+        let registered = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) };
+        registered.map(Arrivals).map_err(|e| e.into_parts().1)
+    }
+
+    /// A connection if one is waiting now; `None` if the queue is empty
+    /// (another worker took what arrived).
+    pub(crate) fn try_accept(&self) -> Option<io::Result<Accepted>> {
+        self.accept().now_or_never()
+    }
+
     /// The next connection.
     ///
     /// # Errors

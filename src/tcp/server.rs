@@ -242,18 +242,44 @@ async fn accept(
     let ids = AtomicU64::new(0);
     let series = ServerSeries::register(&cfg.name);
     tracing::info!(role = %cfg.name, addr = %shown, framing = ?cfg.framing, handler = %cfg.handler, "listening");
+    // With worker processes, a worker holding more than its share lets a
+    // connection that arrives wait a moment for the others (`workers::balance`).
+    let arrivals = crate::workers::balance::active()
+        .then(|| listener.arrivals())
+        .and_then(|a| {
+            a.inspect_err(|e| tracing::warn!(role = %cfg.name, "no accept balancing: {e}"))
+                .ok()
+        });
+    // The last look at the queue took a connection: there may be more,
+    // whose arrival was already seen.
+    let mut maybe_more = false;
     loop {
-        // A worker holding more than its share lets the others take the
-        // next connection (for a moment: see `workers::balance`).
-        if crate::workers::balance::over_share() {
-            tokio::select! {
-                _ = ctx.intake.cancelled() => break,
-                () = tokio::time::sleep(crate::workers::balance::STEP) => {}
+        let accepted = match &arrivals {
+            Some(arrivals) if crate::workers::balance::over_share() => {
+                tokio::select! {
+                    _ = ctx.intake.cancelled() => break,
+                    r = async {
+                        if !maybe_more {
+                            arrivals.wait().await?;
+                        }
+                        tokio::time::sleep(crate::workers::balance::STEP).await;
+                        std::io::Result::Ok(())
+                    } => if let Err(e) = r {
+                        tracing::warn!(role = %cfg.name, "waiting for connections failed: {e}");
+                    },
+                }
+                arrivals.clear();
+                let Some(accepted) = listener.try_accept() else {
+                    maybe_more = false;
+                    continue;
+                };
+                maybe_more = true;
+                accepted
             }
-        }
-        let accepted = tokio::select! {
-            _ = ctx.intake.cancelled() => break,
-            a = listener.accept() => a,
+            _ => tokio::select! {
+                _ = ctx.intake.cancelled() => break,
+                a = listener.accept() => a,
+            },
         };
         let accepted = match accepted {
             Ok(a) => a,

@@ -5,9 +5,12 @@
 //! worker counts its open connections in its slot of a small shared mapping
 //! (a memfd the supervisor creates for each generation and passes with the
 //! sockets, as `pyipcd-balance`); a worker holding more than the fewest
-//! plus [`SLACK`] lets the others take the next connection: it waits up to
-//! [`STEP`] before accepting anyway (a worker that is stuck or gone cannot
-//! make the others refuse work).
+//! plus [`SLACK`] lets the others take the next connection: when one
+//! arrives it waits [`STEP`], and takes it only if it is still in the queue
+//! (a worker that is stuck or gone cannot make the others refuse work).
+//! The wait starts when the connection arrives, not before: a worker that
+//! slept first and then waited in `accept` raced the others for every
+//! connection that came more than [`STEP`] after the last.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -100,6 +103,11 @@ pub fn leave() {
     {
         s.slots()[s.index].fetch_sub(s.mine.load(Ordering::Relaxed), Ordering::Relaxed);
     }
+}
+
+/// Whether this process balances its accepts (a worker with the mapping).
+pub fn active() -> bool {
+    shared().is_some()
 }
 
 /// Whether this worker holds more than the fewest plus [`SLACK`].
