@@ -753,11 +753,8 @@ handler = "h:who"
     // Every previous worker has left; the worker-0 task ran once per generation.
     d.lines
         .wait_for(&["previous worker 1", "exited"], Duration::from_secs(15));
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while d.lines.count(&["previous worker", "exited"]) < 6 {
-        assert!(Instant::now() < deadline, "{}", d.lines.text());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    d.lines
+        .wait_count(&["previous worker", "exited"], 6, Duration::from_secs(15));
     let starts = std::fs::read_to_string(sc.path("starts.txt")).unwrap();
     assert_eq!(
         starts, "0\n0\n0\n0\n",

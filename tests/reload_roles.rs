@@ -217,18 +217,14 @@ fn a_channel_handler_reload_is_invisible_to_its_attached_client() {
         let want: Vec<u8> = msg.bytes().rev().collect();
         assert_eq!(c.call(msg.as_bytes()).unwrap().unwrap(), want);
     }
-    assert_eq!(d.lines.count(&["channel ready", "role=ch"]), 2);
+    d.lines.wait_count(&["channel ready", "role=ch"], 2, T);
 
     // A new ring size re-initialises the file: the client is told (a new
     // generation) and a new client attaches.
     std::fs::write(&cfg, channel_config("h2:rev", "128KiB")).unwrap();
     d.signal("HUP");
     d.lines.wait_for(&["replaced [\"ch\"]", "failed []"], T);
-    let deadline = Instant::now() + T;
-    while d.lines.count(&["channel ready", "role=ch"]) < 3 {
-        assert!(Instant::now() < deadline, "{}", d.lines.text());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    d.lines.wait_count(&["channel ready", "role=ch"], 3, T);
     assert!(c.call(b"old client").is_err(), "the old client must notice");
     drop(c);
     let mut c2 = ShmClient::connect(&s.path("ch.shm"), T).unwrap();

@@ -176,11 +176,7 @@ backoff_max = "20ms"
     );
     let mut d = Daemon::start(&cfg, &[]);
     d.wait_ready();
-    let deadline = std::time::Instant::now() + T;
-    while d.lines.count(&["module body ran", "role=again"]) < 3 {
-        assert!(std::time::Instant::now() < deadline, "{}", d.lines.text());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    d.lines.wait_count(&["module body ran", "role=again"], 3, T);
     d.signal("TERM");
     assert_eq!(d.wait_exit(T).code(), Some(0));
 }

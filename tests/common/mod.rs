@@ -94,6 +94,31 @@ impl Lines {
         }
     }
 
+    /// Waits until `n` lines contain every one of `parts` (the log is read
+    /// by a thread of its own, so a line the daemon wrote may arrive late);
+    /// panics with the log on timeout.
+    pub fn wait_count(&self, parts: &[&str], n: usize, timeout: Duration) {
+        let (lock, cv) = &*self.0;
+        let deadline = Instant::now() + timeout;
+        let mut lines = lock.lock().unwrap();
+        loop {
+            let seen = lines
+                .iter()
+                .filter(|l| parts.iter().all(|p| l.contains(p)))
+                .count();
+            if seen >= n {
+                return;
+            }
+            let now = Instant::now();
+            assert!(
+                now < deadline,
+                "{seen} of {n} log lines with {parts:?} within {timeout:?}; log:\n{}",
+                lines.join("\n")
+            );
+            lines = cv.wait_timeout(lines, deadline - now).unwrap().0;
+        }
+    }
+
     /// How many lines contain every one of `parts`.
     pub fn count(&self, parts: &[&str]) -> usize {
         self.all()
