@@ -41,6 +41,7 @@ mod memory;
 pub mod py;
 pub(crate) mod registry;
 pub(crate) mod role;
+pub mod sched_slice;
 #[allow(unsafe_code)]
 pub mod shm;
 pub(crate) mod shutdown;

@@ -64,6 +64,8 @@ fn run(args: &ConfigArg) -> i32 {
         Err(code) => return code,
     };
     let python_level = telemetry::init(&cfg.log, worker.as_ref().map(|w| w.index));
+    // Before any thread starts: they all inherit it.
+    pyipcd::sched_slice::request_and_log(cfg.daemon.sched_slice);
     if let Err(e) = activated {
         tracing::error!("{e}");
         return EXIT_CONFIG;

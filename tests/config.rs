@@ -323,6 +323,21 @@ fn worker_placement_is_checked() {
 }
 
 #[test]
+fn a_time_slice_outside_the_kernels_range_is_refused() {
+    let s = Scenario::new();
+    for (slice, ok) in [("50us", false), ("1s", false), ("0s", true), ("2ms", true)] {
+        let cfg = s.config(&format!("sched_slice = \"{slice}\"\n"));
+        let (code, _, err) = run_to_end(&["check", "-c", cfg.to_str().unwrap()], &[]);
+        if ok {
+            assert_eq!(code, 0, "{slice}: {err}");
+        } else {
+            assert_eq!(code, 78, "{slice}: {err}");
+            assert!(err.contains("daemon.sched_slice must be 0"), "{err}");
+        }
+    }
+}
+
+#[test]
 fn a_non_ascii_log_filter_is_a_config_error_not_a_panic() {
     // Found by the `config` fuzz target: tracing-subscriber's filter parser
     // panicked on this (fuzz/corpus/config/regression-non-ascii-log-level).

@@ -277,3 +277,52 @@ fn sigterm_past_the_grace_names_only_the_thread_in_a_call_with_its_role_and_stac
     assert!(text.contains("still in a call of role slow"), "{text}");
     assert!(text.contains("in wedged"), "no stack:\n{text}");
 }
+
+/// `se.slice` (ns) of every thread of process `pid`, from `/proc/PID/task/*/sched`.
+fn thread_slices(pid: u32) -> Vec<(String, u64)> {
+    let mut slices = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let sched = std::fs::read_to_string(dir.join("sched")).unwrap_or_default();
+        if let Some(ns) = sched
+            .lines()
+            .find(|l| l.starts_with("se.slice"))
+            .and_then(|l| l.rsplit(':').next()?.trim().parse().ok())
+        {
+            slices.push((name.trim().to_string(), ns));
+        }
+    }
+    slices
+}
+
+#[test]
+fn every_thread_runs_with_the_configured_time_slice() {
+    if !std::fs::read_to_string("/proc/self/sched").is_ok_and(|s| s.contains("se.slice")) {
+        eprintln!("this kernel shows no per-thread slice: nothing to check");
+        return;
+    }
+    let (_s, cfg) = scenario(
+        "import threading, time\ndef run():\n    threading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n    print('started')\n    time.sleep(30)\n",
+        "1s",
+    );
+    for (setting, want) in [("", Some(100_000)), ("sched_slice = \"0s\"\n", None)] {
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        let text = text.replacen("[daemon]\n", &format!("[daemon]\n{setting}"), 1);
+        let cfg2 = cfg.with_file_name("slice.toml");
+        std::fs::write(&cfg2, text).unwrap();
+        let mut d = Daemon::start(&cfg2, &[]);
+        d.wait_ready();
+        d.lines.wait_for(&["started", "role=job"], T);
+        let slices = thread_slices(d.child.id());
+        // The I/O thread, the GIL pool, the task's thread and the thread
+        // Python started: all of them.
+        assert!(slices.len() >= 4, "{slices:?}");
+        match want {
+            Some(ns) => assert!(slices.iter().all(|(_, s)| *s == ns), "{slices:?}"),
+            None => assert!(slices.iter().all(|(_, s)| *s != 100_000), "{slices:?}"),
+        }
+        d.signal("TERM");
+        d.wait_exit(T);
+    }
+}

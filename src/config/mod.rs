@@ -136,6 +136,11 @@ pub struct DaemonConfig {
     /// Each worker's `max_requests` and `lifetime` are drawn within ± this
     /// fraction, so that workers started together are not replaced together.
     pub recycle_jitter: f64,
+    /// The time slice the daemon's threads ask the kernel for (Linux 6.12+;
+    /// 0: the kernel's default), so that a message wakes them sooner on a
+    /// busy host (see `sched_slice`).
+    #[serde(with = "humantime_serde")]
+    pub sched_slice: Duration,
 }
 
 impl Default for DaemonConfig {
@@ -150,6 +155,7 @@ impl Default for DaemonConfig {
             max_rss_samples: 3,
             lifetime: None,
             recycle_jitter: 0.1,
+            sched_slice: Duration::from_micros(100),
         }
     }
 }

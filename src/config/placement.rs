@@ -61,6 +61,13 @@ impl Config {
                 d.recycle_jitter
             ));
         }
+        let slices = std::time::Duration::from_micros(100)..=std::time::Duration::from_millis(100);
+        if !d.sched_slice.is_zero() && !slices.contains(&d.sched_slice) {
+            problems.push(format!(
+                "daemon.sched_slice must be 0 (the kernel's default) or between 100us and 100ms (got {:?})",
+                d.sched_slice
+            ));
+        }
         if d.max_rss_samples == 0 {
             problems.push("daemon.max_rss_samples must be at least 1".into());
         }
