@@ -244,7 +244,7 @@ async fn accept(
     tracing::info!(role = %cfg.name, addr = %shown, framing = ?cfg.framing, handler = %cfg.handler, "listening");
     // With worker processes, a worker holding more than its share lets a
     // connection that arrives wait a moment for the others (`workers::balance`).
-    let arrivals = crate::workers::balance::active()
+    let mut arrivals = crate::workers::balance::active()
         .then(|| listener.arrivals())
         .and_then(|a| {
             a.inspect_err(|e| tracing::warn!(role = %cfg.name, "no accept balancing: {e}"))
@@ -255,20 +255,23 @@ async fn accept(
     let mut maybe_more = false;
     loop {
         let accepted = match &arrivals {
-            Some(arrivals) if crate::workers::balance::over_share() => {
+            Some(seen) if crate::workers::balance::over_share() => {
                 tokio::select! {
                     _ = ctx.intake.cancelled() => break,
                     r = async {
                         if !maybe_more {
-                            arrivals.wait().await?;
+                            seen.wait().await?;
                         }
                         tokio::time::sleep(crate::workers::balance::STEP).await;
                         std::io::Result::Ok(())
                     } => if let Err(e) = r {
-                        tracing::warn!(role = %cfg.name, "waiting for connections failed: {e}");
+                        // Not again on every connection: plain accepts from now on.
+                        tracing::warn!(role = %cfg.name, "no accept balancing from now on: {e}");
+                        arrivals = None;
+                        continue;
                     },
                 }
-                arrivals.clear();
+                seen.clear();
                 let Some(accepted) = listener.try_accept() else {
                     maybe_more = false;
                     continue;

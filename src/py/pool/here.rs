@@ -18,8 +18,9 @@
 //! [`STRIKE_WINDOW`] calls, keep the handler on the pool for good (logged
 //! once). Strikes, not one slow call, because on a busy host a fast call is
 //! sometimes preempted for a time slice or two; and once a handler has a
-//! strike, its calls here are measured with `getrusage` until the strikes
-//! are forgotten, so that time spent waiting for a core (preemption, no
+//! strike, its calls here are measured ([`ThreadUsage`]: the thread's CPU
+//! clock and its voluntary context switches) until the strikes are
+//! forgotten, so that time spent waiting for a core (preemption, no
 //! voluntary context switch) does not count: only the call's CPU time, or
 //! its whole duration when it blocked. A handler that is fast for a
 //! while and then blocks holds this I/O thread (and every connection it
@@ -356,7 +357,7 @@ mod tests {
     #[test]
     fn a_strike_makes_the_handler_suspect_until_forgotten() {
         let speed = proven();
-        assert!(!speed.suspect(), "no strike, no getrusage calls");
+        assert!(!speed.suspect(), "no strike, no measuring");
         speed.record(SLOW_CALL * 2, 1);
         assert!(speed.suspect() && speed.proven());
         for _ in 0..STRIKE_WINDOW {
