@@ -196,16 +196,15 @@ handler = "h:who"
         assert!(at < ready_at, "{log}");
     }
     // Each worker's log lines say which worker wrote them; the supervisor's do not.
-    let lines = d.lines.all();
+    // (The log is read by a thread of its own: wait for the lines.)
     for i in 0..2 {
         let tag = format!("[worker {i}] ");
-        assert!(
-            lines
-                .iter()
-                .any(|l| l.starts_with(&tag) && l.contains("listening")),
-            "no listening line from worker {i}:\n{log}"
-        );
+        let line = d
+            .lines
+            .wait_for(&[&tag, "listening"], Duration::from_secs(10));
+        assert!(line.starts_with(&tag), "{line}");
     }
+    let lines = d.lines.all();
     let supervising = lines
         .iter()
         .find(|l| l.contains("supervising 2 worker"))
