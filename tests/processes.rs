@@ -48,12 +48,24 @@ def beat():
 
 /// One line request, its reply.
 fn ask(port: u16, line: &str) -> String {
+    hold(port, line).1
+}
+
+/// Connects, asks `line`, and returns the connection, still open, with the reply.
+fn hold(port: u16, line: &str) -> (TcpStream, String) {
     let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     (&s).write_all(format!("{line}\n").as_bytes()).unwrap();
     let mut reply = String::new();
     BufReader::new(&s).read_line(&mut reply).unwrap();
-    reply.trim_end().to_string()
+    (s, reply.trim_end().to_string())
+}
+
+/// The `[[tcp.server]]` "who" of these tests, answering with [`WHO`] on `port`.
+fn who_server(port: u16) -> String {
+    format!(
+        "[[tcp.server]]\nname = \"who\"\nlisten = \"127.0.0.1:{port}\"\nframing = \"line\"\nhandler = \"h:who\"\n"
+    )
 }
 
 /// Clients in a closed loop against a [`WHO`] server, each reconnecting
@@ -177,12 +189,8 @@ paths = ["."]
 workers = 1
 [admin]
 listen = "127.0.0.1:{admin}"
-[[tcp.server]]
-name = "who"
-listen = "127.0.0.1:{port}"
-framing = "line"
-handler = "h:who"
-"#
+{}"#,
+        who_server(port)
     ));
     let mut d = Daemon::start(&cfg, &[]);
     d.wait_ready();
@@ -309,12 +317,8 @@ format = "json"
 [python]
 paths = ["."]
 workers = 1
-[[tcp.server]]
-name = "who"
-listen = "127.0.0.1:{port}"
-framing = "line"
-handler = "h:who"
-"#
+{}"#,
+        who_server(port)
     ));
     let mut d = Daemon::start(&cfg, &[]);
     d.wait_ready();
@@ -484,12 +488,8 @@ workers = 1
 name = "maybe"
 run = "crash:maybe_die"
 processes = "all"
-[[tcp.server]]
-name = "who"
-listen = "127.0.0.1:{port}"
-framing = "line"
-handler = "h:who"
-"#
+{}"#,
+        who_server(port)
     ));
     let mut d = Daemon::start(&cfg, &[]);
     d.wait_ready();
@@ -547,12 +547,8 @@ handler = "h:who"
 
 /// Connects, asks `line`, and returns the open connection with the index
 /// of the worker that answered.
-fn hold(port: u16, line: &str) -> (TcpStream, String) {
-    let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    (&s).write_all(format!("{line}\n").as_bytes()).unwrap();
-    let mut reply = String::new();
-    BufReader::new(&s).read_line(&mut reply).unwrap();
+fn held_by(port: u16, line: &str) -> (TcpStream, String) {
+    let (s, reply) = hold(port, line);
     let worker = reply.split(':').next().unwrap().to_string();
     (s, worker)
 }
@@ -567,19 +563,15 @@ fn a_restarted_worker_counts_its_connections_from_zero() {
 [python]
 paths = ["."]
 workers = 1
-[[tcp.server]]
-name = "who"
-listen = "127.0.0.1:{port}"
-framing = "line"
-handler = "h:who"
-"#
+{}"#,
+        who_server(port)
     ));
     let mut d = Daemon::start(&cfg, &[]);
     d.wait_ready();
     // 20 connections, one after another: the balancing splits them. Worker
     // 0's are closed, so worker 1 holds about ten and worker 0 none.
     let (on_0, held): (Vec<_>, Vec<_>) = (0..20)
-        .map(|i| hold(port, &format!("a{i}")))
+        .map(|i| held_by(port, &format!("a{i}")))
         .partition(|(_, w)| w == "0");
     let on_1 = held.len();
     assert!((5..=15).contains(&on_1), "worker 1 holds {on_1} of 20");
@@ -596,7 +588,7 @@ handler = "h:who"
     );
     // Both start from zero: the next ten are shared (about five each;
     // with the dead worker's count, worker 1 took none to two of them).
-    let fresh: Vec<_> = (0..10).map(|i| hold(port, &format!("b{i}"))).collect();
+    let fresh: Vec<_> = (0..10).map(|i| held_by(port, &format!("b{i}"))).collect();
     let to_1 = fresh.iter().filter(|(_, w)| w == "1").count();
     assert!(
         to_1 >= 3,
@@ -713,12 +705,8 @@ workers = 1
 [[python.task]]
 name = "beat"
 run = "t:beat"
-[[tcp.server]]
-name = "who"
-listen = "127.0.0.1:{port}"
-framing = "line"
-handler = "h:who"
-"#
+{}"#,
+        who_server(port)
     );
     let cfg = sc.config(&text);
     let text = std::fs::read_to_string(&cfg).unwrap();
@@ -807,12 +795,8 @@ name = "beat"
 run = "t:beat"
 [admin]
 listen = "127.0.0.1:{admin}"
-[[tcp.server]]
-name = "who"
-listen = "127.0.0.1:{port}"
-framing = "line"
-handler = "h:who"
-"#
+{}"#,
+        who_server(port)
     ));
     let mut d = Daemon::start(&cfg, &[]);
     d.wait_ready();

@@ -76,45 +76,50 @@ impl Lines {
 
     /// Waits until a line contains every one of `parts`; panics with the log on timeout.
     pub fn wait_for(&self, parts: &[&str], timeout: Duration) -> String {
-        let (lock, cv) = &*self.0;
-        let deadline = Instant::now() + timeout;
-        let mut lines = lock.lock().unwrap();
-        loop {
-            if let Some(l) = lines.iter().find(|l| parts.iter().all(|p| l.contains(p))) {
-                return l.clone();
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                panic!(
-                    "no log line with {parts:?} within {timeout:?}; log:\n{}",
-                    lines.join("\n")
-                );
-            }
-            lines = cv.wait_timeout(lines, deadline - now).unwrap().0;
-        }
+        self.wait_until(timeout, &format!("no log line with {parts:?}"), |lines| {
+            lines
+                .iter()
+                .find(|l| parts.iter().all(|p| l.contains(p)))
+                .cloned()
+        })
     }
 
     /// Waits until `n` lines contain every one of `parts` (the log is read
     /// by a thread of its own, so a line the daemon wrote may arrive late);
     /// panics with the log on timeout.
     pub fn wait_count(&self, parts: &[&str], n: usize, timeout: Duration) {
+        self.wait_until(
+            timeout,
+            &format!("not {n} log lines with {parts:?}"),
+            |lines| {
+                let seen = lines
+                    .iter()
+                    .filter(|l| parts.iter().all(|p| l.contains(p)))
+                    .count();
+                (seen >= n).then_some(())
+            },
+        );
+    }
+
+    /// Waits until `found` returns something for the lines so far, waking
+    /// on each new line; panics with `missing` and the log on timeout.
+    fn wait_until<R>(
+        &self,
+        timeout: Duration,
+        missing: &str,
+        mut found: impl FnMut(&[String]) -> Option<R>,
+    ) -> R {
         let (lock, cv) = &*self.0;
         let deadline = Instant::now() + timeout;
         let mut lines = lock.lock().unwrap();
         loop {
-            let seen = lines
-                .iter()
-                .filter(|l| parts.iter().all(|p| l.contains(p)))
-                .count();
-            if seen >= n {
-                return;
+            if let Some(r) = found(&lines) {
+                return r;
             }
             let now = Instant::now();
-            assert!(
-                now < deadline,
-                "{seen} of {n} log lines with {parts:?} within {timeout:?}; log:\n{}",
-                lines.join("\n")
-            );
+            if now >= deadline {
+                panic!("{missing} within {timeout:?}; log:\n{}", lines.join("\n"));
+            }
             lines = cv.wait_timeout(lines, deadline - now).unwrap().0;
         }
     }
