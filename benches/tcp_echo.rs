@@ -17,11 +17,15 @@
 //! (`--io-threads N --workers N` set pyipcd's `daemon.io_threads` / `python.workers`;
 //! `--only A,B` / `--row TEXT` keep the servers / rows whose name contains one of them;
 //! `--no-unix` leaves out the Unix-socket servers;
+//! `--against PATH` adds pyipcd's TCP servers from another build, `PATH`,
+//! to compare builds in the same run; `--sched-slice V` sets
+//! `daemon.sched_slice` for this tree's servers only;
 //! The last column is the CPU time the server process used per message
 //! (`/proc/PID/stat`, 10 ms ticks: use rows of several seconds), which on a
 //! busy host decides how often its wake-ups win a core.
 //! `--interleave K` measures each row in K slices, the servers taking turns
-//! slice by slice, so that a noisy host's swings fall on every server alike).
+//! slice by slice, each slice starting one server further on, so that a
+//! noisy host's swings fall on every server alike).
 
 use std::net::SocketAddr;
 use std::process::Child;
@@ -64,9 +68,13 @@ impl Drop for Server {
 
 /// pyipcd with `dispatch = "pool"` (the default) or `"inline"`, on TCP
 /// loopback or (`unix`) on a Unix socket in `dir`.
-fn pyipcd_server(dir: &std::path::Path, dispatch: &str, unix: bool) -> Server {
+/// A pyipcd server with `dispatch`, on TCP or a Unix socket, from this
+/// tree's release binary (or `--bin`), or from `other`, another build
+/// (`--against`), whose rows are marked with its path.
+fn pyipcd_server(dir: &std::path::Path, dispatch: &str, unix: bool, other: Option<&str>) -> Server {
     let port = free_port();
-    let sock = dir.join(format!("bench-{dispatch}.sock"));
+    let tag = if other.is_some() { "-other" } else { "" };
+    let sock = dir.join(format!("bench-{dispatch}{tag}.sock"));
     let listen = if unix {
         format!("unix:{}", sock.display())
     } else {
@@ -79,11 +87,17 @@ fn pyipcd_server(dir: &std::path::Path, dispatch: &str, unix: bool) -> Server {
         format!("[admin]\nlisten = \"127.0.0.1:{p}\"\n")
     });
     let root = env!("CARGO_MANIFEST_DIR");
-    let cfg = dir.join(format!("bench-{dispatch}-{unix}.toml"));
+    // `--sched-slice V`: `daemon.sched_slice` for this tree's servers (a
+    // build from before the setting would refuse the key).
+    let slice = match (arg_text("--sched-slice"), other) {
+        (Some(v), None) => format!("sched_slice = \"{v}\"\n"),
+        _ => String::new(),
+    };
+    let cfg = dir.join(format!("bench-{dispatch}-{unix}{tag}.toml"));
     std::fs::write(
         &cfg,
         format!(
-            "[log]\nlevel = \"warn\"\n{admin}[daemon]\nio_threads = {}\n[python]\npaths = [\"{root}/python\"]\nworkers = {}\nspin = \"{}us\"\ncaller_polls = {}\n\
+            "[log]\nlevel = \"warn\"\n{admin}[daemon]\nio_threads = {}\n{slice}[python]\npaths = [\"{root}/python\"]\nworkers = {}\nspin = \"{}us\"\ncaller_polls = {}\n\
              [[tcp.server]]\nname = \"bench\"\nlisten = \"{listen}\"\nframing = \"len32\"\nhandler = \"handlers:echo\"\n\
              max_message = \"1MiB\"\npipeline = 64\ndispatch = \"{dispatch}\"\n",
             arg("--io-threads", 1.0) as usize,
@@ -93,7 +107,10 @@ fn pyipcd_server(dir: &std::path::Path, dispatch: &str, unix: bool) -> Server {
         ),
     )
     .unwrap();
-    let child = daemon::spawn_release(&cfg);
+    let child = match other {
+        Some(bin) => daemon::spawn_binary(bin, &cfg),
+        None => daemon::spawn_release(&cfg),
+    };
     let addr = if unix {
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::os::unix::net::UnixStream::connect(&sock).is_err() {
@@ -111,16 +128,20 @@ fn pyipcd_server(dir: &std::path::Path, dispatch: &str, unix: bool) -> Server {
         Addr::Tcp(addr)
     };
     let kind = if unix { "Unix socket" } else { "TCP" };
+    let mut name = if dispatch == "inline" {
+        format!("pyipcd inline, {kind} (role's own GIL thread)")
+    } else {
+        format!(
+            "pyipcd pool, {kind} ({} io + {} GIL thread)",
+            arg("--io-threads", 1.0),
+            arg("--workers", 1.0)
+        )
+    };
+    if let Some(bin) = other {
+        name = format!("{name} [{bin}]");
+    }
     Server {
-        name: if dispatch == "inline" {
-            format!("pyipcd inline, {kind} (role's own GIL thread)")
-        } else {
-            format!(
-                "pyipcd pool, {kind} ({} io + {} GIL thread)",
-                arg("--io-threads", 1.0),
-                arg("--workers", 1.0)
-            )
-        },
+        name,
         addr,
         child: Some(child),
         admin: admin_port.map(|p| SocketAddr::from(([127, 0, 0, 1], p))),
@@ -231,12 +252,18 @@ fn main() {
     });
 
     let mut servers = vec![
-        pyipcd_server(dir.path(), "pool", false),
-        pyipcd_server(dir.path(), "inline", false),
+        pyipcd_server(dir.path(), "pool", false, None),
+        pyipcd_server(dir.path(), "inline", false, None),
     ];
+    // `--against PATH`: the same TCP servers from another build, measured
+    // in the same run (interleaved too, with `--interleave`).
+    if let Some(other) = arg_text("--against") {
+        servers.push(pyipcd_server(dir.path(), "pool", false, Some(&other)));
+        servers.push(pyipcd_server(dir.path(), "inline", false, Some(&other)));
+    }
     if !std::env::args().any(|a| a == "--no-unix") {
-        servers.push(pyipcd_server(dir.path(), "pool", true));
-        servers.push(pyipcd_server(dir.path(), "inline", true));
+        servers.push(pyipcd_server(dir.path(), "pool", true, None));
+        servers.push(pyipcd_server(dir.path(), "inline", true, None));
     }
     servers.extend(python_server(false));
     servers.extend(python_server(true));
@@ -325,7 +352,10 @@ fn main() {
         let mut cpu: Vec<f64> = vec![0.0; servers.len()];
         for slice in 0..slices {
             let warm_up = Duration::from_millis(if slice == 0 { 500 } else { 200 });
-            for (i, (server, (total, hist))) in servers.iter().zip(results.iter_mut()).enumerate() {
+            // Each slice starts one server further on: whoever runs first
+            // after a pause (or right after a given other) has no fixed seat.
+            for i in (0..servers.len()).map(|k| (k + slice) % servers.len()) {
+                let (server, (total, hist)) = (&servers[i], &mut results[i]);
                 let before = server.admin.filter(|_| metrics).map(pool_counters);
                 let pids: Vec<u32> = server.child.iter().map(Child::id).collect();
                 let slice = seconds / slices as f64;

@@ -15,6 +15,14 @@ pub fn spawn_release(config: &Path) -> Child {
     let bin = crate::args::arg_text("--bin").unwrap_or_else(|| {
         concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/pyipcd").to_string()
     });
+    spawn_binary(&bin, config)
+}
+
+/// Starts `bin run -c config` as [`spawn_release`] does.
+///
+/// # Panics
+/// If `bin` cannot be started.
+pub fn spawn_binary(bin: &str, config: &Path) -> Child {
     Command::new(bin)
         .args(["run", "-c"])
         .arg(config)
@@ -25,7 +33,9 @@ pub fn spawn_release(config: &Path) -> Child {
             Stdio::null()
         })
         .spawn()
-        .expect("build the release binary first: cargo build --release")
+        .unwrap_or_else(|e| {
+            panic!("cannot start {bin} (build it first: cargo build --release): {e}")
+        })
 }
 
 /// Waits (up to 20 s) until something accepts connections on `addr`.
