@@ -25,7 +25,8 @@
 //! busy host decides how often its wake-ups win a core.
 //! `--interleave K` measures each row in K slices, the servers taking turns
 //! slice by slice, each slice starting one server further on, so that a
-//! noisy host's swings fall on every server alike).
+//! noisy host's swings fall on every server alike; `--restart` also starts
+//! every server process afresh for each slice).
 
 use std::net::SocketAddr;
 use std::process::Child;
@@ -55,6 +56,24 @@ struct Server {
     child: Option<Child>,
     /// pyipcd's admin endpoint (`--metrics` prints its pool counters).
     admin: Option<SocketAddr>,
+    /// Starts the server again, a new process on the same TCP address
+    /// (`--restart`); `None` for the in-process ceiling and Unix sockets.
+    again: Option<Box<dyn Fn() -> Child>>,
+}
+
+impl Server {
+    /// Replaces the server's process with a fresh one, if it has one.
+    fn restart(&mut self) {
+        let (Some(again), Addr::Tcp(addr)) = (&self.again, &self.addr) else {
+            return;
+        };
+        if let Some(mut old) = self.child.take() {
+            let _ = old.kill();
+            let _ = old.wait();
+        }
+        self.child = Some(again());
+        daemon::wait_listening(*addr);
+    }
 }
 
 impl Drop for Server {
@@ -66,8 +85,6 @@ impl Drop for Server {
     }
 }
 
-/// pyipcd with `dispatch = "pool"` (the default) or `"inline"`, on TCP
-/// loopback or (`unix`) on a Unix socket in `dir`.
 /// A pyipcd server with `dispatch`, on TCP or a Unix socket, from this
 /// tree's release binary (or `--bin`), or from `other`, another build
 /// (`--against`), whose rows are marked with its path.
@@ -107,10 +124,12 @@ fn pyipcd_server(dir: &std::path::Path, dispatch: &str, unix: bool, other: Optio
         ),
     )
     .unwrap();
-    let child = match other {
+    let bin = other.map(str::to_string);
+    let again = move || match &bin {
         Some(bin) => daemon::spawn_binary(bin, &cfg),
         None => daemon::spawn_release(&cfg),
     };
+    let child = again();
     let addr = if unix {
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::os::unix::net::UnixStream::connect(&sock).is_err() {
@@ -145,6 +164,7 @@ fn pyipcd_server(dir: &std::path::Path, dispatch: &str, unix: bool, other: Optio
         addr,
         child: Some(child),
         admin: admin_port.map(|p| SocketAddr::from(([127, 0, 0, 1], p))),
+        again: Some(Box::new(again)),
     }
 }
 
@@ -168,6 +188,9 @@ fn pool_counters(admin: SocketAddr) -> Vec<(String, f64)> {
 
 fn python_server(uvloop: bool) -> Option<Server> {
     let (child, addr) = python_echo::spawn_python_echo(uvloop, 4096)?;
+    let again = move || {
+        python_echo::spawn_python_echo_on(addr.port(), uvloop, 4096, &[]).expect("it started once")
+    };
     Some(Server {
         name: if uvloop {
             "uvloop Protocol + Python echo".into()
@@ -177,6 +200,7 @@ fn python_server(uvloop: bool) -> Option<Server> {
         addr: Addr::Tcp(addr),
         child: Some(child),
         admin: None,
+        again: Some(Box::new(again)),
     })
 }
 
@@ -272,6 +296,7 @@ fn main() {
         addr: Addr::Tcp(rust_addr),
         child: None,
         admin: None,
+        again: None,
     });
     if !std::env::args().any(|a| a == "--no-unix") {
         let path = dir.path().join("ceiling.sock");
@@ -291,6 +316,7 @@ fn main() {
             addr: Addr::Unix(path),
             child: None,
             admin: None,
+            again: None,
         });
     }
     let rows = [
@@ -342,6 +368,7 @@ fn main() {
     // `--interleave K`: K slices per row, servers taking turns (a shorter
     // warm-up per slice: the servers are warm after the first).
     let slices = (arg("--interleave", 1.0) as usize).max(1);
+    let restart = std::env::args().any(|a| a == "--restart");
     for row in rows.iter().filter(|r| r.label.contains(&row_filter)) {
         let seconds = seconds.max(row.min_seconds);
         let mut results: Vec<(u64, Histogram<u64>)> = servers
@@ -351,7 +378,14 @@ fn main() {
         // CPU seconds each server process used while measured (none for the in-process ceiling).
         let mut cpu: Vec<f64> = vec![0.0; servers.len()];
         for slice in 0..slices {
-            let warm_up = Duration::from_millis(if slice == 0 { 500 } else { 200 });
+            // `--restart`: fresh server processes for every slice after the
+            // first, so that what one process happened to get (its threads'
+            // CPUs, its memory layout) is averaged over the slices too.
+            let fresh = restart && slice > 0;
+            if fresh {
+                servers.iter_mut().for_each(Server::restart);
+            }
+            let warm_up = Duration::from_millis(if slice == 0 || fresh { 500 } else { 200 });
             // Each slice starts one server further on: whoever runs first
             // after a pause (or right after a given other) has no fixed seat.
             for i in (0..servers.len()).map(|k| (k + slice) % servers.len()) {
