@@ -182,24 +182,12 @@ impl PlainPool {
     }
 }
 
-/// The callers' runtime, built as the daemon builds its I/O runtime: one
-/// I/O thread gets a current-thread runtime, more a multi-thread one.
-fn io_runtime(threads: usize) -> tokio::runtime::Runtime {
-    let mut builder = if threads <= 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(threads);
-        b
-    };
-    builder.enable_all().build().unwrap()
-}
-
 fn main() {
     let seconds = arg("--seconds", 2.0);
     let workers = arg("--workers", 2.0) as usize;
     pyipcd::py::init(&[], &Default::default()).unwrap();
-    let rt = io_runtime(arg("--io-threads", 2.0) as usize);
+    // The callers' runtime is the daemon's I/O runtime.
+    let rt = pyipcd::daemon::io_runtime(arg("--io-threads", 2.0) as usize).unwrap();
     let only_pool = std::env::args().any(|a| a == "--only-pool");
     // `--busy N`: N CPU-bound processes beside the bench.
     let busy = arg("--busy", 0.0) as usize;

@@ -56,8 +56,9 @@ struct Server {
     child: Option<Child>,
     /// pyipcd's admin endpoint (`--metrics` prints its pool counters).
     admin: Option<SocketAddr>,
-    /// Starts the server again, a new process on the same TCP address
-    /// (`--restart`); `None` for the in-process ceiling and Unix sockets.
+    /// Starts the server again, a new process on the same address
+    /// (`--restart`, which restarts servers on TCP only); `None` for the
+    /// in-process ceilings.
     again: Option<Box<dyn Fn() -> Child>>,
 }
 

@@ -421,7 +421,7 @@ async fn futures_join<F: Future<Output = ()>>(futs: impl Iterator<Item = F>) {
 /// one-worker multi-thread runtime overflows its 256-task local queue into a
 /// global queue polled only every 61 tasks, which starved some of 1000 busy
 /// connections (C=1000 p99 145 ms, now 75: docs/PERFORMANCE.md, issue 13).
-fn io_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+pub fn io_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = if threads <= 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
