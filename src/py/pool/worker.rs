@@ -241,11 +241,14 @@ pub(crate) fn worker_main(shared: &Shared, idx: usize) {
             }
             while let Some((job, quota)) = shared.next_job() {
                 seq += 1;
-                slot.timed(seq, || run_job(py, shared, slot, job));
+                let reply = slot.timed(seq, || run_job(py, shared, slot, job));
                 if let Some(q) = quota {
                     q.leave();
                 }
                 shared.progress.fetch_add(1, Ordering::Release);
+                // Only now: a caller that has its reply finds the call over
+                // (in `/health`, and in its role's quota for its next call).
+                reply.send();
             }
             shared.active.fetch_sub(1, Ordering::SeqCst);
         }
@@ -261,7 +264,26 @@ fn note_role(slot: &WorkerSlot, handler: &Handler) {
     }
 }
 
-fn run_job(py: Python<'_>, shared: &Shared, slot: &WorkerSlot, job: Job) {
+/// A finished job's reply, not yet sent.
+enum Reply {
+    Call(oneshot::Sender<Invoked>, Invoked),
+    Batch(oneshot::Sender<Vec<Invoked>>, Vec<Invoked>),
+    None,
+}
+
+impl Reply {
+    /// Hands the reply to its caller. A caller that gave up dropped its
+    /// receiver; the reply is then dropped here, under the GIL.
+    fn send(self) {
+        match self {
+            Reply::Call(to, invoked) => drop(to.send(invoked)),
+            Reply::Batch(to, results) => drop(to.send(results)),
+            Reply::None => {}
+        }
+    }
+}
+
+fn run_job(py: Python<'_>, shared: &Shared, slot: &WorkerSlot, job: Job) -> Reply {
     match job {
         Job::Call {
             handler,
@@ -278,8 +300,7 @@ fn run_job(py: Python<'_>, shared: &Shared, slot: &WorkerSlot, job: Job) {
                 handler.speed.record(t.elapsed(), 1);
             }
             shared.stats.add(1, raised(std::slice::from_ref(&invoked)));
-            // A caller that gave up dropped its receiver; the reply is dropped here, under the GIL.
-            let _ = reply.send(invoked);
+            Reply::Call(reply, invoked)
         }
         Job::Batch {
             handler,
@@ -299,10 +320,11 @@ fn run_job(py: Python<'_>, shared: &Shared, slot: &WorkerSlot, job: Job) {
                 handler.speed.record(t.elapsed(), payloads.len());
             }
             shared.stats.add(results.len(), raised(&results));
-            let _ = reply.send(results);
+            Reply::Batch(reply, results)
         }
         Job::Run(f) => {
             f(py);
+            Reply::None
         }
     }
 }
