@@ -203,6 +203,7 @@ fn main() {
     config.io_threads = arg("--io-threads", 2.0) as usize;
     config.spin = Duration::from_micros(arg("--spin-us", config.spin.as_micros() as f64) as u64);
     let pool = GilPool::start(&config).unwrap();
+    pool.watch_io_runtime(rt.metrics());
     let handler = Arc::new(Python::attach(|py| {
         Handler::from_callable(py, "bench", "bench_handlers:echo", echo(py)).unwrap()
     }));

@@ -26,7 +26,10 @@
 //! `--interleave K` measures each row in K slices, the servers taking turns
 //! slice by slice, each slice starting one server further on, so that a
 //! noisy host's swings fall on every server alike; `--restart` also starts
-//! every server process afresh for each slice).
+//! every server process afresh for each slice). With slices, each pyipcd
+//! server is also compared with uvloop slice by slice (the two ran within
+//! seconds of each other): in how many slices it made at least uvloop's
+//! msg/s, and had at most its p99.
 
 use std::net::SocketAddr;
 use std::process::Child;
@@ -378,6 +381,8 @@ fn main() {
             .collect();
         // CPU seconds each server process used while measured (none for the in-process ceiling).
         let mut cpu: Vec<f64> = vec![0.0; servers.len()];
+        // Per server, per slice: msg/s and p99 µs.
+        let mut by_slice: Vec<Vec<(f64, f64)>> = vec![Vec::new(); servers.len()];
         for slice in 0..slices {
             // `--restart`: fresh server processes for every slice after the
             // first, so that what one process happened to get (its threads'
@@ -397,6 +402,10 @@ fn main() {
                 let (msgs, h, used) =
                     load.block_on(drive_timed(&server.addr, row, warm_up, slice, &pids));
                 cpu[i] += used;
+                by_slice[i].push((
+                    msgs as f64 / slice,
+                    h.value_at_quantile(0.99) as f64 / 1000.0,
+                ));
                 *total += msgs;
                 hist.add(h).unwrap();
                 if let (Some(admin), Some(before)) = (server.admin, before) {
@@ -432,5 +441,32 @@ fn main() {
                 hist.value_at_quantile(0.99) as f64 / 1000.0
             );
         }
+        if slices > 1 {
+            paired_with_uvloop(row.label, &servers, &by_slice);
+        }
+    }
+}
+
+/// Prints, for each pyipcd server, how it fared against uvloop slice by
+/// slice (`by_slice`: per server, per slice, msg/s and p99).
+fn paired_with_uvloop(label: &str, servers: &[Server], by_slice: &[Vec<(f64, f64)>]) {
+    let Some(uvloop) = servers.iter().position(|s| s.name.starts_with("uvloop")) else {
+        return;
+    };
+    for (server, slices) in servers.iter().zip(by_slice) {
+        if !server.name.starts_with("pyipcd") {
+            continue;
+        }
+        let pairs: Vec<_> = slices.iter().zip(&by_slice[uvloop]).collect();
+        let faster = pairs.iter().filter(|(a, b)| a.0 >= b.0).count();
+        let tail = pairs.iter().filter(|(a, b)| a.1 <= b.1).count();
+        let mut ratios: Vec<f64> = pairs.iter().map(|(a, b)| a.0 / b.0.max(1.0)).collect();
+        ratios.sort_by(f64::total_cmp);
+        eprintln!(
+            "  {label}, {} vs uvloop: msg/s at or above in {faster} of {n} slices (median ratio {:.2}), p99 at or below in {tail} of {n}",
+            server.name,
+            ratios[ratios.len() / 2],
+            n = pairs.len()
+        );
     }
 }

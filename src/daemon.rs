@@ -443,6 +443,7 @@ pub fn run(config: Config, python_log_level: u32) -> Result<i32, Error> {
     let mut signals = runtime.block_on(async { crate::shutdown::Signals::register() })?;
     crate::shutdown::exit_on_second_signal()?;
     let daemon = Daemon::start(config, python_log_level)?;
+    daemon.pool().watch_io_runtime(runtime.metrics());
     // The runtime is driven from a thread named like the I/O threads (with
     // one I/O thread it is the I/O thread), not Python's main thread.
     let io = std::thread::Builder::new()

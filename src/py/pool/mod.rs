@@ -426,6 +426,12 @@ impl GilPool {
         self.shared.spin_gate.shuts.load(Ordering::Relaxed)
     }
 
+    /// Lets the spin gate watch how busy the I/O runtime that makes this
+    /// pool's calls is (see `spin_gate`).
+    pub fn watch_io_runtime(&self, metrics: tokio::runtime::RuntimeMetrics) {
+        self.shared.spin_gate.watch_io(metrics);
+    }
+
     /// Sets how many pool threads `role`'s calls may occupy at once
     /// (`max_in_flight`; `None`: `workers - 1`, at least 1).
     pub fn set_max_in_flight(&self, role: &str, cap: Option<usize>) {

@@ -14,6 +14,15 @@
 //!   gate shuts above `cores + ¼` (a thread waits for a core even without
 //!   the spinners) and opens again below `cores − ¾` (a core is free).
 //!
+//! - the I/O threads have no time to spare (tokio's count of the time they
+//!   spend running tasks, over 90% since the last sample, smoothed) and the
+//!   count is above `cores − ¼`: then every thread besides the spinner
+//!   (the I/O thread and, on a test host, the clients) takes a core of its
+//!   own, and a spinning worker only takes time from them. A lone caller's
+//!   I/O thread waits for its client between messages, so this signal
+//!   leaves it alone; with the clients on other hosts the count stays
+//!   lower, so a saturated I/O thread still hands work off to a free core.
+//!
 //! The host-wide count means nothing to a process held to fewer CPUs than
 //! the host has (affinity, a cgroup quota, a container): there only the
 //! first signal applies (logged at start).
@@ -27,8 +36,8 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// How often the runnable count is sampled while calls flow.
@@ -38,6 +47,8 @@ pub(crate) const SAMPLE_EVERY: Duration = Duration::from_millis(5);
 pub(crate) const CHECK_EVERY: u32 = 32;
 /// Fixed-point scale of the smoothed runnable count.
 const SCALE: u32 = 256;
+/// The I/O threads' busy share (times [`SCALE`]) from which they count as saturated: 90%.
+const SATURATED: u32 = SCALE * 9 / 10;
 
 thread_local! {
     /// This thread's calls to [`SpinGate::allows`], for [`CHECK_EVERY`].
@@ -57,6 +68,13 @@ pub(crate) struct SpinGate {
     loadavg: Mutex<Option<File>>,
     /// Smoothed threads doing work on the host, times [`SCALE`].
     working: AtomicU32,
+    /// The I/O runtime, whose threads' busy time says whether they are saturated.
+    io: OnceLock<tokio::runtime::RuntimeMetrics>,
+    /// The I/O threads' busy nanoseconds, and when, at the last sample.
+    io_busy_total: AtomicU64,
+    io_busy_at: AtomicU64,
+    /// Smoothed share of their time the I/O threads were busy, times [`SCALE`].
+    io_busy: AtomicU32,
     /// No core free: nobody spins.
     shut: AtomicBool,
     /// Pool workers spinning for work now. (Callers re-polling for a reply
@@ -98,6 +116,10 @@ impl SpinGate {
                     .flatten(),
             ),
             working: AtomicU32::new(0),
+            io: OnceLock::new(),
+            io_busy_total: AtomicU64::new(0),
+            io_busy_at: AtomicU64::new(0),
+            io_busy: AtomicU32::new(0),
             shut: AtomicBool::new(false),
             spinners: AtomicUsize::new(0),
             shuts: AtomicU64::new(0),
@@ -119,6 +141,13 @@ impl SpinGate {
         !self.shut.load(Ordering::Relaxed)
     }
 
+    /// Watches the I/O runtime whose threads make the pool's calls (see the
+    /// module docs); without it only the runnable count and the thread
+    /// count apply. The first runtime given stays.
+    pub(crate) fn watch_io(&self, metrics: tokio::runtime::RuntimeMetrics) {
+        let _ = self.io.set(metrics);
+    }
+
     /// Samples the runnable count if the last sample is [`SAMPLE_EVERY`] old.
     fn maybe_sample(&self, about_to_spin: impl FnOnce() -> bool) {
         let now = nanos(self.epoch.elapsed());
@@ -137,6 +166,9 @@ impl SpinGate {
         {
             let spinning = self.spinners.load(Ordering::Relaxed) + usize::from(about_to_spin());
             let own = u32::try_from(spinning).unwrap_or(u32::MAX);
+            if let Some(busy) = self.io_busy_since_last(now) {
+                self.observe_io(busy);
+            }
             self.observe(runnable.saturating_sub(own));
         }
     }
@@ -144,6 +176,28 @@ impl SpinGate {
     /// Counts the calling thread as spinning until the guard drops.
     pub(crate) fn spinning(&self) -> Counted<'_> {
         Counted::new(&self.spinners)
+    }
+
+    /// The I/O threads' busy share (times [`SCALE`]) since the last call,
+    /// `at` nanoseconds after `epoch`; `None` on the first call or unwatched.
+    fn io_busy_since_last(&self, at: u64) -> Option<u32> {
+        let m = self.io.get()?;
+        let threads = m.num_workers();
+        let busy: u64 = (0..threads)
+            .map(|w| nanos(m.worker_total_busy_duration(w)))
+            .sum();
+        let before = self.io_busy_total.swap(busy, Ordering::Relaxed);
+        let then = self.io_busy_at.swap(at, Ordering::Relaxed);
+        let span = at.checked_sub(then).filter(|d| then > 0 && *d > 0)?;
+        let share = busy.saturating_sub(before).saturating_mul(u64::from(SCALE))
+            / span.saturating_mul(threads.max(1) as u64);
+        Some(u32::try_from(share).unwrap_or(SCALE).min(SCALE))
+    }
+
+    /// Folds one busy share of the I/O threads (times [`SCALE`]) into the state.
+    fn observe_io(&self, share: u32) {
+        let old = self.io_busy.load(Ordering::Relaxed);
+        self.io_busy.store((old * 7 + share) / 8, Ordering::Relaxed);
     }
 
     /// Folds one count of threads doing work (runnable, less this pool's
@@ -155,7 +209,8 @@ impl SpinGate {
         self.working.store(avg, Ordering::Relaxed);
         let shut = self.shut.load(Ordering::Relaxed);
         let cores = self.cores * SCALE;
-        if !shut && avg > cores + SCALE / 4 {
+        let saturated = self.io_busy.load(Ordering::Relaxed) >= SATURATED;
+        if !shut && (avg > cores + SCALE / 4 || (saturated && avg > cores - SCALE / 4)) {
             self.shut.store(true, Ordering::Relaxed);
             self.shuts.fetch_add(1, Ordering::Relaxed);
         } else if shut && avg < cores - SCALE * 3 / 4 {
@@ -268,6 +323,63 @@ mod tests {
         }
         g.observe(4);
         assert!(!g.shut.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn saturated_io_threads_shut_it_a_quarter_below_the_cores() {
+        let g = gate(2);
+        for _ in 0..32 {
+            g.observe_io(SCALE / 2);
+            g.observe(2);
+        }
+        assert!(!g.shut.load(Ordering::Relaxed), "I/O half busy: open");
+        for _ in 0..32 {
+            g.observe_io(SCALE);
+            g.observe(1);
+        }
+        assert!(
+            !g.shut.load(Ordering::Relaxed),
+            "saturated, but a core free for the spinner: open"
+        );
+        for _ in 0..32 {
+            g.observe_io(SCALE);
+            g.observe(2);
+        }
+        assert!(
+            g.shut.load(Ordering::Relaxed),
+            "saturated, no core free: shut"
+        );
+    }
+
+    #[test]
+    fn the_io_busy_share_comes_from_the_runtime() {
+        let g = gate(2);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        g.watch_io(rt.metrics());
+        assert_eq!(g.io_busy_since_last(1), None, "no earlier sample");
+        let start = Instant::now();
+        rt.block_on(async {
+            // Busy: a task that runs for 30 ms (as a call made here does).
+            tokio::spawn(async move {
+                while start.elapsed() < Duration::from_millis(30) {
+                    std::hint::spin_loop();
+                }
+            })
+            .await
+            .unwrap();
+            // Idle: parked in the driver.
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        });
+        let share = g
+            .io_busy_since_last(nanos(start.elapsed()) + 1)
+            .expect("a second sample");
+        assert!(
+            share > SCALE / 8 && share < SCALE * 7 / 8,
+            "about half busy: {share}/{SCALE}"
+        );
     }
 
     #[test]
