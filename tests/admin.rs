@@ -84,6 +84,61 @@ fn metrics_move_with_traffic_and_health_follows_the_pool() {
     assert_eq!(d.wait_exit(T).code(), Some(0));
 }
 
+/// CPUs online on this host (`/sys/devices/system/cpu/online`, e.g. `0-1,3`).
+fn online_cpus() -> usize {
+    let list = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
+    list.trim()
+        .split(',')
+        .filter_map(|r| match r.split_once('-') {
+            Some((a, b)) => Some(b.parse::<usize>().ok()? + 1 - a.parse::<usize>().ok()?),
+            None => r.parse::<usize>().ok().map(|_| 1),
+        })
+        .sum()
+}
+
+#[test]
+fn the_spin_gate_sees_how_busy_the_io_thread_is() {
+    // The gate samples only where the pool may spin (pool and I/O threads no
+    // more than the cores) and the host's runnable count means something
+    // (this process may use every CPU).
+    let cores = std::thread::available_parallelism().unwrap().get();
+    if cores < 2 || cores != online_cpus() {
+        eprintln!(
+            "skipped: {cores} usable of {} CPUs, the gate never samples",
+            online_cpus()
+        );
+        return;
+    }
+    let s = Scenario::new();
+    s.write("h.py", "def handle(data):\n    return data\n");
+    let admin = free_port();
+    let cfg = s.config(&format!(
+        "[admin]\nlisten = \"127.0.0.1:{admin}\"\n[python]\npaths = [\".\"]\nworkers = 1\n\
+         [[tcp.server]]\nname = \"srv\"\nlisten = \"127.0.0.1:0\"\nframing = \"line\"\nhandler = \"h:handle\"\n"
+    ));
+    let mut d = Daemon::start(&cfg, &[]);
+    d.wait_ready();
+    d.lines.wait_for(&["admin endpoint listening"], T);
+    let conn = TcpStream::connect(("127.0.0.1", d.listening_port("srv"))).unwrap();
+    conn.set_read_timeout(Some(T)).unwrap();
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut w = conn;
+    // Calls flowing for a second: the gate samples every 5 ms meanwhile.
+    let start = std::time::Instant::now();
+    let mut line = String::new();
+    while start.elapsed() < Duration::from_secs(1) {
+        writeln!(w, "ping").unwrap();
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        assert_eq!(line, "ping\n");
+    }
+    let (_, body) = get(admin, "/metrics");
+    let busy = metric(&body, "pyipcd_pool_io_busy_percent");
+    assert!(busy > 0.0 && busy <= 100.0, "{busy}: {body}");
+    d.signal("TERM");
+    assert_eq!(d.wait_exit(T).code(), Some(0));
+}
+
 #[test]
 fn a_disconnected_client_role_makes_health_503() {
     let s = Scenario::new();
@@ -140,6 +195,7 @@ const FAMILIES: &[(&str, &str, &[&str])] = &[
     ("pyipcd_pool_spin_gate_shuts_total", "counter", &[]),
     ("pyipcd_pool_queue_depth", "gauge", &[]),
     ("pyipcd_pool_busy_threads", "gauge", &[]),
+    ("pyipcd_pool_io_busy_percent", "gauge", &[]),
 ];
 
 /// Parses a `/metrics` body with the `prometheus_client` package's own

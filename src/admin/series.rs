@@ -121,6 +121,11 @@ const POOL_GAUGES: &[(&str, &str, PoolRead)] = &[
         "GIL pool threads in a Python call.",
         |p| p.busy() as u64,
     ),
+    (
+        "pyipcd_pool_io_busy_percent",
+        "How busy the I/O threads were, in percent, as the spin gate last saw it (sampled while calls flow).",
+        |p| u64::from(p.io_busy_percent()),
+    ),
 ];
 
 /// Sets the pool's series from `pool` (at zero without one).

@@ -432,6 +432,12 @@ impl GilPool {
         self.shared.spin_gate.watch_io(metrics);
     }
 
+    /// How busy the watched I/O threads were, in percent, as the spin gate
+    /// last saw it (0 until sampled; see `spin_gate`).
+    pub fn io_busy_percent(&self) -> u32 {
+        self.shared.spin_gate.io_busy_percent()
+    }
+
     /// Sets how many pool threads `role`'s calls may occupy at once
     /// (`max_in_flight`; `None`: `workers - 1`, at least 1).
     pub fn set_max_in_flight(&self, role: &str, cap: Option<usize>) {

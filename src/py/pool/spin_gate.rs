@@ -148,6 +148,11 @@ impl SpinGate {
         let _ = self.io.set(metrics);
     }
 
+    /// The I/O threads' smoothed busy share, in percent.
+    pub(crate) fn io_busy_percent(&self) -> u32 {
+        self.io_busy.load(Ordering::Relaxed) * 100 / SCALE
+    }
+
     /// Samples the runnable count if the last sample is [`SAMPLE_EVERY`] old.
     fn maybe_sample(&self, about_to_spin: impl FnOnce() -> bool) {
         let now = nanos(self.epoch.elapsed());
