@@ -123,7 +123,7 @@ const POOL_GAUGES: &[(&str, &str, PoolRead)] = &[
     ),
     (
         "pyipcd_pool_io_busy_percent",
-        "How busy the I/O threads were, in percent, as the spin gate last saw it (sampled while calls flow).",
+        "How busy the I/O threads were, in percent, as the spin gate last saw it (sampled while calls flow; 0 where the gate never samples: more pool and I/O threads than cores, or fewer CPUs for the process than the host has).",
         |p| u64::from(p.io_busy_percent()),
     ),
 ];

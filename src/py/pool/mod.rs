@@ -358,7 +358,8 @@ impl GilPool {
     {
         let (tx, rx) = oneshot::channel();
         self.submit(Job::Run(Box::new(move |py| {
-            let _ = tx.send(f(py));
+            let r = f(py);
+            Some(Box::new(move || drop(tx.send(r))) as worker::Deliver)
         })))
         .await?;
         self.wait_reply(rx).await
@@ -399,7 +400,11 @@ impl GilPool {
 
     /// Queues `f` without waiting for it (used for cancellation and shutdown).
     pub(crate) fn run_detached(&self, f: impl FnOnce(Python<'_>) + Send + 'static) {
-        if self.shared.queue.push(Job::Run(Box::new(f))).is_ok() {
+        let job = Job::Run(Box::new(move |py| {
+            f(py);
+            None
+        }));
+        if self.shared.queue.push(job).is_ok() {
             self.shared.notify_workers();
         }
     }

@@ -15,7 +15,9 @@
 //!   the spinners) and opens again below `cores − ¾` (a core is free).
 //!
 //! - the I/O threads have no time to spare (tokio's count of the time they
-//!   spend running tasks, over 90% since the last sample, smoothed) and the
+//!   spend running tasks, over 90% since the last sample, smoothed; a
+//!   caller re-polling for its reply keeps its thread from parking, so
+//!   that counts as busy too, while the gate is open) and the
 //!   count is above `cores − ¼`: then every thread besides the spinner
 //!   (the I/O thread and, on a test host, the clients) takes a core of its
 //!   own, and a spinning worker only takes time from them. A lone caller's
@@ -167,11 +169,11 @@ impl SpinGate {
                     Ordering::Relaxed,
                 )
                 .is_ok()
-            && let Some(runnable) = self.sample()
+            && let Some((runnable, io_busy)) = self.sample()
         {
             let spinning = self.spinners.load(Ordering::Relaxed) + usize::from(about_to_spin());
             let own = u32::try_from(spinning).unwrap_or(u32::MAX);
-            if let Some(busy) = self.io_busy_since_last(now) {
+            if let Some(busy) = io_busy {
                 self.observe_io(busy);
             }
             self.observe(runnable.saturating_sub(own));
@@ -183,26 +185,33 @@ impl SpinGate {
         Counted::new(&self.spinners)
     }
 
-    /// The I/O threads' busy share (times [`SCALE`]) since the last call,
-    /// `at` nanoseconds after `epoch`; `None` on the first call or unwatched.
-    fn io_busy_since_last(&self, at: u64) -> Option<u32> {
+    /// The I/O threads' busy share (times [`SCALE`]) since the last call;
+    /// `None` on the first call or unwatched. Tokio adds a thread's busy
+    /// time when it finishes a batch of tasks, so one share may run over
+    /// [`SCALE`] (a batch from before this span) or under it (one still
+    /// running): it is kept up to twice [`SCALE`] and only the average is
+    /// clamped. Callers serialise (see [`SpinGate::sample`]).
+    fn io_busy_since_last(&self) -> Option<u32> {
         let m = self.io.get()?;
         let threads = m.num_workers();
         let busy: u64 = (0..threads)
             .map(|w| nanos(m.worker_total_busy_duration(w)))
             .sum();
+        let at = nanos(self.epoch.elapsed()).max(1);
         let before = self.io_busy_total.swap(busy, Ordering::Relaxed);
         let then = self.io_busy_at.swap(at, Ordering::Relaxed);
         let span = at.checked_sub(then).filter(|d| then > 0 && *d > 0)?;
         let share = busy.saturating_sub(before).saturating_mul(u64::from(SCALE))
             / span.saturating_mul(threads.max(1) as u64);
-        Some(u32::try_from(share).unwrap_or(SCALE).min(SCALE))
+        Some(u32::try_from(share).unwrap_or(u32::MAX).min(2 * SCALE))
     }
 
-    /// Folds one busy share of the I/O threads (times [`SCALE`]) into the state.
+    /// Folds one busy share of the I/O threads (times [`SCALE`]) into the
+    /// state: an average over about eight samples, rounded, at most [`SCALE`].
     fn observe_io(&self, share: u32) {
         let old = self.io_busy.load(Ordering::Relaxed);
-        self.io_busy.store((old * 7 + share) / 8, Ordering::Relaxed);
+        let avg = (old * 7 + share + 4) / 8;
+        self.io_busy.store(avg.min(SCALE), Ordering::Relaxed);
     }
 
     /// Folds one count of threads doing work (runnable, less this pool's
@@ -223,13 +232,16 @@ impl SpinGate {
         }
     }
 
-    /// Runnable threads on the host now (`/proc/loadavg`, fourth field, before the `/`).
-    fn sample(&self) -> Option<u32> {
+    /// Runnable threads on the host now (`/proc/loadavg`, fourth field,
+    /// before the `/`), and the I/O threads' busy share since the last
+    /// sample, read under the same lock so two samplers never interleave.
+    fn sample(&self) -> Option<(u32, Option<u32>)> {
         let guard = self.loadavg.try_lock().ok()?;
         let file = guard.as_ref()?;
         let mut buf = [0u8; 128];
         let n = file.read_at(&mut buf, 0).ok()?;
-        parse_runnable(&buf[..n])
+        let runnable = parse_runnable(&buf[..n])?;
+        Some((runnable, self.io_busy_since_last()))
     }
 }
 
@@ -364,7 +376,7 @@ mod tests {
             .build()
             .unwrap();
         g.watch_io(rt.metrics());
-        assert_eq!(g.io_busy_since_last(1), None, "no earlier sample");
+        assert_eq!(g.io_busy_since_last(), None, "no earlier sample");
         let start = Instant::now();
         rt.block_on(async {
             // Busy: a task that runs for 30 ms (as a call made here does).
@@ -378,9 +390,7 @@ mod tests {
             // Idle: parked in the driver.
             tokio::time::sleep(Duration::from_millis(30)).await;
         });
-        let share = g
-            .io_busy_since_last(nanos(start.elapsed()) + 1)
-            .expect("a second sample");
+        let share = g.io_busy_since_last().expect("a second sample");
         assert!(
             share > SCALE / 8 && share < SCALE * 7 / 8,
             "about half busy: {share}/{SCALE}"

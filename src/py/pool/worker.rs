@@ -19,7 +19,11 @@ use crate::py::monitor::WorkerSlot;
 use crate::py::output;
 use crate::sync::lock;
 
-type Closure = Box<dyn FnOnce(Python<'_>) + Send>;
+/// A closure job; what it returns is run after the worker's books show the
+/// job over (see [`Reply`]): its reply, if it has one.
+type Closure = Box<dyn FnOnce(Python<'_>) -> Option<Deliver> + Send>;
+/// Sends a closure job's reply.
+pub(crate) type Deliver = Box<dyn FnOnce() + Send>;
 
 /// One unit of work for a pool thread.
 pub(crate) enum Job {
@@ -268,6 +272,7 @@ fn note_role(slot: &WorkerSlot, handler: &Handler) {
 enum Reply {
     Call(oneshot::Sender<Invoked>, Invoked),
     Batch(oneshot::Sender<Vec<Invoked>>, Vec<Invoked>),
+    Run(Deliver),
     None,
 }
 
@@ -278,6 +283,7 @@ impl Reply {
         match self {
             Reply::Call(to, invoked) => drop(to.send(invoked)),
             Reply::Batch(to, results) => drop(to.send(results)),
+            Reply::Run(deliver) => deliver(),
             Reply::None => {}
         }
     }
@@ -322,10 +328,7 @@ fn run_job(py: Python<'_>, shared: &Shared, slot: &WorkerSlot, job: Job) -> Repl
             shared.stats.add(results.len(), raised(&results));
             Reply::Batch(reply, results)
         }
-        Job::Run(f) => {
-            f(py);
-            Reply::None
-        }
+        Job::Run(f) => f(py).map_or(Reply::None, Reply::Run),
     }
 }
 
