@@ -194,7 +194,12 @@ listen = "127.0.0.1:{admin}"
     ));
     let mut d = Daemon::start(&cfg, &[]);
     d.wait_ready();
-    // READY=1 came after both workers said they were ready.
+    // READY=1 came after both workers said they were ready. (The log is
+    // read by a thread of its own: READY=1 may arrive before its lines.)
+    d.lines.wait_for(
+        &["supervising 2 worker process(es)"],
+        Duration::from_secs(10),
+    );
     let log = d.lines.text();
     let ready_at = log.find("supervising 2 worker process(es)").unwrap();
     for i in 0..2 {
