@@ -26,7 +26,8 @@
 //! `--interleave K` measures each row in K slices, the servers taking turns
 //! slice by slice, each slice starting one server further on, so that a
 //! noisy host's swings fall on every server alike; `--restart` also starts
-//! every server process afresh for each slice). With slices, each pyipcd
+//! every server process afresh for each slice; `--warm-up MS`: how long a
+//! freshly started server is driven before measuring, default 500). With slices, each pyipcd
 //! server is also compared with uvloop slice by slice (the two ran within
 //! seconds of each other): in how many slices it made at least uvloop's
 //! msg/s, and had at most its p99.
@@ -391,7 +392,13 @@ fn main() {
             if fresh {
                 servers.iter_mut().for_each(Server::restart);
             }
-            let warm_up = Duration::from_millis(if slice == 0 || fresh { 500 } else { 200 });
+            // `--warm-up MS`: the warm-up of a fresh server (default 500 ms).
+            let fresh_warm_up = arg("--warm-up", 500.0) as u64;
+            let warm_up = Duration::from_millis(if slice == 0 || fresh {
+                fresh_warm_up
+            } else {
+                200
+            });
             // Each slice starts one server further on: whoever runs first
             // after a pause (or right after a given other) has no fixed seat.
             for i in (0..servers.len()).map(|k| (k + slice) % servers.len()) {
