@@ -12,13 +12,11 @@ use common::{Daemon, Scenario, free_port, http_get as get, metric, run_to_end};
 
 const T: Duration = Duration::from_secs(15);
 
-#[test]
-fn metrics_move_with_traffic_and_health_follows_the_pool() {
-    let s = Scenario::new();
-    s.write(
-        "h.py",
-        "import time\n\ndef handle(data):\n    if data == b'block':\n        time.sleep(2.5)\n    if data == b'boom':\n        raise ValueError('boom')\n    return data\n",
-    );
+/// A daemon with an admin endpoint and one line-framed TCP server, `srv`,
+/// calling `h:handle` from `handler_py` on one pool worker; ready, admin
+/// listening. Returns the daemon, the admin port and the config file.
+fn line_server_with_admin(s: &Scenario, handler_py: &str) -> (Daemon, u16, std::path::PathBuf) {
+    s.write("h.py", handler_py);
     let admin = free_port();
     let cfg = s.config(&format!(
         "[admin]\nlisten = \"127.0.0.1:{admin}\"\n[python]\npaths = [\".\"]\nworkers = 1\n\
@@ -27,6 +25,16 @@ fn metrics_move_with_traffic_and_health_follows_the_pool() {
     let mut d = Daemon::start(&cfg, &[]);
     d.wait_ready();
     d.lines.wait_for(&["admin endpoint listening"], T);
+    (d, admin, cfg)
+}
+
+#[test]
+fn metrics_move_with_traffic_and_health_follows_the_pool() {
+    let s = Scenario::new();
+    let (mut d, admin, cfg) = line_server_with_admin(
+        &s,
+        "import time\n\ndef handle(data):\n    if data == b'block':\n        time.sleep(2.5)\n    if data == b'boom':\n        raise ValueError('boom')\n    return data\n",
+    );
     let port = d.listening_port("srv");
 
     assert_eq!(get(admin, "/health").0, 200);
@@ -110,15 +118,7 @@ fn the_spin_gate_sees_how_busy_the_io_thread_is() {
         return;
     }
     let s = Scenario::new();
-    s.write("h.py", "def handle(data):\n    return data\n");
-    let admin = free_port();
-    let cfg = s.config(&format!(
-        "[admin]\nlisten = \"127.0.0.1:{admin}\"\n[python]\npaths = [\".\"]\nworkers = 1\n\
-         [[tcp.server]]\nname = \"srv\"\nlisten = \"127.0.0.1:0\"\nframing = \"line\"\nhandler = \"h:handle\"\n"
-    ));
-    let mut d = Daemon::start(&cfg, &[]);
-    d.wait_ready();
-    d.lines.wait_for(&["admin endpoint listening"], T);
+    let (mut d, admin, _) = line_server_with_admin(&s, "def handle(data):\n    return data\n");
     let conn = TcpStream::connect(("127.0.0.1", d.listening_port("srv"))).unwrap();
     conn.set_read_timeout(Some(T)).unwrap();
     let mut reader = BufReader::new(conn.try_clone().unwrap());
