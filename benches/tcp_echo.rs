@@ -27,10 +27,10 @@
 //! slice by slice, each slice starting one server further on, so that a
 //! noisy host's swings fall on every server alike; `--restart` also starts
 //! every server process afresh for each slice; `--warm-up MS`: how long a
-//! freshly started server is driven before measuring, default 500). With slices, each pyipcd
-//! server is also compared with uvloop slice by slice (the two ran within
-//! seconds of each other): in how many slices it made at least uvloop's
-//! msg/s, and had at most its p99.
+//! freshly started server is driven before measuring, default 500). With
+//! slices, each pyipcd server is also compared with uvloop slice by slice
+//! (the two ran within seconds of each other): in how many slices it made
+//! at least uvloop's msg/s, and had at most its p99.
 
 use std::net::SocketAddr;
 use std::process::Child;
@@ -374,6 +374,8 @@ fn main() {
     // warm-up per slice: the servers are warm after the first).
     let slices = (arg("--interleave", 1.0) as usize).max(1);
     let restart = std::env::args().any(|a| a == "--restart");
+    // `--warm-up MS`: the warm-up of a fresh server (default 500 ms).
+    let fresh_warm_up = arg("--warm-up", 500.0) as u64;
     for row in rows.iter().filter(|r| r.label.contains(&row_filter)) {
         let seconds = seconds.max(row.min_seconds);
         let mut results: Vec<(u64, Histogram<u64>)> = servers
@@ -392,8 +394,6 @@ fn main() {
             if fresh {
                 servers.iter_mut().for_each(Server::restart);
             }
-            // `--warm-up MS`: the warm-up of a fresh server (default 500 ms).
-            let fresh_warm_up = arg("--warm-up", 500.0) as u64;
             let warm_up = Duration::from_millis(if slice == 0 || fresh {
                 fresh_warm_up
             } else {

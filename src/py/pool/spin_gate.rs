@@ -1,6 +1,6 @@
 //! Whether spinning pays. The pool spins (a worker polling for work, callers
 //! re-polling for their reply) to save futex wake-ups, which only wins while
-//! a core is free for the spinning thread. Two signals say none is:
+//! a core is free for the spinning thread. Three signals say none is:
 //! - more pool and I/O threads than cores: the spinning threads would take
 //!   the cores from the threads doing the work, so such a pool never spins;
 //! - no core free for a spinner, right now: the kernel's count of runnable
@@ -12,8 +12,7 @@
 //!   [`SAMPLE_EVERY`] while calls flow (never when idle; the clock is read
 //!   on one call in [`CHECK_EVERY`]) and smoothed; the
 //!   gate shuts above `cores + ¼` (a thread waits for a core even without
-//!   the spinners) and opens again below `cores − ¾` (a core is free).
-//!
+//!   the spinners) and opens again below `cores − ¾` (a core is free);
 //! - the I/O threads have no time to spare (tokio's count of the time they
 //!   spend running tasks, over 90% since the last sample, smoothed; a
 //!   caller re-polling for its reply keeps its thread from parking, so
