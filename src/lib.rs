@@ -19,6 +19,7 @@
 //! - `registry`: (a leaf) role health and `pyipcd.send` routes, each entry
 //!   owned by one role instance.
 //! - `sync`: the one mutex-poison policy.
+//! - `copy`: payload copies that step around a `memcpy` cliff.
 //! - [`tcp`]: stream server and client roles, over TCP or Unix sockets.
 //! - [`shm`]: shared-memory regions (the `unsafe` code, with one more
 //!   function: `systemd`'s taking of the descriptors systemd passed).
@@ -35,6 +36,7 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+mod copy;
 pub mod daemon;
 mod error;
 mod memory;

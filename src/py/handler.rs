@@ -165,7 +165,7 @@ impl Handler {
         ctx: Option<&CallContext>,
         locals: Option<&TaskLocals>,
     ) -> Invoked {
-        let result = match self.call_raw(py, PyBytes::new(py, payload).into_any(), ctx) {
+        let result = match self.call_raw(py, crate::copy::py_bytes(py, payload).into_any(), ctx) {
             Ok(r) => r,
             Err(e) => return Invoked::Done(Err(self.error(py, &e))),
         };
@@ -300,7 +300,7 @@ pub(crate) fn is_async_def(obj: &Bound<'_, PyAny>) -> PyResult<bool> {
 }
 
 pub(crate) fn to_bytes(obj: &Bound<'_, PyAny>) -> PyResult<Option<Bytes>> {
-    with_reply_bytes(obj, Bytes::copy_from_slice)
+    with_reply_bytes(obj, crate::copy::to_bytes)
 }
 
 /// Hands the bytes of a handler's return value to `f` (`None` for `None`);

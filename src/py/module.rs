@@ -9,7 +9,6 @@
 use std::ffi::CString;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use bytes::Bytes;
 use pyo3::exceptions::{PyKeyError, PyRuntimeError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
@@ -114,7 +113,7 @@ fn send(py: Python<'_>, role: &str, data: &[u8]) -> PyResult<()> {
             format!("no role named {role:?} accepts pyipcd.send (roles that do: {known:?})")
         }))
     })?;
-    let data = Bytes::copy_from_slice(data);
+    let data = crate::copy::to_bytes(data);
     let on_io_thread = crate::py::pool::sending_from_io_thread();
     let sent = match sender.try_send(data) {
         Ok(()) => Ok(()),

@@ -22,7 +22,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
 
 use super::doorbell::Spin;
 use super::ring::{Channel, Dir, Fault, InPlace, LayoutError, MAGIC, State, file_size, flags};
@@ -443,8 +442,11 @@ fn serve_one<'py>(
         }
     } else {
         let called = watch(&mut || {
-            ch.handler
-                .call_with(py, PyBytes::new(py, request.payload).into_any(), None)
+            ch.handler.call_with(
+                py,
+                crate::copy::py_bytes(py, request.payload).into_any(),
+                None,
+            )
         });
         answer(called, None)
     }

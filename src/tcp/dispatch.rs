@@ -11,7 +11,6 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
 
 use super::framing::{FrameCodec, FrameError};
 use crate::py::handler::{CallContext, Handler, format_exception};
@@ -191,7 +190,7 @@ impl Dispatch {
             Batch::Many(v) => &v[..],
         };
         for msg in msgs {
-            let arg = PyBytes::new(py, msg).into_any();
+            let arg = crate::copy::py_bytes(py, msg).into_any();
             let framed = self.handler.call_here(py, arg, Some(ctx), |reply| {
                 written.bytes += reply.len();
                 codec.encode_slice(reply, out)

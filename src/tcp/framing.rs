@@ -172,10 +172,10 @@ impl FrameCodec {
     /// [`FrameError::TooLarge`] for a `len32` message over the limit (or 4 GiB).
     pub fn encode_slice(&mut self, item: &[u8], dst: &mut BytesMut) -> Result<(), FrameError> {
         match self {
-            FrameCodec::Raw(..) => dst.extend_from_slice(item),
+            FrameCodec::Raw(..) => crate::copy::extend(dst, item),
             FrameCodec::Line(_) => {
                 dst.reserve(item.len() + 1);
-                dst.extend_from_slice(item);
+                crate::copy::extend(dst, item);
                 dst.extend_from_slice(b"\n");
             }
             FrameCodec::Len32(c) => {
@@ -186,7 +186,7 @@ impl FrameCodec {
                     .ok_or(FrameError::TooLarge(max))?;
                 dst.reserve(4 + item.len());
                 dst.extend_from_slice(&len.to_be_bytes());
-                dst.extend_from_slice(item);
+                crate::copy::extend(dst, item);
             }
         }
         Ok(())
