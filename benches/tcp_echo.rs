@@ -362,7 +362,7 @@ fn main() {
         },
     ];
     // `--only A,B` / `--row TEXT`: keep servers whose name contains A or B /
-    // rows whose label contains TEXT.
+    // rows whose label contains TEXT (or one of `A,B`).
     let only = arg_text("--only").unwrap_or_default();
     let row_filter = arg_text("--row").unwrap_or_default();
     servers.retain(|s| only.split(',').any(|o| s.name.contains(o)));
@@ -376,7 +376,10 @@ fn main() {
     let restart = std::env::args().any(|a| a == "--restart");
     // `--warm-up MS`: the warm-up of a fresh server (default 500 ms).
     let fresh_warm_up = arg("--warm-up", 500.0) as u64;
-    for row in rows.iter().filter(|r| r.label.contains(&row_filter)) {
+    for row in rows
+        .iter()
+        .filter(|r| row_filter.split(',').any(|f| r.label.contains(f)))
+    {
         let seconds = seconds.max(row.min_seconds);
         let mut results: Vec<(u64, Histogram<u64>)> = servers
             .iter()
