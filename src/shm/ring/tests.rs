@@ -19,6 +19,21 @@ fn channel(ring: usize, max: usize) -> (tempfile::TempDir, Channel) {
 }
 
 #[test]
+fn payloads_in_the_slow_copy_window_are_written_whole() {
+    let (_d, ch) = channel(65536, 20000);
+    let len = 16 * 1024 + 5;
+    let src: Vec<u8> = (0..len + 8192).map(|i| (i % 251) as u8).collect();
+    let offset = ch.map.len() - len - 4096;
+    let to = ch.map.as_ptr() as usize + offset;
+    for gap in [0, 1, 15, 63, 64] {
+        // The source starts so that the destination is `gap` bytes past it modulo 4 KiB.
+        let from = to.wrapping_sub(gap).wrapping_sub(src.as_ptr() as usize) & 4095;
+        ch.write_bytes(offset, &src[from..from + len]);
+        assert_eq!(ch.bytes(offset, len), &src[from..from + len], "gap {gap}");
+    }
+}
+
+#[test]
 fn records_round_trip_across_wrap_around_and_full_rings_refuse() {
     let (_d, ch) = channel(4096, 1000);
     let mut expect = 0u32;
