@@ -5,11 +5,11 @@
 //! 3/4 `rep movsb` runs about 25x slower when the destination lies 1 to 15
 //! bytes past the source modulo 4 KiB (glibc bug 30994): a 16 KiB copy on
 //! this project's VM (an AMD EPYC, glibc 2.36) takes 4.7-9.8 µs instead of
-//! 0.26-0.44 µs. Which copies
-//! hit it depends on where the allocators placed the two buffers, so a
-//! process can be stuck with it for its life: pyipcd's 16 KiB echo ran at
-//! half speed in such processes, the request's copy into Python's `bytes`
-//! taking a third of the I/O thread (see docs/PERFORMANCE.md).
+//! 0.26-0.44 µs. Which copies hit it depends on where the allocators placed
+//! the two buffers, so a process can be stuck with it for its life: pyipcd's
+//! 16 KiB echo ran at half speed in such processes, the request's copy into
+//! Python's `bytes` taking a third of the I/O thread (see
+//! docs/PERFORMANCE.md, "A `memcpy` cliff").
 //!
 //! Copies of a payload into or out of Python, into a connection's write
 //! buffer and into a shared-memory ring go through here: when the two
