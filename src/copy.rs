@@ -34,7 +34,7 @@ fn aliased(dst: usize, src: usize) -> bool {
 /// How long each piece of a copy of `src` to address `dst` should be: all
 /// of it, unless the copy would fall into the slow window. Never 0 (a
 /// `chunks` size).
-pub(crate) fn piece_len(dst: usize, src: &[u8]) -> usize {
+fn piece_len(dst: usize, src: &[u8]) -> usize {
     if src.len() > PIECE && aliased(dst, src.as_ptr() as usize) {
         PIECE
     } else {
@@ -48,6 +48,19 @@ pub(crate) fn extend(dst: &mut BytesMut, src: &[u8]) {
     let n = piece_len(dst.as_ptr() as usize + dst.len(), src);
     for piece in src.chunks(n) {
         dst.extend_from_slice(piece);
+    }
+}
+
+/// Copies `src` to `dst`, in pieces when in the slow window.
+///
+/// # Safety
+/// `dst` must be valid for writes of `src.len()` bytes and not overlap `src`.
+#[allow(unsafe_code)]
+pub(crate) unsafe fn copy_to(dst: *mut u8, src: &[u8]) {
+    let n = piece_len(dst as usize, src);
+    for (i, piece) in src.chunks(n).enumerate() {
+        // SAFETY: `i * n + piece.len() <= src.len()`, within what the caller vouches for.
+        unsafe { std::ptr::copy_nonoverlapping(piece.as_ptr(), dst.add(i * n), piece.len()) }
     }
 }
 
@@ -71,8 +84,7 @@ pub(crate) fn py_bytes<'py>(py: Python<'py>, src: &[u8]) -> Bound<'py, PyBytes> 
 
 /// A new Python `bytes` holding `src` (longer than one byte), copied in
 /// pieces when in the slow window: unlike `PyBytes::new_with`, its memory is
-/// not zeroed first (a 16 KiB `memset` per message). The only `unsafe`
-/// outside `shm` and `systemd`.
+/// not zeroed first (a 16 KiB `memset` per message).
 #[allow(unsafe_code)]
 fn new_py_bytes<'py>(py: Python<'py>, src: &[u8]) -> Bound<'py, PyBytes> {
     assert!(src.len() > 1, "CPython shares its empty and one-byte bytes");
@@ -81,17 +93,14 @@ fn new_py_bytes<'py>(py: Python<'py>, src: &[u8]) -> Bound<'py, PyBytes> {
     // `size` bytes (not a shared one: `size` > 1), uninitialised and seen by
     // no one else yet; we hold the GIL (`py`) and own the new reference. A
     // null return (out of memory) panics like pyo3's own constructors, via
-    // `from_owned_ptr`. Every byte is written, through raw pointers only and
-    // within `size` (`chunks` of `src`), before the object is handed out.
+    // `from_owned_ptr`. Every byte is written, through raw pointers only,
+    // before the object is handed out: `data` holds `size` bytes.
     unsafe {
         let obj = pyo3::ffi::PyBytes_FromStringAndSize(std::ptr::null(), size);
         let obj = Bound::from_owned_ptr(py, obj).cast_into_unchecked::<PyBytes>();
         let data = pyo3::ffi::PyBytes_AsString(obj.as_ptr()).cast::<u8>();
         debug_assert!(!data.is_null());
-        let n = piece_len(data as usize, src);
-        for (i, piece) in src.chunks(n).enumerate() {
-            std::ptr::copy_nonoverlapping(piece.as_ptr(), data.add(i * n), piece.len());
-        }
+        copy_to(data, src);
         obj
     }
 }

@@ -22,8 +22,8 @@
 //! - `copy`: payload copies that step around a `memcpy` cliff.
 //! - [`tcp`]: stream server and client roles, over TCP or Unix sockets.
 //! - [`shm`]: shared-memory regions (the `unsafe` code, with two more
-//!   functions: `systemd`'s taking of the descriptors systemd passed, and
-//!   `copy`'s filling of a new Python `bytes`).
+//!   places: `systemd`'s taking of the descriptors systemd passed, and
+//!   `copy`'s raw-pointer copy and filling of a new Python `bytes`).
 //! - [`py`]: the embedded interpreter: GIL pool, handlers, asyncio loop, tasks,
 //!   the `pyipcd` Python module.
 //!

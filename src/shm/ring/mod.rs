@@ -504,20 +504,10 @@ impl Channel {
 
     fn write_bytes(&self, offset: usize, src: &[u8]) {
         assert!(offset + src.len() <= self.map.len());
-        // In pieces when a single `memcpy` would be slow (see `crate::copy`).
-        let n = crate::copy::piece_len(self.map.as_ptr() as usize + offset, src);
-        for (i, piece) in src.chunks(n).enumerate() {
-            // SAFETY: in bounds (the whole span is, above); this span is free
-            // (behind the consumer's head and not yet published), so no one
-            // else reads or writes it now.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    piece.as_ptr(),
-                    self.map.as_mut_ptr().add(offset + i * n),
-                    piece.len(),
-                )
-            }
-        }
+        // SAFETY: in bounds; this span is free (behind the consumer's head and
+        // not yet published), so no one else reads or writes it now. In
+        // pieces when a single `memcpy` would be slow (see `crate::copy`).
+        unsafe { crate::copy::copy_to(self.map.as_mut_ptr().add(offset), src) }
     }
 }
 
