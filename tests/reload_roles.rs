@@ -250,10 +250,17 @@ fn a_watch_region_whose_new_handler_fails_keeps_watching() {
     let cfg = s.write("pyipcd.toml", &region("h:seen"));
     let mut d = Daemon::start(&cfg, &[]);
     d.wait_ready();
+    // In place, as a writer of a shared region does: `fs::write` would
+    // truncate the file first, and a poll in that instant faults on the
+    // mapping (SIGBUS; see the issue note) instead of seeing a change.
     let write = |text: &str| {
         let mut bytes = text.as_bytes().to_vec();
         bytes.resize(64, 0);
-        std::fs::write(s.path("w.shm"), bytes).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(s.path("w.shm"))
+            .unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &bytes, 0).unwrap();
     };
     // The poller's first snapshot is taken just after it logs this; a
     // write before that would be its baseline, not a change.
