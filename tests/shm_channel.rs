@@ -51,23 +51,6 @@ fn daemon(s: &Scenario, handler: &str, extra: &str) -> (Daemon, std::path::PathB
     )
 }
 
-/// Starts `python3 -c script` and waits for it to print `ready` on stdout.
-fn python_until(script: &str, ready: &str) -> std::process::Child {
-    let mut child = Command::new("python3")
-        .args(["-c", script])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), ready);
-    child
-}
-
 fn payload(i: usize) -> Vec<u8> {
     (0..(i * 131) % 16000).map(|j| (j ^ i) as u8).collect()
 }
@@ -148,7 +131,7 @@ fn a_client_killed_mid_stream_leaves_the_channel_usable() {
         concat!(env!("CARGO_MANIFEST_DIR"), "/python"),
         path.to_str().unwrap()
     );
-    let mut child = python_until(&script, "attached");
+    let mut child = common::python_until(&script, "attached");
     std::thread::sleep(Duration::from_millis(200));
     child.kill().unwrap(); // SIGKILL, mid-stream
     child.wait().unwrap();
@@ -280,7 +263,7 @@ fn race_python_stores(store: &str, want: u64) -> (u64, u64) {
         concat!(env!("CARGO_MANIFEST_DIR"), "/python"),
         path.to_str().unwrap()
     );
-    let mut child = python_until(&script, "go");
+    let mut child = common::python_until(&script, "go");
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)

@@ -25,6 +25,7 @@ use pyo3::prelude::*;
 
 use super::doorbell::Spin;
 use super::ring::{Channel, Dir, Fault, InPlace, LayoutError, MAGIC, State, file_size, flags};
+use super::sigbus::Guard;
 use crate::admin::series::{self, MessageSeries};
 use crate::config::ShmRegionConfig;
 use crate::py::handler::{Handler, HandlerError, Runs, format_exception, with_reply_bytes};
@@ -106,6 +107,14 @@ pub enum Take {
 /// A channel region, initialised and with its handler resolved.
 pub struct ShmChannel {
     name: Arc<str>,
+    /// For a re-initialisation after the file was truncated.
+    config: ShmRegionConfig,
+    /// The file, to notice that it shrank while the channel is idle.
+    file: std::fs::File,
+    /// Declared before `channel`: unregistered before the mapping goes.
+    guard: Option<Guard>,
+    /// Set when the file was seen shorter than the mapping.
+    shrank: AtomicBool,
     channel: Channel,
     handler: Arc<Handler>,
     /// Hand the handler a view into the mapping instead of a copy.
@@ -128,12 +137,7 @@ impl ShmChannel {
         parts: ChannelParts,
         take: Take,
     ) -> Result<Self, ChannelError> {
-        let ring = usize::try_from(cfg.ring_size.as_u64()).unwrap_or(usize::MAX);
-        let max = usize::try_from(cfg.max_message.as_u64()).unwrap_or(usize::MAX);
-        let io = |source| ChannelError::Io {
-            path: cfg.path.clone(),
-            source,
-        };
+        let (ring, max, io) = layout(cfg);
         let handler = parts.handler;
         if take == Take::Adopt {
             let file = std::fs::OpenOptions::new()
@@ -142,6 +146,7 @@ impl ShmChannel {
                 .open(&cfg.path)
                 .map_err(io)?;
             let map = memmap2::MmapOptions::new().map_raw(&file).map_err(io)?;
+            let guard = Guard::register(map.as_ptr(), map.len());
             let foreign = |source| ChannelError::Foreign {
                 path: cfg.path.clone(),
                 source,
@@ -152,8 +157,19 @@ impl ShmChannel {
                     "not the layout the previous instance used".into(),
                 )));
             }
-            return Ok(Self::serving(cfg, channel, handler));
+            return Ok(Self::serving(cfg, file, guard, channel, handler));
         }
+        Self::create(cfg, handler, 0)
+    }
+
+    /// Creates or re-initialises the file with a generation above both the
+    /// file's and `floor`.
+    fn create(
+        cfg: &ShmRegionConfig,
+        handler: Arc<Handler>,
+        floor: u64,
+    ) -> Result<Self, ChannelError> {
+        let (ring, max, io) = layout(cfg);
         let file = std::os::unix::fs::OpenOptionsExt::mode(
             std::fs::OpenOptions::new()
                 .read(true)
@@ -181,19 +197,30 @@ impl ShmChannel {
         }
         file.set_len(file_size(ring) as u64).map_err(io)?;
         let map = memmap2::MmapOptions::new().map_raw(&file).map_err(io)?;
-        let generation = previous.wrapping_add(1).max(1);
+        let guard = Guard::register(map.as_ptr(), map.len());
+        let generation = previous.max(floor).wrapping_add(1).max(1);
         let channel = Channel::initialise(map, ring, max, generation).map_err(|source| {
             ChannelError::Foreign {
                 path: cfg.path.clone(),
                 source,
             }
         })?;
-        Ok(Self::serving(cfg, channel, handler))
+        Ok(Self::serving(cfg, file, guard, channel, handler))
     }
 
-    fn serving(cfg: &ShmRegionConfig, channel: Channel, handler: Arc<Handler>) -> Self {
+    fn serving(
+        cfg: &ShmRegionConfig,
+        file: std::fs::File,
+        guard: Option<Guard>,
+        channel: Channel,
+        handler: Arc<Handler>,
+    ) -> Self {
         Self {
             name: Arc::from(cfg.name.as_str()),
+            config: cfg.clone(),
+            file,
+            guard,
+            shrank: AtomicBool::new(false),
             channel,
             handler,
             zero_copy: cfg.zero_copy,
@@ -205,40 +232,130 @@ impl ShmChannel {
     /// Serves until `ctx.stop` is cancelled (on a thread of its own, whose
     /// calls the stuck-call monitor watches), then marks the channel stopped,
     /// unless `handover` was set first: a replacement adopts the file then.
-    pub async fn run(mut self, ctx: Context, handover: Arc<AtomicBool>) {
+    /// A file found truncated under the mapping is initialised afresh (a new
+    /// generation, so attached clients notice) and served again.
+    pub async fn run(self, ctx: Context, handover: Arc<AtomicBool>) {
+        let mut this = self;
+        loop {
+            let (name, config, handler) =
+                (this.name.clone(), this.config.clone(), this.handler.clone());
+            let generation = this.channel.generation();
+            if this.serve_until_stopped(&ctx, handover.clone()).await == Ended::Stopped {
+                return;
+            }
+            let now = std::fs::metadata(&config.path).map_or(0, |m| m.len());
+            tracing::error!(
+                role = %name,
+                path = %config.path.display(),
+                "the channel file was truncated while the daemon used it (it has {now} bytes, \
+                 the channel needs {}): initialising it afresh; requests not yet answered \
+                 and replies not yet read are lost",
+                file_size(layout(&config).0)
+            );
+            match Self::create(&config, handler, generation) {
+                Ok(fresh) => this = fresh,
+                Err(e) => {
+                    tracing::error!(role = %name, "cannot initialise the channel again: {e}");
+                    ctx.health
+                        .down(&format!("file truncated, not initialised again: {e}"));
+                    // Down until stopped, not "stopped by itself".
+                    ctx.stop.cancelled().await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Serves on a thread of its own until a stop or a truncated file.
+    async fn serve_until_stopped(mut self, ctx: &Context, handover: Arc<AtomicBool>) -> Ended {
         self.handover = handover;
         let token = ctx.stop.clone();
         let stop = Arc::new(AtomicBool::new(false));
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let (done_tx, mut done_rx) = tokio::sync::oneshot::channel::<Ended>();
         let name = self.name.clone();
         let flag = stop.clone();
         let this = Arc::new(self);
         let served = this.clone();
+        let ctx = ctx.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("py-shm-{name}"))
             .spawn(move || {
                 crate::py::output::set_thread_role(Some(&served.name));
-                serve(&served, &ctx, &flag);
-                if !served.handover.load(Ordering::SeqCst) {
+                let ended = serve(&served, &ctx, &flag);
+                if ended == Ended::Stopped && !served.handover.load(Ordering::SeqCst) {
                     served.channel.set_state(State::Stopped);
                 }
-                let _ = done_tx.send(());
+                let _ = done_tx.send(ended);
             });
         if let Err(e) = spawned {
             tracing::error!(role = %name, "cannot start the channel thread: {e}");
-            return;
+            return Ended::Stopped;
         }
-        token.cancelled().await;
-        stop.store(true, Ordering::SeqCst);
-        this.channel.bell(Dir::Request).wake();
-        let _ = done_rx.await;
+        let ended = tokio::select! {
+            _ = token.cancelled() => None,
+            ended = &mut done_rx => Some(ended.unwrap_or(Ended::Stopped)),
+        };
+        let ended = match ended {
+            Some(ended) => ended,
+            None => {
+                stop.store(true, Ordering::SeqCst);
+                this.channel.bell(Dir::Request).wake();
+                done_rx.await.unwrap_or(Ended::Stopped)
+            }
+        };
         if this.view_held_at_stop.load(Ordering::SeqCst) {
             // Python still holds a view into the mapping: never unmap it.
             tracing::warn!(role = %name, "a handler still holds a view of the channel's memory; leaving it mapped");
             std::mem::forget(this.clone());
         }
-        tracing::info!(role = %name, "channel stopped");
+        if ended == Ended::Stopped {
+            tracing::info!(role = %name, "channel stopped");
+        }
+        ended
     }
+
+    /// Whether the file was found shorter than the mapping: a page of it
+    /// touched past the end, or [`ShmChannel::check_length`].
+    fn truncated(&self) -> bool {
+        self.shrank.load(Ordering::Relaxed) || self.guard.as_ref().is_some_and(Guard::truncated)
+    }
+
+    /// Looks at the file's length (a system call: only while idle), for a
+    /// truncation that left the pages the idle channel touches in place.
+    fn check_length(&self) {
+        let mapped = file_size(self.channel.ring_size()) as u64;
+        if self.file.metadata().is_ok_and(|m| m.len() < mapped) {
+            self.shrank.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Why a channel thread ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// The instance is stopping.
+    Stopped,
+    /// The file was found truncated under the mapping.
+    Truncated,
+}
+
+/// The ring size and record limit `cfg` asks for, and how to report an I/O
+/// error on its file.
+fn layout(
+    cfg: &ShmRegionConfig,
+) -> (
+    usize,
+    usize,
+    impl Fn(std::io::Error) -> ChannelError + Copy + '_,
+) {
+    let ring = usize::try_from(cfg.ring_size.as_u64()).unwrap_or(usize::MAX);
+    let max = usize::try_from(cfg.max_message.as_u64()).unwrap_or(usize::MAX);
+    let path = &cfg.path;
+    let io = move |source| ChannelError::Io {
+        path: path.clone(),
+        source,
+    };
+    (ring, max, io)
 }
 
 /// The generation of an existing channel file, refusing anything that is not
@@ -294,7 +411,7 @@ struct Counters {
     timed: bool,
 }
 
-fn serve(ch: &ShmChannel, ctx: &Context, stop: &AtomicBool) {
+fn serve(ch: &ShmChannel, ctx: &Context, stop: &AtomicBool) -> Ended {
     let channel = &ch.channel;
     let role = ch.name.to_string();
     let counters = Counters {
@@ -322,7 +439,11 @@ fn serve(ch: &ShmChannel, ctx: &Context, stop: &AtomicBool) {
             // must not keep a stopping instance (or its replacement) waiting.
             // What is left in the ring is answered by the replacement, if any.
             if stop.load(Ordering::Relaxed) {
-                return;
+                return Ended::Stopped;
+            }
+            if ch.truncated() {
+                // Nothing more is read or written through this mapping.
+                return Ended::Truncated;
             }
             // The request stays in the ring (its space held) until it is
             // answered: zero-copy handlers read it where it lies.
@@ -331,21 +452,28 @@ fn serve(ch: &ShmChannel, ctx: &Context, stop: &AtomicBool) {
             });
             match served {
                 Some(Flow::Next) => {}
-                Some(Flow::Stop) => return,
+                Some(Flow::Stop) => return Ended::Stopped,
                 None => {
                     if stop.load(Ordering::Relaxed) {
-                        return;
+                        return Ended::Stopped;
                     }
-                    // Without the GIL until the client publishes or a stop.
-                    let news = || channel.readable(Dir::Request) || stop.load(Ordering::Relaxed);
+                    // Without the GIL until the client publishes, a stop or
+                    // a truncated file.
+                    let news = || {
+                        channel.readable(Dir::Request)
+                            || stop.load(Ordering::Relaxed)
+                            || ch.truncated()
+                    };
                     py.detach(|| {
                         let bell = channel.bell(Dir::Request);
-                        while !bell.wait(&mut spin, STOP_CHECK, news) {}
+                        while !bell.wait(&mut spin, STOP_CHECK, news) {
+                            ch.check_length();
+                        }
                     });
                 }
             }
         }
-    });
+    })
 }
 
 /// Answers one request: its fault, or the handler's reply, pushed straight

@@ -1,18 +1,17 @@
-//! A memory-mapped file shared with other processes.
+//! A file shared with other processes, the watch mode's region.
 //!
-//! Another process may write the mapping at any time, so Rust never holds a
-//! reference (`&[u8]`) into it: every access is a volatile copy through a raw
-//! pointer ([`memmap2::MmapRaw`]). A reader may see a write half done; the
-//! watch mode accepts that (as the classic demo does) and reports whatever
-//! the next poll sees.
+//! It is read and written with `pread` / `pwrite`, not through a mapping of
+//! our own: they see the same page cache as every other process's mapping
+//! of the file, and a file that another process truncates (`open(path,
+//! "wb")`) gives a short read instead of the `SIGBUS` a mapping past the end
+//! of its file raises. A reader may see a write half done; the watch mode
+//! accepts that (as the classic demo does) and reports whatever the next
+//! poll sees.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-
-use memmap2::MmapRaw;
-
 /// Why a region cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ShmError {
@@ -36,16 +35,16 @@ pub enum ShmError {
     },
 }
 
-/// A mapped file of a fixed size.
+/// A shared file, of which the first `len` bytes are the region.
 #[derive(Debug)]
 pub struct ShmRegion {
-    map: MmapRaw,
+    file: File,
     len: usize,
     path: PathBuf,
 }
 
 impl ShmRegion {
-    /// Opens `path` read-write and maps its first `len` bytes. With `create`,
+    /// Opens `path` read-write for a region of `len` bytes. With `create`,
     /// a missing file is created with mode 0600 and sized to `len` (zeros);
     /// an existing file shorter than `len` is an error either way.
     ///
@@ -73,12 +72,8 @@ impl ShmRegion {
                 wanted: len as u64,
             });
         }
-        let map = memmap2::MmapOptions::new()
-            .len(len)
-            .map_raw(&file)
-            .map_err(io_err)?;
         Ok(Self {
-            map,
+            file,
             len,
             path: path.to_path_buf(),
         })
@@ -94,37 +89,46 @@ impl ShmRegion {
         &self.path
     }
 
-    /// Copies the whole region into `out` (resized to fit).
-    pub fn read_into(&self, out: &mut Vec<u8>) {
+    /// Copies the whole region into `out` (resized to fit); returns how many
+    /// of its bytes the file holds now. Bytes past the end of a file that was
+    /// truncated read as zeros.
+    ///
+    /// # Errors
+    /// What `pread` said.
+    pub fn read_into(&self, out: &mut Vec<u8>) -> io::Result<usize> {
         out.resize(self.len, 0);
-        let src = self.map.as_ptr();
-        for (i, byte) in out.iter_mut().enumerate() {
-            // SAFETY: `i < self.len`, and the mapping of `self.len` bytes lives
-            // as long as `self`. The read is volatile because another process
-            // may write the byte concurrently; a byte read cannot tear.
-            *byte = unsafe { src.add(i).read_volatile() };
+        let mut got = 0;
+        while got < self.len {
+            match self.file.read_at(&mut out[got..], got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
         }
+        out[got..].fill(0);
+        Ok(got)
     }
 
     /// Zeroes the region, then writes `value` at offset 0 (truncated to fit).
-    pub fn replace(&self, value: &[u8]) {
-        let dst = self.map.as_mut_ptr();
-        for i in 0..self.len {
-            let b = value.get(i).copied().unwrap_or(0);
-            // SAFETY: `i < self.len` within the live mapping; volatile because
-            // other processes read it concurrently.
-            unsafe { dst.add(i).write_volatile(b) };
-        }
+    /// A file that was truncated grows back to the region's size.
+    ///
+    /// # Errors
+    /// What `pwrite` said.
+    pub fn replace(&self, value: &[u8]) -> io::Result<()> {
+        let mut whole = vec![0u8; self.len];
+        let n = value.len().min(self.len);
+        whole[..n].copy_from_slice(&value[..n]);
+        self.file.write_all_at(&whole, 0)
     }
 
     /// Writes `value` at offset 0 without touching the bytes after it
     /// (truncated to the region).
-    pub fn write_at_start(&self, value: &[u8]) {
-        let dst = self.map.as_mut_ptr();
-        for (i, b) in value.iter().take(self.len).enumerate() {
-            // SAFETY: `i < self.len` within the live mapping; volatile because
-            // other processes read it concurrently.
-            unsafe { dst.add(i).write_volatile(*b) };
-        }
+    ///
+    /// # Errors
+    /// What `pwrite` said.
+    pub fn write_at_start(&self, value: &[u8]) -> io::Result<()> {
+        self.file
+            .write_all_at(&value[..value.len().min(self.len)], 0)
     }
 }

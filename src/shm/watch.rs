@@ -116,7 +116,10 @@ impl ShmWatcher {
         );
         let writer = (!cfg.write.is_empty())
             .then(|| tokio::spawn(script(cfg.clone(), self.region.clone(), token.clone())));
-        let mut seen = snapshot(&self.region).await;
+        let mut length = Length::default();
+        let mut seen = length
+            .note(cfg, snapshot(&self.region).await)
+            .unwrap_or_else(|| vec![0; self.region.len()]);
         let mut tick = tokio::time::interval(cfg.poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -124,12 +127,16 @@ impl ShmWatcher {
                 _ = token.cancelled() => break,
                 _ = tick.tick() => {}
                 Some(data) = inbox.recv() => {
-                    self.region.replace(&data);
-                    tracing::info!(role = %cfg.name, "pyipcd.send wrote {}", preview(&data));
+                    match self.region.replace(&data) {
+                        Ok(()) => tracing::info!(role = %cfg.name, "pyipcd.send wrote {}", preview(&data)),
+                        Err(e) => tracing::error!(role = %cfg.name, "pyipcd.send: cannot write the region: {e}"),
+                    }
                     continue;
                 }
             }
-            let now = snapshot(&self.region).await;
+            let Some(now) = length.note(cfg, snapshot(&self.region).await) else {
+                continue;
+            };
             if now == seen {
                 continue;
             }
@@ -138,9 +145,13 @@ impl ShmWatcher {
             if let Some(h) = &self.parts.on_change {
                 match pool.call(h, Bytes::copy_from_slice(&seen)).await {
                     Ok(Some(back)) => {
-                        self.region.write_at_start(&back);
+                        if let Err(e) = self.region.write_at_start(&back) {
+                            tracing::error!(role = %cfg.name, "cannot write on_change's reply back: {e}");
+                        }
                         // Our own write-back is not a change to report.
-                        seen = snapshot(&self.region).await;
+                        if let Some(now) = length.note(cfg, snapshot(&self.region).await) {
+                            seen = now;
+                        }
                     }
                     Ok(None) => {}
                     Err(e) => tracing::warn!(role = %cfg.name, "on_change failed: {e}"),
@@ -153,21 +164,65 @@ impl ShmWatcher {
     }
 }
 
-/// A copy of the region, taken off the tokio workers when it is large.
-async fn snapshot(region: &Arc<ShmRegion>) -> Vec<u8> {
-    if region.len() <= INLINE_COPY_MAX {
+/// Whether the file was last seen shorter than the region, so that a
+/// truncation is logged once when it starts and once when it ends.
+#[derive(Default)]
+struct Length {
+    short: bool,
+    failing: bool,
+}
+
+impl Length {
+    /// The region's bytes from a snapshot (`None` when it failed), logging
+    /// when the file becomes shorter than the region or a read fails, and
+    /// when that ends.
+    fn note(
+        &mut self,
+        cfg: &ShmRegionConfig,
+        taken: std::io::Result<(Vec<u8>, usize)>,
+    ) -> Option<Vec<u8>> {
+        let (bytes, had) = match taken {
+            Ok(s) => s,
+            Err(e) => {
+                if !std::mem::replace(&mut self.failing, true) {
+                    tracing::error!(role = %cfg.name, path = %cfg.path.display(), "cannot read the region: {e}");
+                }
+                return None;
+            }
+        };
+        if std::mem::replace(&mut self.failing, false) {
+            tracing::info!(role = %cfg.name, "the region reads again");
+        }
+        let short = had < bytes.len();
+        if short && !self.short {
+            tracing::warn!(
+                role = %cfg.name,
+                path = %cfg.path.display(),
+                "the file has {had} bytes, the region {}: was it truncated? The missing bytes read as zeros",
+                bytes.len()
+            );
+        } else if !short && self.short {
+            tracing::info!(role = %cfg.name, "the file has the region's {} bytes again", bytes.len());
+        }
+        self.short = short;
+        Some(bytes)
+    }
+}
+
+/// A copy of the region and how many of its bytes the file holds, taken off
+/// the tokio workers when it is large.
+async fn snapshot(region: &Arc<ShmRegion>) -> std::io::Result<(Vec<u8>, usize)> {
+    let take = |r: &ShmRegion| {
         let mut v = Vec::new();
-        region.read_into(&mut v);
-        return v;
+        r.read_into(&mut v).map(|had| (v, had))
+    };
+    if region.len() <= INLINE_COPY_MAX {
+        return take(region);
     }
     let r = region.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut v = Vec::new();
-        r.read_into(&mut v);
-        v
-    })
-    .await
-    .unwrap_or_default()
+    tokio::task::spawn_blocking(move || take(&r))
+        .await
+        .map_err(std::io::Error::other)?
 }
 
 /// The contents up to the first NUL, escaped, at most 80 characters.
@@ -190,8 +245,12 @@ async fn script(cfg: ShmRegionConfig, region: Arc<ShmRegion>, token: Cancellatio
                 _ = tokio::time::sleep(cfg.write_interval) => {}
             }
         }
-        region.replace(value.as_bytes());
-        tracing::info!(role = %cfg.name, "writer wrote {}", preview(value.as_bytes()));
+        match region.replace(value.as_bytes()) {
+            Ok(()) => {
+                tracing::info!(role = %cfg.name, "writer wrote {}", preview(value.as_bytes()))
+            }
+            Err(e) => tracing::error!(role = %cfg.name, "writer: cannot write the region: {e}"),
+        }
     }
     tracing::info!(role = %cfg.name, "writer finished ({} values)", cfg.write.len());
 }

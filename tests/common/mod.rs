@@ -305,6 +305,23 @@ pub fn run_python(script: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Starts `python3 -c script` and waits for it to print `ready` on stdout.
+pub fn python_until(script: &str, ready: &str) -> Child {
+    let mut child = Command::new("python3")
+        .args(["-c", script])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), ready);
+    child
+}
+
 /// Compiles a C file of the repository (strict C11, warnings as errors) into `out`.
 pub fn gcc(src: &str, out: &Path) {
     let root = env!("CARGO_MANIFEST_DIR");

@@ -1,0 +1,131 @@
+//! A shared-memory file truncated under the daemon (`open(path, "wb")`,
+//! `truncate`): the real binary must log it and go on, where touching a
+//! mapping past the end of its file used to kill it with `SIGBUS`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Daemon, Scenario};
+use pyipcd::shm::client::ShmClient;
+
+const T: Duration = Duration::from_secs(15);
+
+fn assert_running(d: &mut Daemon) {
+    assert!(
+        d.child.try_wait().unwrap().is_none(),
+        "the daemon died:\n{}",
+        d.lines.text()
+    );
+}
+
+#[test]
+fn a_watched_file_rewritten_with_truncation_is_logged_and_watched_on() {
+    let s = Scenario::new();
+    s.write(
+        "h.py",
+        "def seen(contents):\n    print('handler saw', repr(contents.split(b'\\0', 1)[0].decode()))\n",
+    );
+    let cfg = s.config(
+        "[python]\npaths = [\".\"]\n[[shm.region]]\nname = \"r\"\npath = \"region.dat\"\n\
+         size = \"8KiB\"\ncreate = true\npoll = \"1ms\"\non_change = \"h:seen\"\n",
+    );
+    let mut d = Daemon::start(&cfg, &[]);
+    d.wait_ready();
+    d.lines.wait_for(&["watching every 1ms", "role=r"], T);
+    // A careless writer: every rewrite truncates the file first, and most
+    // leave it shorter than the region.
+    let path = s.path("region.dat");
+    common::run_python(&format!(
+        "for i in range(300):\n    open({p:?}, 'wb').write(b'short %d' % i)\n\
+         open({p:?}, 'wb').write(b'whole again' + bytes(8192 - 11))\n",
+        p = path.to_str().unwrap()
+    ));
+    d.lines
+        .wait_for(&["handler saw 'whole again'", "role=r"], T);
+    assert_running(&mut d);
+    let text = d.lines.text();
+    assert!(
+        text.contains("the file has") && text.contains("was it truncated?"),
+        "{text}"
+    );
+    d.lines
+        .wait_for(&["the file has the region's 8192 bytes again"], T);
+    d.signal("TERM");
+    assert_eq!(d.wait_exit(T).code(), Some(0));
+}
+
+fn channel(s: &Scenario) -> (Daemon, std::path::PathBuf) {
+    common::channel_daemon(
+        s,
+        "def echo(data):\n    return data\n",
+        "echo",
+        "max_message = \"4KiB\"",
+    )
+}
+
+fn full_size(path: &std::path::Path) -> u64 {
+    std::fs::metadata(path).unwrap().len()
+}
+
+#[test]
+fn an_idle_channel_whose_file_is_emptied_is_initialised_afresh() {
+    let s = Scenario::new();
+    let (mut d, path) = channel(&s);
+    let size = full_size(&path);
+    let mut c = ShmClient::connect(&path, T).unwrap();
+    assert_eq!(c.call(b"before").unwrap().unwrap(), b"before");
+    drop(c);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    d.lines.wait_for(
+        &["the channel file was truncated while the daemon used it"],
+        T,
+    );
+    d.lines.wait_for(&["channel ready", "generation=2"], T);
+    assert_running(&mut d);
+    assert_eq!(full_size(&path), size);
+    let mut c = ShmClient::connect(&path, T).unwrap();
+    assert_eq!(c.call(b"after").unwrap().unwrap(), b"after");
+}
+
+#[test]
+fn a_channel_truncated_under_a_streaming_client_survives_it() {
+    let s = Scenario::new();
+    let (mut d, path) = channel(&s);
+    let size = full_size(&path);
+    // A client in another process: it may well die of the truncation itself.
+    let script = format!(
+        "import sys; sys.path.insert(0, {:?})\nimport pyipcd_shm\nc = pyipcd_shm.Client({:?})\n\
+         print('attached', flush=True)\ni = 0\nwhile True:\n    c.call(b'x' * (i % 3000))\n    i += 1\n",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/python"),
+        path.to_str().unwrap()
+    );
+    let mut child = common::python_until(&script, "attached");
+    std::thread::sleep(Duration::from_millis(200));
+    // The header page stays; the rings go.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    d.lines.wait_for(
+        &["the channel file was truncated while the daemon used it"],
+        T,
+    );
+    d.lines.wait_for(&["channel ready", "generation=2"], T);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_running(&mut d);
+    assert_eq!(full_size(&path), size);
+    let mut c = ShmClient::connect(&path, T).unwrap();
+    for i in 0..200usize {
+        let p = vec![i as u8; i * 7];
+        assert_eq!(c.call(&p).unwrap().unwrap(), p);
+    }
+}
