@@ -38,6 +38,10 @@ use crate::role::Context;
 /// ringing the doorbell waits up to this long).
 const STOP_CHECK: Duration = Duration::from_millis(500);
 
+/// Re-initialisations of a truncated file allowed within a minute; the
+/// role is down after that (until a reload).
+const REINIT_MAX: usize = 5;
+
 /// How long an instance handing its file to a replacement waits for room
 /// for its last reply while the client reads none.
 const HANDOVER_REPLY_WAIT: Duration = Duration::from_secs(5);
@@ -115,6 +119,8 @@ pub struct ShmChannel {
     guard: Option<Guard>,
     /// Set when the file was seen shorter than the mapping.
     shrank: AtomicBool,
+    /// The generation served (kept here: the mapping may read zeros).
+    generation: u64,
     channel: Channel,
     handler: Arc<Handler>,
     /// Hand the handler a view into the mapping instead of a copy.
@@ -196,6 +202,7 @@ impl ShmChannel {
             .map_err(io)?;
         }
         file.set_len(file_size(ring) as u64).map_err(io)?;
+        allocate(&file, file_size(ring)).map_err(io)?;
         let map = memmap2::MmapOptions::new().map_raw(&file).map_err(io)?;
         let guard = Guard::register(map.as_ptr(), map.len());
         let generation = previous.max(floor).wrapping_add(1).max(1);
@@ -221,6 +228,7 @@ impl ShmChannel {
             file,
             guard,
             shrank: AtomicBool::new(false),
+            generation: channel.generation(),
             channel,
             handler,
             zero_copy: cfg.zero_copy,
@@ -233,31 +241,52 @@ impl ShmChannel {
     /// calls the stuck-call monitor watches), then marks the channel stopped,
     /// unless `handover` was set first: a replacement adopts the file then.
     /// A file found truncated under the mapping is initialised afresh (a new
-    /// generation, so attached clients notice) and served again.
+    /// generation, so attached clients notice) and served again, at most
+    /// [`REINIT_MAX`] times a minute.
     pub async fn run(self, ctx: Context, handover: Arc<AtomicBool>) {
         let mut this = self;
+        let mut recent: Vec<Instant> = Vec::new();
         loop {
-            let (name, config, handler) =
-                (this.name.clone(), this.config.clone(), this.handler.clone());
-            let generation = this.channel.generation();
+            let (name, config, handler, generation) = (
+                this.name.clone(),
+                this.config.clone(),
+                this.handler.clone(),
+                this.generation,
+            );
             if this.serve_until_stopped(&ctx, handover.clone()).await == Ended::Stopped {
                 return;
             }
+            if ctx.intake.is_cancelled() || handover.load(Ordering::SeqCst) {
+                // Stopping, or a replacement takes the file: not ours to redo.
+                return;
+            }
+            let needed = file_size(layout(&config).0) as u64;
             let now = std::fs::metadata(&config.path).map_or(0, |m| m.len());
-            tracing::error!(
-                role = %name,
-                path = %config.path.display(),
-                "the channel file was truncated while the daemon used it (it has {now} bytes, \
-                 the channel needs {}): initialising it afresh; requests not yet answered \
-                 and replies not yet read are lost",
-                file_size(layout(&config).0)
-            );
-            match Self::create(&config, handler, generation) {
+            let what = if now < needed {
+                format!(
+                    "was truncated while the daemon used it (it has {now} bytes, the channel needs {needed})"
+                )
+            } else {
+                "has a page the system could not provide (is its file system full?)".to_string()
+            };
+            recent.retain(|t| t.elapsed() < Duration::from_secs(60));
+            let why = if recent.len() >= REINIT_MAX {
+                Err(format!("{REINIT_MAX} times within a minute"))
+            } else {
+                recent.push(Instant::now());
+                tracing::error!(
+                    role = %name,
+                    path = %config.path.display(),
+                    "the channel file {what}: initialising it afresh; requests not yet \
+                     answered and replies not yet read are lost"
+                );
+                Self::create(&config, handler, generation).map_err(|e| e.to_string())
+            };
+            match why {
                 Ok(fresh) => this = fresh,
                 Err(e) => {
-                    tracing::error!(role = %name, "cannot initialise the channel again: {e}");
-                    ctx.health
-                        .down(&format!("file truncated, not initialised again: {e}"));
+                    tracing::error!(role = %name, path = %config.path.display(), "the channel file {what}; not initialising it again: {e}");
+                    ctx.health.down(&format!("channel file lost: {e}"));
                     // Down until stopped, not "stopped by itself".
                     ctx.stop.cancelled().await;
                     return;
@@ -337,6 +366,19 @@ enum Ended {
     Stopped,
     /// The file was found truncated under the mapping.
     Truncated,
+}
+
+/// Gives the file's `len` bytes backing store now, so that a full file
+/// system fails here instead of as a `SIGBUS` on a later page fault.
+#[allow(unsafe_code)]
+fn allocate(file: &std::fs::File, len: usize) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid descriptor and a range within `off_t`.
+    let err = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len as libc::off_t) };
+    match err {
+        0 => Ok(()),
+        e => Err(std::io::Error::from_raw_os_error(e)),
+    }
 }
 
 /// The ring size and record limit `cfg` asks for, and how to report an I/O
@@ -490,6 +532,10 @@ fn serve_one<'py>(
     ) -> Result<Bound<'py, PyAny>, HandlerError>,
 ) -> Flow {
     let channel = &ch.channel;
+    if ch.truncated() {
+        // Read from zero pages, maybe: the serving loop ends at once.
+        return Flow::Next;
+    }
     // A framing fault has no trustworthy epoch: it concerns whoever is
     // attached now.
     let epoch = match request.fault {
@@ -554,6 +600,8 @@ fn serve_one<'py>(
         }
     };
     if ch.zero_copy {
+        // A view read while the file is truncated shows zeros; the reply to
+        // it is then dropped (`push_reply`).
         let lent = crate::py::lent::lend(py, request.payload, &ch.name, stop, |view| {
             let called = watch(&mut || ch.handler.call_with(py, view.clone(), None));
             answer(called, Some(view))
@@ -569,13 +617,12 @@ fn serve_one<'py>(
             Err(e) => push(flags::ERROR, format_exception(py, &e).as_bytes()),
         }
     } else {
-        let called = watch(&mut || {
-            ch.handler.call_with(
-                py,
-                crate::copy::py_bytes(py, request.payload).into_any(),
-                None,
-            )
-        });
+        let copy = crate::copy::py_bytes(py, request.payload).into_any();
+        if ch.truncated() {
+            // The copy may hold zeros that passed the checksum: not a request.
+            return Flow::Next;
+        }
+        let called = watch(&mut || ch.handler.call_with(py, copy.clone(), None));
         answer(called, None)
     }
 }
@@ -619,7 +666,7 @@ fn push_reply(
     // Error texts (a traceback line, CPython's message) are cut to fit.
     let reply = &reply[..reply.len().min(channel.max_record())];
     let mut handing_over = None;
-    while channel.epoch() == epoch {
+    while channel.epoch() == epoch && !ch.truncated() {
         if channel.try_push(Dir::Response, seq, fl, epoch, reply) {
             counters.series.bytes_out.increment(reply.len() as u64);
             return Flow::Next;

@@ -17,7 +17,7 @@
 //! `SIGBUS` first and ends the process as before.
 
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU8, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicUsize, Ordering, fence};
 
 /// Mappings guarded at once; more are served unguarded (logged).
 const SLOTS: usize = 64;
@@ -28,6 +28,8 @@ const LIVE: u8 = 2;
 
 /// A registered mapping, as the signal handler sees it.
 struct Slot {
+    /// Bumped before each change of `start` and `len` (a sequence lock).
+    seq: AtomicU32,
     state: AtomicU8,
     start: AtomicUsize,
     len: AtomicUsize,
@@ -36,6 +38,7 @@ struct Slot {
 
 #[allow(clippy::declare_interior_mutable_const)]
 const EMPTY: Slot = Slot {
+    seq: AtomicU32::new(0),
     state: AtomicU8::new(FREE),
     start: AtomicUsize::new(0),
     len: AtomicUsize::new(0),
@@ -48,6 +51,8 @@ static PAGE_SIZE: AtomicUsize = AtomicUsize::new(4096);
 static INSTALLED: OnceLock<bool> = OnceLock::new();
 /// The disposition found at install time, for faults that are not ours.
 static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
+/// Our own disposition, to put back after a handler that resets it.
+static OURS: OnceLock<libc::sigaction> = OnceLock::new();
 
 /// A mapping registered with the `SIGBUS` handler, until dropped. Drop it
 /// before the mapping is unmapped.
@@ -73,6 +78,8 @@ impl Guard {
                 .compare_exchange(FREE, BUSY, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
             {
+                slot.seq.fetch_add(1, Ordering::Relaxed);
+                fence(Ordering::Release);
                 slot.start.store(start as usize, Ordering::Relaxed);
                 slot.len.store(len, Ordering::Relaxed);
                 slot.faults.store(0, Ordering::Relaxed);
@@ -96,7 +103,9 @@ impl Guard {
 impl Drop for Guard {
     fn drop(&mut self) {
         let slot = &TABLE[self.slot];
-        slot.state.store(BUSY, Ordering::Release);
+        slot.state.store(BUSY, Ordering::Relaxed);
+        slot.seq.fetch_add(1, Ordering::Relaxed);
+        fence(Ordering::Release);
         slot.start.store(0, Ordering::Relaxed);
         slot.len.store(0, Ordering::Relaxed);
         slot.state.store(FREE, Ordering::Release);
@@ -121,63 +130,102 @@ fn install() -> bool {
         let _ = PREVIOUS.set(previous);
         let mut action: libc::sigaction = std::mem::zeroed();
         action.sa_sigaction = on_sigbus as *const () as libc::sighandler_t;
-        action.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+        action.sa_flags = libc::SA_SIGINFO;
         libc::sigemptyset(&mut action.sa_mask);
+        let _ = OURS.set(action);
         libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut()) == 0
     }
 }
 
 /// `si_code` of a `SIGBUS` for an address with no backing (past the end of
-/// a file), as opposed to one sent with `kill`.
+/// a file); signals sent with `kill` have a code of 0 or below.
 const BUS_ADRERR: libc::c_int = 2;
 
 #[allow(unsafe_code)]
 extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: errno is thread-local and ours to save and restore.
+    let errno = unsafe { *libc::__errno_location() };
     // SAFETY: the kernel passes a valid siginfo for an SA_SIGINFO handler.
     let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as usize) };
-    if code == BUS_ADRERR {
-        let page_size = PAGE_SIZE.load(Ordering::Relaxed);
-        for slot in &TABLE {
-            if slot.state.load(Ordering::Acquire) != LIVE {
-                continue;
-            }
-            let start = slot.start.load(Ordering::Relaxed);
-            let len = slot.len.load(Ordering::Relaxed);
-            if addr < start || addr - start >= len {
-                continue;
-            }
-            let page = addr & !(page_size - 1);
-            // SAFETY: the page lies in a mapping its owner registered and
-            // keeps alive; replacing it with a private zero page is the
-            // documented effect of a fault there. The faulting access is
-            // retried when the handler returns.
-            let mapped = unsafe {
-                libc::mmap(
-                    page as *mut libc::c_void,
-                    page_size,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
-                    -1,
-                    0,
-                )
-            };
-            if mapped != libc::MAP_FAILED {
-                slot.faults.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
+    let ours = code == BUS_ADRERR && zero_page_at(addr);
+    if !ours {
+        pass_on(sig, code, info, ctx);
+    }
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = errno };
+}
+
+/// Replaces the page holding `addr` with a zero page if a guarded mapping
+/// holds it; whether it did.
+#[allow(unsafe_code)]
+fn zero_page_at(addr: usize) -> bool {
+    let page_size = PAGE_SIZE.load(Ordering::Relaxed);
+    for slot in &TABLE {
+        let seq = slot.seq.load(Ordering::Acquire);
+        if slot.state.load(Ordering::Acquire) != LIVE {
+            continue;
+        }
+        let (start, len) = (
+            slot.start.load(Ordering::Relaxed),
+            slot.len.load(Ordering::Relaxed),
+        );
+        fence(Ordering::Acquire);
+        if slot.seq.load(Ordering::Relaxed) != seq || addr < start || addr - start >= len {
+            // Being registered or dropped meanwhile: not a consistent view.
+            continue;
+        }
+        let page = addr & !(page_size - 1);
+        // SAFETY: the page lies in a mapping its owner registered and keeps
+        // alive; replacing it with a private zero page is the documented
+        // effect of a fault there. The faulting access is retried when the
+        // handler returns.
+        let mapped = unsafe {
+            libc::mmap(
+                page as *mut libc::c_void,
+                page_size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        if mapped != libc::MAP_FAILED {
+            slot.faults.fetch_add(1, Ordering::Relaxed);
+            return true;
         }
     }
-    // Not ours: the previous disposition decides.
-    let Some(previous) = PREVIOUS.get() else {
+    false
+}
+
+/// Hands a signal that is not ours to the disposition found at install.
+#[allow(unsafe_code)]
+fn pass_on(
+    sig: libc::c_int,
+    code: libc::c_int,
+    info: *mut libc::siginfo_t,
+    ctx: *mut libc::c_void,
+) {
+    let (Some(previous), Some(ours)) = (PREVIOUS.get(), OURS.get()) else {
         return;
     };
     let handler = previous.sa_sigaction;
+    let sent = code <= 0;
+    if handler == libc::SIG_IGN && sent {
+        return;
+    }
     if handler == libc::SIG_DFL || handler == libc::SIG_IGN {
-        // Put it back and return: the fault repeats and the kernel applies it
-        // (a SIGBUS from a fault cannot be ignored).
         // SAFETY: a valid sigaction value, saved at install.
         unsafe { libc::sigaction(libc::SIGBUS, previous, std::ptr::null_mut()) };
-    } else if previous.sa_flags & libc::SA_SIGINFO != 0 {
+        if sent {
+            // Delivered when this handler returns: the default action.
+            // SAFETY: raise() is async-signal-safe.
+            unsafe { libc::raise(sig) };
+        }
+        // A fault repeats when this handler returns and the kernel applies
+        // the default action (a fault's SIGBUS cannot be ignored).
+        return;
+    }
+    if previous.sa_flags & libc::SA_SIGINFO != 0 {
         // SAFETY: the previous handler was installed as an SA_SIGINFO one.
         let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
             unsafe { std::mem::transmute(handler) };
@@ -186,6 +234,12 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
         // SAFETY: the previous handler was installed as a plain one.
         let f: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(handler) };
         f(sig);
+    }
+    if sent {
+        // The previous handler may have reset the disposition (Rust's own
+        // does): a sent signal must not disarm the guard.
+        // SAFETY: a valid sigaction value, set at install.
+        unsafe { libc::sigaction(libc::SIGBUS, ours, std::ptr::null_mut()) };
     }
 }
 
@@ -254,6 +308,39 @@ mod tests {
             assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
             assert!(
                 libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGBUS,
+                "status {status:#x}"
+            );
+        }
+    }
+
+    #[test]
+    #[allow(unsafe_code)]
+    fn a_sent_sigbus_goes_to_the_previous_handler_and_leaves_the_guard_armed() {
+        let page = 4096;
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(2 * page as u64).unwrap();
+        let map = memmap2::MmapOptions::new().map_raw(&file).unwrap();
+        let guard = Guard::register(map.as_ptr(), map.len()).expect("guarded");
+        // SAFETY: the child raises SIGBUS (Rust's own handler, installed
+        // before ours, takes it and returns), truncates the file, reads the
+        // lost page and exits with what it read; the parent waits.
+        unsafe {
+            let pid = libc::fork();
+            assert!(pid >= 0);
+            if pid == 0 {
+                libc::raise(libc::SIGBUS);
+                libc::ftruncate(std::os::fd::AsRawFd::as_raw_fd(&file), 0);
+                let byte = map.as_ptr().add(page).read_volatile();
+                libc::_exit(if guard.truncated() {
+                    40 + i32::from(byte)
+                } else {
+                    1
+                });
+            }
+            let mut status = 0;
+            assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
+            assert!(
+                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 40,
                 "status {status:#x}"
             );
         }

@@ -243,6 +243,10 @@ impl Channel {
             ch.ctl(dir, off::HEAD).store(0, Ordering::Relaxed);
             ch.bell(dir).sleeping.store(0, Ordering::Relaxed);
         }
+        // No epoch of an earlier generation comes back, even when the file
+        // was emptied (a client of it may still publish a request).
+        let epoch = ch.epoch().max(generation << 32);
+        ch.u64_at(off::EPOCH).store(epoch, Ordering::Relaxed);
         ch.u64_at(off::GENERATION)
             .store(generation, Ordering::SeqCst);
         // Anyone still asleep on an old bell wakes and sees the new generation.
