@@ -85,6 +85,9 @@ fn an_idle_channel_whose_file_is_truncated_is_initialised_afresh() {
     let size = full_size(&path);
     let mut c = ShmClient::connect(&path, T).unwrap();
     assert_eq!(c.call(b"before").unwrap().unwrap(), b"before");
+    // Not dropped while the file is short (its drop writes to the mapping,
+    // which would kill this process if the daemon never restored the file).
+    let c = std::mem::ManuallyDrop::new(c);
     truncate(&path, 0);
     d.lines.wait_for(
         &["the channel file was truncated while the daemon used it (it has 0 bytes"],
@@ -94,6 +97,7 @@ fn an_idle_channel_whose_file_is_truncated_is_initialised_afresh() {
     assert_running(&mut d);
     assert_eq!(full_size(&path), size);
     // The attached client, idle meanwhile, is told; a new one is served.
+    let mut c = std::mem::ManuallyDrop::into_inner(c);
     match c.call(b"stale") {
         Err(ClientError::DaemonRestarted) => {}
         other => panic!("expected DaemonRestarted, got {other:?}"),
