@@ -205,7 +205,7 @@ impl ShmChannel {
             .map_err(io)?;
         }
         file.set_len(file_size(ring) as u64).map_err(io)?;
-        allocate(&file, file_size(ring)).map_err(io)?;
+        allocate(&file, file_size(ring), &cfg.path).map_err(io)?;
         let map = memmap2::MmapOptions::new().map_raw(&file).map_err(io)?;
         let guard = Guard::register(map.as_ptr(), map.len());
         let generation = previous.max(floor).wrapping_add(1).max(1);
@@ -372,15 +372,27 @@ enum Ended {
 }
 
 /// Gives the file's `len` bytes backing store now, so that a full file
-/// system fails here instead of as a `SIGBUS` on a later page fault.
+/// system fails here instead of as a `SIGBUS` on a later page fault. Only a
+/// lack of space is an error: a file system or a system-call filter that
+/// refuses the call leaves the file sparse, as it was before (logged).
 #[allow(unsafe_code)]
-fn allocate(file: &std::fs::File, len: usize) -> std::io::Result<()> {
+fn allocate(file: &std::fs::File, len: usize, path: &std::path::Path) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
-    // SAFETY: a valid descriptor and a range within `off_t`.
-    let err = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len as libc::off_t) };
-    match err {
-        0 => Ok(()),
-        e => Err(std::io::Error::from_raw_os_error(e)),
+    loop {
+        // SAFETY: a valid descriptor and a range within `off_t`.
+        let err = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len as libc::off_t) };
+        match err {
+            0 => return Ok(()),
+            libc::EINTR => {}
+            libc::ENOSPC | libc::EDQUOT | libc::EFBIG => {
+                return Err(std::io::Error::from_raw_os_error(err));
+            }
+            e => {
+                let e = std::io::Error::from_raw_os_error(e);
+                tracing::warn!(path = %path.display(), "cannot reserve the channel file's space ({e}): a full file system will show later, as a lost page");
+                return Ok(());
+            }
+        }
     }
 }
 
