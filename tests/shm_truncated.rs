@@ -145,3 +145,35 @@ fn a_channel_truncated_under_a_streaming_client_survives_it() {
         assert_eq!(c.call(&p).unwrap().unwrap(), p);
     }
 }
+
+#[test]
+fn a_channel_truncated_again_and_again_goes_down_instead_of_looping() {
+    let s = Scenario::new();
+    let port = common::free_port();
+    let (mut d, path) = common::channel_daemon(
+        &s,
+        "def echo(data):\n    return data\n",
+        "echo",
+        &format!("max_message = \"4KiB\"\n[admin]\nlisten = \"127.0.0.1:{port}\""),
+    );
+    assert_eq!(common::http_get(port, "/health").0, 200);
+    for generation in 2..=6 {
+        truncate(&path, 0);
+        d.lines
+            .wait_for(&["channel ready", &format!("generation={generation}")], T);
+    }
+    truncate(&path, 0);
+    d.lines.wait_for(
+        &[
+            "not initialising it again: 5 times within a minute",
+            "role=ch",
+        ],
+        T,
+    );
+    assert_running(&mut d);
+    let (status, body) = common::http_get(port, "/health");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("channel file lost"), "{body}");
+    d.signal("TERM");
+    assert_eq!(d.wait_exit(T).code(), Some(0));
+}
