@@ -257,7 +257,7 @@ pub struct ShmConfig {
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum ShmMode {
-    /// Poll the mapping and hand every change to `on_change` (the classic demo).
+    /// Poll the file and hand every change to `on_change` (the classic demo).
     #[default]
     Watch,
     /// A synchronised request/response channel (docs/shm-protocol.md) served by `handler`.
@@ -282,7 +282,7 @@ pub struct ShmRegionConfig {
     /// What the region is for.
     #[serde(default)]
     pub mode: ShmMode,
-    /// How often the mapping is compared with its last contents.
+    /// How often the region is compared with its last contents.
     #[serde(default = "default_poll", with = "humantime_serde")]
     pub poll: Duration,
     /// `module:function` called with the new contents as `bytes` on every

@@ -12,6 +12,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+
 /// Why a region cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ShmError {
