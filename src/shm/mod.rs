@@ -1,4 +1,4 @@
-//! Shared memory: memory-mapped files shared with other processes.
+//! Shared memory: files shared with other processes (mapped for channels).
 //!
 //! - [`ring`]: the channel's binary layout and its two single-producer rings.
 //! - [`doorbell`]: how a ring's consumer sleeps until the producer rings (a

@@ -1,5 +1,5 @@
 //! `mode = "watch"`: the classic shared-memory demo, from config. A poller (a
-//! tokio task) compares the mapping with what it saw last every `poll` and
+//! tokio task) compares the region with what it saw last every `poll` and
 //! hands each change to the `on_change` Python handler on the GIL pool; bytes
 //! the handler returns are written back at offset 0. A scripted writer puts
 //! each `write` value in turn into the region, `write_interval` apart, and
@@ -57,7 +57,7 @@ impl WatchParts {
     }
 }
 
-/// A watched region, mapped, with its handler resolved.
+/// A watched region, opened, with its handler resolved.
 pub struct ShmWatcher {
     config: ShmRegionConfig,
     region: Arc<ShmRegion>,
@@ -70,7 +70,7 @@ pub struct ShmWatcher {
 const INBOX: usize = 64;
 
 impl ShmWatcher {
-    /// Maps the region (creating it if configured).
+    /// Opens the region's file (creating it if configured).
     ///
     /// # Errors
     /// [`ShmError`] naming the file.
