@@ -177,3 +177,60 @@ fn a_channel_truncated_again_and_again_goes_down_instead_of_looping() {
     d.signal("TERM");
     assert_eq!(d.wait_exit(T).code(), Some(0));
 }
+
+/// A small tmpfs mounted for one test, unmounted when dropped.
+struct TinyFs(std::path::PathBuf);
+
+impl TinyFs {
+    /// `None` where this process may not mount (not root, or no
+    /// CAP_SYS_ADMIN in a container).
+    fn mount(at: std::path::PathBuf, size: &str) -> Option<Self> {
+        std::fs::create_dir_all(&at).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(&at)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(Self(at))
+    }
+}
+
+impl Drop for TinyFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_channel_on_a_full_file_system_fails_to_start_with_the_reason() {
+    use std::io::Write;
+    let s = Scenario::new();
+    let Some(fs) = TinyFs::mount(s.path("tiny"), "256k") else {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    // Fill it, leaving less than the channel's 140 KiB.
+    let mut filler = std::fs::File::create(fs.0.join("filler")).unwrap();
+    filler.write_all(&vec![1u8; 160 * 1024]).unwrap();
+    filler.sync_all().unwrap();
+    s.write("h.py", "def echo(data):\n    return data\n");
+    let cfg = s.config(
+        "[python]\npaths = [\".\"]\n[[shm.region]]\nname = \"ch\"\nmode = \"channel\"\n\
+         path = \"tiny/ch.shm\"\nhandler = \"h:echo\"\nring_size = \"64KiB\"\nmax_message = \"4KiB\"\n",
+    );
+    let mut d = Daemon::start(&cfg, &[]);
+    let status = d.wait_exit(T);
+    let log = d.lines.text();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("ch.shm") && log.contains("No space left on device"),
+        "{log}"
+    );
+}
