@@ -34,3 +34,13 @@ pub struct Context {
     /// Stop everything (implies `intake`).
     pub stop: CancellationToken,
 }
+
+impl Context {
+    /// Marks the role down with `why` and waits for the stop: a role that
+    /// cannot go on stays down (not "stopped by itself") until a reload or
+    /// shutdown replaces it.
+    pub async fn down_until_stopped(&self, why: &str) {
+        self.health.down(why);
+        self.stop.cancelled().await;
+    }
+}

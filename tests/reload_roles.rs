@@ -251,8 +251,8 @@ fn a_watch_region_whose_new_handler_fails_keeps_watching() {
     let mut d = Daemon::start(&cfg, &[]);
     d.wait_ready();
     // In place, as a writer of a shared region does: `fs::write` would
-    // truncate the file first, and a poll in that instant faults on the
-    // mapping (SIGBUS; see the issue note) instead of seeing a change.
+    // truncate the file first, and a poll in that instant would see a short
+    // file (a change of its own) instead of this write.
     let write = |text: &str| {
         let mut bytes = text.as_bytes().to_vec();
         bytes.resize(64, 0);

@@ -11,14 +11,6 @@ use pyipcd::shm::client::{ClientError, ShmClient};
 
 const T: Duration = Duration::from_secs(15);
 
-fn assert_running(d: &mut Daemon) {
-    assert!(
-        d.child.try_wait().unwrap().is_none(),
-        "the daemon died:\n{}",
-        d.lines.text()
-    );
-}
-
 #[test]
 fn a_watched_file_rewritten_with_truncation_is_logged_and_watched_on() {
     let s = Scenario::new();
@@ -51,7 +43,7 @@ fn a_watched_file_rewritten_with_truncation_is_logged_and_watched_on() {
         .wait_for(&["handler saw 'whole again'", "role=r"], T);
     d.lines
         .wait_for(&["the file has the region's 8192 bytes again"], T);
-    assert_running(&mut d);
+    d.assert_running();
     d.signal("TERM");
     assert_eq!(d.wait_exit(T).code(), Some(0));
 }
@@ -94,7 +86,7 @@ fn an_idle_channel_whose_file_is_truncated_is_initialised_afresh() {
         T,
     );
     d.lines.wait_for(&["channel ready", "generation=2"], T);
-    assert_running(&mut d);
+    d.assert_running();
     assert_eq!(full_size(&path), size);
     // The attached client, idle meanwhile, is told; a new one is served.
     let mut c = std::mem::ManuallyDrop::into_inner(c);
@@ -137,7 +129,7 @@ fn a_channel_truncated_under_a_streaming_client_survives_it() {
     d.lines.wait_for(&["channel ready", "generation=2"], T);
     let _ = child.kill();
     let _ = child.wait();
-    assert_running(&mut d);
+    d.assert_running();
     assert_eq!(full_size(&path), size);
     let mut c = ShmClient::connect(&path, T).unwrap();
     for i in 0..200usize {
@@ -170,7 +162,7 @@ fn a_channel_truncated_again_and_again_goes_down_instead_of_looping() {
         ],
         T,
     );
-    assert_running(&mut d);
+    d.assert_running();
     let (status, body) = common::http_get(port, "/health");
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("channel file lost"), "{body}");

@@ -95,7 +95,7 @@ run = "good:run"
     d.lines
         .wait_for(&["File", "bad.py", "line 2, in explode"], T);
     d.lines.wait_for(&["task ended", "task=bad", "Failed"], T);
-    assert_eq!(d.child.try_wait().unwrap(), None, "daemon died");
+    d.assert_running();
     d.signal("TERM");
     assert_eq!(d.wait_exit(T).code(), Some(0));
     d.lines

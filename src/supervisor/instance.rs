@@ -320,9 +320,7 @@ impl Launcher<'_> {
                             Ok(channel) => channel.run(ctx, handover).await,
                             Err(e) => {
                                 tracing::error!(role = %ctx.name, "not started: {e}");
-                                ctx.health.down(&format!("not started: {e}"));
-                                // Down until stopped, not "stopped by itself".
-                                ctx.stop.cancelled().await;
+                                ctx.down_until_stopped(&format!("not started: {e}")).await;
                             }
                         }
                     }

@@ -248,6 +248,15 @@ impl Daemon {
         assert!(ok, "kill -{sig} failed");
     }
 
+    /// Panics, with the log, if the daemon has exited.
+    pub fn assert_running(&mut self) {
+        assert!(
+            self.child.try_wait().unwrap().is_none(),
+            "the daemon died:\n{}",
+            self.lines.text()
+        );
+    }
+
     /// Waits for the process to exit; panics after `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;

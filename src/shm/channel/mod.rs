@@ -273,7 +273,7 @@ impl ShmChannel {
                 "has a page the system could not provide (is its file system full?)".to_string()
             };
             recent.retain(|t| t.elapsed() < Duration::from_secs(60));
-            let why = if recent.len() >= REINIT_MAX {
+            let fresh = if recent.len() >= REINIT_MAX {
                 Err(format!("{REINIT_MAX} times within a minute"))
             } else {
                 recent.push(Instant::now());
@@ -285,13 +285,12 @@ impl ShmChannel {
                 );
                 Self::create(&config, handler, generation).map_err(|e| e.to_string())
             };
-            match why {
+            match fresh {
                 Ok(fresh) => this = fresh,
                 Err(e) => {
                     tracing::error!(role = %name, path = %config.path.display(), "the channel file {what}; not initialising it again: {e}");
-                    ctx.health.down(&format!("channel file lost: {e}"));
-                    // Down until stopped, not "stopped by itself".
-                    ctx.stop.cancelled().await;
+                    ctx.down_until_stopped(&format!("channel file lost: {e}"))
+                        .await;
                     return;
                 }
             }
