@@ -35,9 +35,15 @@ for r in $(seq 1 "$rounds"); do
     # Idle host, every server and row (C=1000 runs 10 s per server).
     bench tcp_echo "$p-tcp-idle.txt" --no-unix --seconds 2 \
         --only pyipcd,uvloop,Rust "${against[@]}" --metrics
-    # Busy host: two CPU-bound processes; the servers take turns second by second.
-    bench tcp_echo "$p-tcp-busy.txt" --no-unix --seconds 10 --interleave 10 --busy 2 \
-        --row "C=1 ,C=64 ping-pong" --only pyipcd,uvloop
+    # Busy host: two CPU-bound processes; the servers take turns second by
+    # second, each slice on fresh processes. One slice swings from 10k to
+    # 70k msg/s with where the scheduler puts the threads, so C=1 takes 60
+    # slices (~6 min) and C=64 30, for a bootstrap interval that can
+    # separate a 10% lead from luck.
+    bench tcp_echo "$p-tcp-busy-c1.txt" --no-unix --seconds 60 --interleave 60 --busy 2 \
+        --row "C=1 " --only pyipcd,uvloop --restart
+    bench tcp_echo "$p-tcp-busy-c64.txt" --no-unix --seconds 30 --interleave 30 --busy 2 \
+        --row "C=64 ping-pong" --only pyipcd,uvloop --restart
     # The GIL hand-off: 2x oversubscribed, free cores (lone caller), busy host.
     bench gil_pool "$p-gil-oversubscribed.txt" --seconds 1 --workers 2 --io-threads 2 --only-pool
     bench gil_pool "$p-gil-idle.txt" --seconds 1 --workers 1 --io-threads 1 --only-pool

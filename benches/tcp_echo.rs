@@ -30,7 +30,9 @@
 //! freshly started server is driven before measuring, default 500). With
 //! slices, each pyipcd server is also compared with uvloop slice by slice
 //! (the two ran within seconds of each other): in how many slices it made
-//! at least uvloop's msg/s, and had at most its p99.
+//! at least uvloop's msg/s (with a sign test), the median slice ratio, the
+//! run's total ratio with a 95% bootstrap interval, and in how many slices
+//! it had at most uvloop's p99.
 
 use std::net::SocketAddr;
 use std::process::Child;
@@ -48,6 +50,8 @@ mod busy;
 mod daemon;
 #[path = "common/load.rs"]
 mod load;
+#[path = "common/paired.rs"]
+mod paired;
 #[path = "common/python_echo.rs"]
 mod python_echo;
 use args::{arg, arg_text};
@@ -463,20 +467,28 @@ fn paired_with_uvloop(label: &str, servers: &[Server], by_slice: &[Vec<(f64, f64
     let Some(uvloop) = servers.iter().position(|s| s.name.starts_with("uvloop")) else {
         return;
     };
-    for (server, slices) in servers.iter().zip(by_slice) {
+    let rates = |i: usize| by_slice[i].iter().map(|s| s.0).collect::<Vec<_>>();
+    for (i, (server, slices)) in servers.iter().zip(by_slice).enumerate() {
         if !server.name.starts_with("pyipcd") {
             continue;
         }
-        let pairs: Vec<_> = slices.iter().zip(&by_slice[uvloop]).collect();
-        let faster = pairs.iter().filter(|(a, b)| a.0 >= b.0).count();
-        let tail = pairs.iter().filter(|(a, b)| a.1 <= b.1).count();
-        let mut ratios: Vec<f64> = pairs.iter().map(|(a, b)| a.0 / b.0.max(1.0)).collect();
-        ratios.sort_by(f64::total_cmp);
+        let p = paired::compare(&rates(i), &rates(uvloop));
+        let tail = slices
+            .iter()
+            .zip(&by_slice[uvloop])
+            .filter(|(a, b)| a.1 <= b.1)
+            .count();
         eprintln!(
-            "  {label}, {} vs uvloop: msg/s at or above in {faster} of {n} slices (median ratio {:.2}), p99 at or below in {tail} of {n}",
+            "  {label}, {} vs uvloop: msg/s at or above in {} of {n} slices (sign test p = {:.3}), \
+             median ratio {:.2}, total {:.3} (95% bootstrap {:.3}-{:.3}); p99 at or below in {tail} of {n}",
             server.name,
-            ratios[ratios.len() / 2],
-            n = pairs.len()
+            p.at_or_above,
+            p.sign_p,
+            p.median_ratio,
+            p.total_ratio,
+            p.interval.0,
+            p.interval.1,
+            n = p.n
         );
     }
 }
