@@ -467,12 +467,13 @@ fn paired_with_uvloop(label: &str, servers: &[Server], by_slice: &[Vec<(f64, f64
     let Some(uvloop) = servers.iter().position(|s| s.name.starts_with("uvloop")) else {
         return;
     };
-    let rates = |i: usize| by_slice[i].iter().map(|s| s.0).collect::<Vec<_>>();
-    for (i, (server, slices)) in servers.iter().zip(by_slice).enumerate() {
+    let rates = |slices: &[(f64, f64)]| slices.iter().map(|s| s.0).collect::<Vec<_>>();
+    let reference = rates(&by_slice[uvloop]);
+    for (server, slices) in servers.iter().zip(by_slice) {
         if !server.name.starts_with("pyipcd") {
             continue;
         }
-        let p = paired::compare(&rates(i), &rates(uvloop));
+        let p = paired::compare(&rates(slices), &reference);
         let tail = slices
             .iter()
             .zip(&by_slice[uvloop])

@@ -42,16 +42,10 @@ pub fn compare(a: &[f64], b: &[f64]) -> Paired {
         sa / f64::max(sb, 1.0)
     };
     let total_ratio = ratio_of_sums(&mut (0..n));
-    // xorshift64*, fixed seed: the same slices give the same interval.
-    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut next = move || {
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        (state.wrapping_mul(0x2545_F491_4F6C_DD1D) % n as u64) as usize
-    };
+    // A fixed seed: the same slices give the same interval.
+    let mut rng = fastrand::Rng::with_seed(0x9E37_79B9_7F4A_7C15);
     let mut boot: Vec<f64> = (0..RESAMPLES)
-        .map(|_| ratio_of_sums(&mut (0..n).map(|_| next())))
+        .map(|_| ratio_of_sums(&mut (0..n).map(|_| rng.usize(..n))))
         .collect();
     boot.sort_by(f64::total_cmp);
     let interval = (boot[RESAMPLES / 40], boot[RESAMPLES - 1 - RESAMPLES / 40]);
